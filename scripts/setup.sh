@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the project into .venv from nothing (CPU machine, offline models). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first: 2.13.0 is the CPU build on these machines; a user with CUDA may preinstall their own.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test${KB_EXTRAS:+,$KB_EXTRAS}]"
+# unstructured's PDF code imports unstructured-inference; its own requirements pull timm and
+# torchvision (several GB, and broken beside the CPU torch), which the fast PDF strategy never uses.
+python -m pip install -q --no-deps "unstructured-inference==1.6.14"
+python -c "import ingest.loaders" >/dev/null
+echo "setup done: $(python -c 'import torch,transformers;print("torch",torch.__version__,"transformers",transformers.__version__)')" >&2
