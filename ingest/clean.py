@@ -39,13 +39,13 @@ def normalize_text(text: str, keep_lines: bool = False) -> str:
     return out.strip()
 
 
-def _is_junk(text: str, min_chars: int) -> bool:
+def _is_junk(text: str, min_chars: int, structured: bool = False) -> bool:
     alnum = sum(ch.isalnum() for ch in text)
     if alnum < min_chars:
         return True
     tokens = text.split()
     # rotated or letter-spaced PDF text ("0 2 0 2", "p e S"): mostly one-character tokens
-    if len(tokens) >= 3 and not _CJK.search(text):
+    if not structured and len(tokens) >= 3 and not _CJK.search(text):
         singles = sum(len(t) == 1 for t in tokens)
         if singles / len(tokens) > 0.6:
             return True
@@ -53,17 +53,36 @@ def _is_junk(text: str, min_chars: int) -> bool:
 
 
 def drop_repeated(blocks: list[Block], min_pages: int) -> list[Block]:
-    """Remove short lines that recur on many pages (running headers, footers, page numbers)."""
+    """Remove running headers/footers: short lines repeated on many pages.
+
+    A line counts when the same text recurs, or, at the top or bottom of a page, when it recurs
+    with only its numbers changed ("Page 3 of 9").
+    """
     pages = {b.page for b in blocks if b.page is not None}
     if len(pages) < min_pages:
         return blocks
+    by_page: dict[int, list[int]] = defaultdict(list)
+    for i, b in enumerate(blocks):
+        if b.page is not None:
+            by_page[b.page].append(i)
+    edges = {ix[0] for ix in by_page.values()} | {ix[-1] for ix in by_page.values()}
+
+    def keys(i: int) -> list[str]:
+        b = blocks[i]
+        if b.page is None or len(b.text) > 120 or b.kind == "table":
+            return []
+        k = ["=" + b.text.lower()]
+        if i in edges:
+            k.append("#" + _DIGITS.sub("#", b.text.lower()))
+        return k
+
     seen: dict[str, set[int]] = defaultdict(set)
-    for b in blocks:
-        if b.page is not None and len(b.text) <= 120 and b.kind != "table":
-            seen[_DIGITS.sub("#", b.text.lower())].add(b.page)
+    for i, b in enumerate(blocks):
+        for k in keys(i):
+            seen[k].add(b.page)  # type: ignore[arg-type]
     need = max(min_pages, len(pages) // 2)
     repeated = {k for k, v in seen.items() if len(v) >= need}
-    return [b for b in blocks if b.page is None or _DIGITS.sub("#", b.text.lower()) not in repeated]
+    return [b for i, b in enumerate(blocks) if not any(k in repeated for k in keys(i))]
 
 
 def clean_blocks(blocks: list[Block], drop_repeated_headers: bool = True,
@@ -73,7 +92,7 @@ def clean_blocks(blocks: list[Block], drop_repeated_headers: bool = True,
     for b in blocks:
         keep_lines = b.kind in {"table", "code"}
         text = normalize_text(b.text, keep_lines=keep_lines)
-        if not text or _is_junk(text, min_chars):
+        if not text or _is_junk(text, min_chars, keep_lines):
             continue
         out.append(Block(text=text, kind=b.kind, page=b.page, depth=b.depth))
     if drop_repeated_headers:

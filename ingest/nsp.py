@@ -90,22 +90,19 @@ def build_pairs(docs: Sequence[Sequence[Sequence[str]]], max_pairs: int, far_gap
     another document (or, with a single document, one at least `far_gap` units away).
     """
     rng = random.Random(seed)
-    flat = [(d, u) for d, doc in enumerate(docs) for sec in doc for u in sec]
     positives = [(d, sec[i], sec[i + 1]) for d, doc in enumerate(docs) for sec in doc
                  for i in range(len(sec) - 1)]
     rng.shuffle(positives)
     positives = positives[: max_pairs // 2]
     pairs = [NSPPair(a, b, 0) for _, a, b in positives]
-    by_doc: dict[int, list[str]] = {}
-    for d, u in flat:
-        by_doc.setdefault(d, []).append(u)
+    by_doc = {d: [u for sec in doc for u in sec] for d, doc in enumerate(docs)}
+    by_doc = {d: us for d, us in by_doc.items() if us}
+    doc_ids = sorted(by_doc)
     for d, a, _ in positives:
-        if len(by_doc) > 1:
-            for _ in range(10):
-                od, ou = flat[rng.randrange(len(flat))]
-                if od != d:
-                    pairs.append(NSPPair(a, ou, 1))
-                    break
+        if len(doc_ids) > 1:  # a unit of another document, the document drawn first
+            od = rng.choice(doc_ids[:-1])
+            od = doc_ids[-1] if od == d else od
+            pairs.append(NSPPair(a, rng.choice(by_doc[od]), 1))
         else:
             units = by_doc[d]
             i = units.index(a)
@@ -119,11 +116,14 @@ def build_pairs(docs: Sequence[Sequence[Sequence[str]]], max_pairs: int, far_gap
 def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str | Path, *,
                    epochs: int = 1, batch_size: int = 32, lr: float = 1e-4, head_lr: float = 1e-3,
                    train_layers: int = 2, max_seq_len: int = 96, heldout: float = 0.15,
-                   seed: int = 13, device: str = "auto", progress: bool = True) -> dict:
+                   seed: int = 13, device: str = "auto", progress: bool = True,
+                   extend_vocab: bool = True, reset_pooler: bool = True) -> dict:
     """Put a next-sentence head on `encoder_dir`, train it on `pairs`, save to `out_dir`.
 
-    Only the top `train_layers` encoder layers, the pooler and the head learn. The model is written
-    to a temporary folder and renamed into place. Returns {out, pairs, heldout_accuracy, ...}.
+    Only the top `train_layers` encoder layers, the pooler and the head learn (and the word
+    embeddings when `extend_vocab` adds the characters the tokenizer maps to [UNK]: an English
+    WordPiece vocabulary knows few Chinese characters). The model is written to a temporary folder
+    and renamed into place. Returns {out, pairs, heldout_accuracy, ...}.
     """
     import torch
     from tqdm.auto import tqdm
@@ -141,6 +141,11 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
         model = BertForNextSentencePrediction.from_pretrained(str(encoder_dir))
     finally:
         hf_logging.set_verbosity(verbosity)
+    if reset_pooler:  # a sentence-embedding encoder's pooler is untrained: near-constant output
+        with torch.no_grad():
+            model.bert.pooler.dense.weight.copy_(torch.eye(model.config.hidden_size))
+            model.bert.pooler.dense.bias.zero_()
+    added = add_unknown_chars(tok, model, (t for p in pairs for t in (p.a, p.b))) if extend_vocab else 0
     model.to(dev)
     n_layers = model.config.num_hidden_layers
     trainable_layers = {f"bert.encoder.layer.{i}." for i in range(max(0, n_layers - train_layers), n_layers)}
@@ -148,7 +153,8 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
     for name, p in model.named_parameters():
         if name.startswith(("cls.", "bert.pooler.")):
             head.append(p)
-        elif any(name.startswith(t) for t in trainable_layers):
+        elif any(name.startswith(t) for t in trainable_layers) or train_layers >= n_layers or (
+                added and name == "bert.embeddings.word_embeddings.weight"):
             body.append(p)
         else:
             p.requires_grad_(False)
@@ -196,7 +202,7 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
         "out": str(out), "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(test),
         "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir), "epochs": epochs,
         "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
-        "seconds": round(time.perf_counter() - t0, 2), "device": dev,
+        "seconds": round(time.perf_counter() - t0, 2), "device": dev, "added_tokens": added,
     }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +212,27 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
     replace_dir(tmp, out)
     log.info("NSP head: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
     return meta
+
+
+def add_unknown_chars(tok, model, texts) -> int:
+    """Add CJK characters the tokenizer maps to [UNK] as tokens; returns how many were added."""
+    from ingest.sentences import _CJK
+
+    unk = tok.unk_token_id
+    chars = {ch for t in texts for ch in t if _CJK.match(ch)}
+    new = sorted(ch for ch in chars if tok.convert_tokens_to_ids(ch) == unk)
+    if not new:
+        return 0
+    import torch
+
+    old = len(tok)
+    tok.add_tokens(new)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # distinct vectors as large as the known ones, so identity survives LayerNorm
+        scale = emb[:old].std(dim=1).mean()
+        emb[old:] = torch.randn(len(tok) - old, emb.shape[1], generator=torch.Generator().manual_seed(0)) * scale
+    return len(new)
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

