@@ -13,7 +13,7 @@ from ingest.chunking import FixedChunker, NSPChunker, to_units
 from ingest.clean import clean_blocks
 from ingest.keyinfo import build_extractor
 from ingest.loaders import ParseError, discover, parse_file
-from ingest.nsp import META_FILE, NSPScorer, build_pairs, train_nsp_head
+from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head, train_pair_head
 from ingest.sentences import split_sentences
 from ingest.store import DocStore
 from ingest.types import ParsedDocument, Unit
@@ -93,14 +93,14 @@ def nsp_dir(settings: Settings, kb: str) -> Path:
     return settings.kb_dir(kb) / "nsp"
 
 
-def load_scorer(settings: Settings, kb: str) -> NSPScorer | None:
+def load_scorer(settings: Settings, kb: str):
     """The configured pretrained NSP model, else the KB's trained head, else None."""
     m, c = settings.models, settings.chunking
     if m.nsp:
-        return NSPScorer(resolve_model(m.nsp, "nsp"), m.device, c.max_seq_len, c.batch_size)
+        return load_scorer_from(resolve_model(m.nsp, "nsp"), m.device, c.max_seq_len, c.batch_size)
     d = nsp_dir(settings, kb)
     if (d / META_FILE).is_file():
-        return NSPScorer(d, m.device, c.max_seq_len, c.batch_size)
+        return load_scorer_from(d, m.device, c.max_seq_len, c.batch_size)
     return None
 
 
@@ -138,8 +138,12 @@ def train_kb_nsp(settings: Settings, kb: str, docs: list[list[list[str]]] | None
     if len(pairs) < t.min_pairs:
         raise ValueError(f"knowledge base {kb!r} has too little text to train a next-sentence head: "
                          f"{len(pairs)} pairs < nsp_train.min_pairs={t.min_pairs}")
+    encoder = resolve_model(settings.models.nsp_encoder, "nsp_encoder")
+    if t.kind == "pair_head":
+        return train_pair_head(pairs, encoder, nsp_dir(settings, kb), heldout=t.heldout, seed=t.seed,
+                               device=settings.models.device, progress=progress)
     return train_nsp_head(
-        pairs, resolve_model(settings.models.nsp_encoder, "nsp_encoder"), nsp_dir(settings, kb),
+        pairs, encoder, nsp_dir(settings, kb),
         epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr,
         train_layers=t.train_layers, max_seq_len=t.max_seq_len, heldout=t.heldout, seed=t.seed,
         device=settings.models.device, progress=progress)

@@ -47,8 +47,9 @@ class CleanConfig(BaseModel):
 
 class ChunkingConfig(BaseModel):
     method: Literal["nsp", "fixed"] = "nsp"
-    threshold: float = 0.5
-    """Merge the next unit while P(continues) >= threshold."""
+    threshold: float = 0.6
+    """Merge the next unit while P(continues) >= threshold. A trained head sees balanced pairs, so
+    0.5 means no evidence either way; merging asks for some evidence of continuity."""
     temperature: float = 1.0
     max_chars: int = 600
     min_chars: int = 40
@@ -60,7 +61,10 @@ class ChunkingConfig(BaseModel):
 
 
 class NSPTrainConfig(BaseModel):
-    max_pairs: int = 3000
+    kind: Literal["pair_head", "cross"] = "pair_head"
+    """pair_head: linear head on frozen-encoder + lexical features (CPU, default);
+    cross: fine-tune a BertForNextSentencePrediction head on the encoder (GPU)."""
+    max_pairs: int = 5000
     epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-4

@@ -49,7 +49,8 @@ def test_ingest_trains_nsp_head_when_none_is_configured(tmp_path, docs_copy):
     items, _ = items_from_paths([docs_copy / "norwich-city.txt", docs_copy / "handbook-1p.docx"])
     report = ingest(items, "kb1", s, progress=False)
     assert report.nsp and report.nsp["pairs"] == 64 and "heldout_accuracy" in report.nsp
-    assert report.chunker.startswith("nsp") and (s.kb_dir("kb1") / "nsp" / "config.json").is_file()
+    assert report.chunker.startswith("nsp") and (s.kb_dir("kb1") / "nsp" / "head.safetensors").is_file()
+    assert report.nsp["kind"] == "pair_head"
 
 
 def _kb(*args, env):

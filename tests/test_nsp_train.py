@@ -34,3 +34,18 @@ def test_train_head_saves_loadable_model_with_new_chinese_chars(tmp_path, tiny_n
     ids = scorer.tokenizer("股票")["input_ids"]
     assert scorer.tokenizer.unk_token_id not in ids
     assert scorer.continue_probs([("天气很好。", "股票市场下跌。")]).shape == (1,)
+
+
+def test_pair_head_learns_topic_continuity(tmp_path, minilm_dir):
+    from ingest.nsp import load_scorer_from, train_pair_head
+
+    topics = [["The reactor cools with water.", "Water flows through the reactor core.", "The core water is then pumped out."],
+              ["Bakers knead the dough.", "The dough rests for an hour.", "Then bakers shape the dough into loaves."],
+              ["Our sales team meets clients.", "Clients tell the sales team their needs.", "The team writes client reports."]] * 3
+    pairs = build_pairs([[t] for t in topics], 200)
+    meta = train_pair_head(pairs, minilm_dir, tmp_path / "head", device="cpu", progress=False, heldout=0.3)
+    assert meta["kind"] == "pair_head" and meta["heldout_accuracy"] >= 0.8
+    scorer = load_scorer_from(tmp_path / "head", device="cpu")
+    p = scorer.continue_probs([("Bakers knead the dough.", "The dough rests for an hour."),
+                               ("Bakers knead the dough.", "Water flows through the reactor core.")])
+    assert p[0] > 0.5 > p[1]

@@ -1,0 +1,53 @@
+"""Helpers shared by the benchmarks: device description, peak memory, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (+{os.cpu_count()} CPU cores)"
+    except Exception:  # noqa: BLE001
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_gpu_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def command() -> str:
+    return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"device": device_name(), "command": command(),
+               "date": time.strftime("%Y-%m-%d"), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(f"{v!s:>{w}}" for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols)] + [line([r.get(c, "") for c in cols]) for r in rows])
