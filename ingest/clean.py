@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+
+import ftfy
 from collections import defaultdict
 
 from ingest.sentences import _CJK
@@ -16,7 +18,9 @@ _DIGITS = re.compile(r"\d+")
 
 
 def normalize_text(text: str, keep_lines: bool = False) -> str:
-    """NFC, no control characters, one space between words, joined broken lines."""
+    """Mojibake repaired (ftfy), NFC, no control characters, one space between words, joined lines."""
+    # full-width punctuation is how Chinese is written: keep it (fix_character_width off)
+    text = ftfy.fix_text(text, normalization="NFC", uncurl_quotes=False, fix_character_width=False)
     text = unicodedata.normalize("NFC", text)
     text = _CTRL.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
     text = _SPACES.sub(" ", text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import zipfile
 from functools import cache
 from html.parser import HTMLParser
@@ -175,9 +176,20 @@ def _to_block(el: Any) -> Block | None:
         html = getattr(md, "text_as_html", None)
         if html:
             text = table_html_to_text(html) or text
+    if kind == "title" and _looks_like_body(text):
+        kind = "text"  # unstructured's title heuristics are English-centric: long Chinese prose reads as a title
     page = getattr(md, "page_number", None)
     depth = getattr(md, "category_depth", None) or 0
     return Block(text=text, kind=kind, page=page, depth=int(depth)) if text.strip() else None
+
+
+_MID_SENTENCE_END = re.compile(r"[。！？!?；;][^\s”’」』）)\]\"']")
+
+
+def _looks_like_body(text: str) -> bool:
+    """A 'title' that is really prose: long, or with a sentence end followed by more text."""
+    t = text.strip()
+    return len(t) > 100 or bool(_MID_SENTENCE_END.search(t.rstrip("。！？!?；;")))
 
 
 class _CsvTable:

@@ -32,16 +32,15 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[di
 
 # commands --------------------------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.pipeline import ingest, items_from_paths
+    from retrieval.kb import KnowledgeBase
 
-    items, missing = items_from_paths(args.paths)
-    report = ingest(items, args.kb, settings, progress=not args.quiet, failed=missing)
-    out = report.to_json()
+    kb_ = KnowledgeBase(settings, args.kb, create=True)
+    out = kb_.add_paths(args.paths, progress=not args.quiet)
     _emit(args, out, lambda r: (
         f"{r['kb']}: {r['ingested']} ingested, {r['skipped']} unchanged, {len(r['failed'])} failed, "
-        f"{r['chunks']} chunks, {r['key_infos']} key-info entries in {r['seconds']:.1f}s"
-        + "".join(f"\n  failed: {f['path']}: {f['error']}" for f in r["failed"])))
-    if report.files and not report.ingested and not report.skipped:
+        f"{r['chunks']} chunks, {r['key_infos']} key-info entries, index {r['index']['vectors']} vectors "
+        f"in {r['seconds']:.1f}s" + "".join(f"\n  failed: {f['path']}: {f['error']}" for f in r["failed"])))
+    if out["files"] and not out["ingested"] and not out["skipped"]:
         return 2
     return 0
 
@@ -59,36 +58,76 @@ def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.store import DocStore
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    kb_ = _open_kb(settings, args.kb)
+    if not args.query.strip():
+        raise UsageError("empty query")
+    hits = [h.to_json() for h in kb_.search(args.query, args.k)]
+    _emit(args, {"hits": hits}, lambda r: "\n\n".join(
+        f"[{i + 1}] {h['source']} ({h['level']}, score {h['score']:.4f})\n{h['text'][:400]}"
+        for i, h in enumerate(r["hits"])) or "(no hits)")
+    return 0
 
-    kbs = []
-    if settings.home.is_dir():
-        for d in sorted(p for p in settings.home.iterdir() if (p / "store.sqlite").is_file()):
-            with DocStore.for_kb(d) as store:
-                c = store.counts()
-            kbs.append({"name": d.name, "documents": c["documents"], "chunks": c["chunks"]})
+
+def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+
+    kb_ = _open_kb(settings, args.kb)
+    shutil.rmtree(kb_.dir / "index", ignore_errors=True)
+    info = kb_.sync(progress=not args.quiet)
+    _emit(args, info, lambda r: f"{args.kb}: index generation {r['generation']}, {r['vectors']} vectors")
+    return 0
+
+
+def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.kb import list_kbs
+
+    kbs = list_kbs(settings)
     _emit(args, {"kbs": kbs}, lambda r: "\n".join(
         f"{k['name']}: {k['documents']} documents, {k['chunks']} chunks" for k in r["kbs"]) or "(no knowledge bases)")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
-    import shutil
-
-    from ingest.store import DocStore
-
-    d = _require_kb(settings, args.kb)
+    kb_ = _open_kb(settings, args.kb)
     if args.doc:
-        with DocStore.for_kb(d) as store:
-            if not store.delete_document(args.doc):
-                raise UsageError(f"no document {args.doc!r} in knowledge base {args.kb!r}")
+        if not kb_.remove_document(args.doc):
+            raise UsageError(f"no document {args.doc!r} in knowledge base {args.kb!r}")
         removed: Any = {"kb": args.kb, "doc_id": args.doc}
     else:
-        shutil.rmtree(d)
+        kb_.delete()
         removed = {"kb": args.kb}
     _emit(args, {"removed": removed}, lambda r: f"removed {r['removed']}")
     return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
+    from eval.data import load_questions
+    from eval.retrieval import evaluate_retrieval, write_report
+
+    kb_ = _open_kb(settings, args.kb)
+    questions, problems = load_questions(args.file)
+    for p in problems:
+        log.warning("%s", p)
+    if not questions:
+        raise UsageError(f"no usable questions in {args.file}")
+    result = evaluate_retrieval(kb_, questions, args.k, progress=not args.quiet)
+    result["skipped_rows"] = problems
+    if args.report:
+        write_report(result, args.report)
+    _emit(args, result, lambda r: (f"n={r['n']}  recall@1={r['recall@1']:.3f}  recall@{args.k}="
+                                   f"{r[f'recall@{args.k}']:.3f}  mrr={r['mrr']:.3f}  ndcg@{args.k}="
+                                   f"{r[f'ndcg@{args.k}']:.3f}"))
+    return 0
+
+
+def _open_kb(settings: Settings, name: str):
+    from retrieval.kb import KnowledgeBase, NoSuchKB
+
+    try:
+        return KnowledgeBase(settings, name)
+    except NoSuchKB as e:
+        raise UsageError(f"{e} (run `kb ingest PATH --kb {name}`)") from e
 
 
 def _require_kb(settings: Settings, name: str):
@@ -118,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kb", required=True)
     s.set_defaults(func=cmd_train_nsp)
 
+    s = sub.add_parser("search", parents=[common], help="retrieve passages")
+    s.add_argument("query")
+    s.add_argument("--kb", required=True)
+    s.add_argument("-k", type=int, default=5)
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("reindex", parents=[common], help="rebuild a KB's index (e.g. after changing the embedder)")
+    s.add_argument("--kb", required=True)
+    s.set_defaults(func=cmd_reindex)
+
+    ev = sub.add_parser("eval", help="evaluate retrieval, answers, a model")
+    evsub = ev.add_subparsers(dest="eval_command", required=True)
+    s = evsub.add_parser("retrieval", parents=[common], help="recall@k, MRR, nDCG@k on a question file")
+    s.add_argument("file")
+    s.add_argument("--kb", required=True)
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--report", help="write an HTML report (and a JSON beside it)")
+    s.set_defaults(func=cmd_eval_retrieval)
+
     s = sub.add_parser("kbs", parents=[common], help="list knowledge bases")
     s.set_defaults(func=cmd_kbs)
 
@@ -133,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "jieba", "faiss", "unstructured"):
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "jieba", "faiss", "unstructured",
+                  "bm25s", "pikepdf", "pikepdf._core"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     try:
         settings = load_settings(args.config)
         return args.func(args, settings)
@@ -148,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         from kb.models import ModelNotFoundError
         from kb.paths import BadKBName
 
-        if isinstance(e, ModelNotFoundError | BadKBName):
+        from retrieval.index import IndexMismatchError
+
+        if isinstance(e, ModelNotFoundError | BadKBName | IndexMismatchError):
             print(f"kb: error: {e}", file=sys.stderr)
             return 2
         log.exception("internal error")

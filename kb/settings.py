@@ -88,6 +88,39 @@ class KeyInfoConfig(BaseModel):
     min_sentence_chars: int = 12
 
 
+class RetrievalConfig(BaseModel):
+    levels: list[Literal["article", "segment", "sentence"]] = Field(
+        default_factory=lambda: ["article", "segment", "sentence"])
+    """Key-information levels embedded into level 1 of the index."""
+    embed_field: Literal["key_text", "raw_text"] = "key_text"
+    """key_text: embed key information (two-level); raw_text: embed the raw chunk (single level)."""
+    hybrid: bool = True
+    """Fuse BM25 keyword search (jieba tokens for Chinese) with the vector results."""
+    fusion: Literal["rrf", "zscore", "weighted"] = "zscore"
+    rrf_k: int = 60
+    coverage_weighting: bool = True
+    """Scale the vector list's weight by the share of the query's tokens the embedder knows."""
+    vector_weight: float = 1.0
+    keyword_weight: float = 1.0
+    candidates: int = 50
+    """Results taken from each retriever before fusion."""
+    rerank: bool = True
+    """Rerank with models.reranker (a cross-encoder) when one is configured."""
+    rerank_candidates: int = 20
+    max_article_chars: int = 1500
+    """An article hit longer than this returns its first max_article_chars and does not absorb
+    its segment hits."""
+    index_type: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    flat_max: int = 50_000
+    """auto: exact IndexFlatIP up to this many vectors, HNSW above."""
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nprobe: int = 16
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use."""
+    embed_batch_size: int = 64
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `load_settings()`."""
 
@@ -100,6 +133,7 @@ class Settings(BaseSettings):
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     nsp_train: NSPTrainConfig = Field(default_factory=NSPTrainConfig)
     keyinfo: KeyInfoConfig = Field(default_factory=KeyInfoConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @field_validator("home", mode="before")
     @classmethod

@@ -27,3 +27,8 @@ def test_junk_and_letter_spaced_text_dropped_tables_keep_rows():
               Block("a | b\n1 | 2", kind="table")]
     out = clean_blocks(blocks)
     assert [b.text for b in out] == ["Real sentence.", "a | b\n1 | 2"]
+
+
+def test_mojibake_is_repaired():
+    # double-encoded UTF-8 as found in samples/docs/norwich-city.txt
+    assert normalize_text("the 2003\u00e2\u0080\u009304 season") == "the 2003\u201304 season"

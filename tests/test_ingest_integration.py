@@ -75,3 +75,24 @@ def test_cli_ingest_json_kbs_and_rm(tmp_path, tiny_nsp_dir, docs_copy):
     assert bad.returncode == 2 and json.loads(bad.stdout)["failed"][0]["error"] == "empty file"
     assert _kb("ingest", str(docs_copy), "--kb", "../evil", env=env).returncode == 2
     assert "invalid knowledge-base name" in _kb("ingest", str(docs_copy), "--kb", "../evil", env=env).stderr
+
+
+def test_cli_search_and_eval_retrieval(tmp_path, tiny_nsp_dir, docs_copy):
+    env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_MODELS__NSP": str(tiny_nsp_dir)}
+    assert _kb("ingest", str(docs_copy / "stanley-cups.xlsx"), str(docs_copy / "fake-memo.pdf"),
+               "--kb", "s", "-q", env=env).returncode == 0
+    r = _kb("search", "bottles of water", "--kb", "s", "-k", "2", "--json", env=env)
+    hits = json.loads(r.stdout)["hits"]
+    assert hits[0]["source"] == "fake-memo.pdf" and "bottles" in hits[0]["text"]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text('{"question": "How many bottles of water were there?", "answers": ["20,000"]}\n'
+                     'not json\n{"question": "no answers here"}\n'
+                     '{"question": "Which team is from STL?", "answers": ["Blues"]}\n')
+    report = tmp_path / "r.html"
+    r = _kb("eval", "retrieval", str(qfile), "--kb", "s", "-k", "3", "--json", "--report", str(report), env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n"] == 2 and out["recall@3"] == 1.0 and {"mrr", "ndcg@3", "recall@1"} <= set(out)
+    assert "q.jsonl:2" in r.stderr and "q.jsonl:3" in r.stderr
+    assert report.is_file() and "data:image/png;base64" in report.read_text()
+    assert _kb("search", "x", "--kb", "nope", env=env).returncode == 2

@@ -74,3 +74,11 @@ def test_csv_is_a_table(tmp_path):
     f.write_text("name,price\napple,1.5\npear,2\n")
     (b,) = parse_file(f)
     assert b.kind == "table" and b.text == "name | price\napple | 1.5\npear | 2"
+
+
+def test_chinese_prose_is_not_taken_for_a_title(tmp_path):
+    f = tmp_path / "zh.txt"
+    body = "基于《跑跑卡丁车》与《泡泡堂》上所开发的游戏，由韩国Nexon开发与发行。中国大陆由盛大游戏运营，这是时隔6年再次授予其游戏运营权。"
+    f.write_text(f"泡泡战士\n\n{body}\n", encoding="utf-8")
+    blocks = parse_file(f)
+    assert body in [b.text for b in blocks if b.kind == "text"]

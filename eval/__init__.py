@@ -1,0 +1,1 @@
+"""Offline evaluation: retrieval metrics, multiple-choice and open-ended answer sets, reports."""

@@ -1,0 +1,175 @@
+"""Retrieval on real FAISS, the packaged embedder and real SQLite."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ingest.pipeline import FileItem, doc_id_for
+from retrieval.index import IndexDir, IndexMismatchError
+from retrieval.kb import KnowledgeBase
+from retrieval.search import fuse
+from retrieval.vector import FaissIndex, TorchExactIndex, choose_type, torch_from_faiss
+
+DOCS = {
+    "refunds.md": "# Refund policy\n\nCustomers can return a product within 30 days for a full refund. "
+                  "Refunds are paid to the original card within five working days.",
+    "shipping.md": "# Shipping\n\nOrders above 50 euros ship for free. Express delivery takes one day "
+                   "and costs 9 euros.",
+    "security.md": "# Passwords\n\nStaff must change their password every 90 days. Passwords need twelve "
+                   "characters and a number.",
+    "zh.txt": "年假政策\n\n员工每年享有十五天带薪年假。年假需要提前两周向主管申请。",
+}
+
+
+def _write(folder, files):
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return [FileItem(folder / n, n, doc_id_for(str((folder / n).resolve()))) for n in files]
+
+
+@pytest.fixture()
+def kb(settings, tmp_path):
+    k = KnowledgeBase(settings, "t", create=True)
+    k.add_items(_write(tmp_path / "d", DOCS), progress=False)
+    return k
+
+
+def _view(hits):
+    return [(h.doc_id, h.chunk_id, h.text, round(h.score, 5)) for h in hits]
+
+
+QUERIES = ["how long do refunds take", "free shipping threshold", "password length", "年假有几天"]
+
+
+def test_search_finds_the_right_document(kb):
+    assert kb.search("when is my refund paid", 2)[0].source == "refunds.md"
+    assert kb.search("员工年假多少天", 2)[0].source == "zh.txt"
+    hit = kb.search("express delivery price", 1)[0].to_json()
+    assert {"chunk_id", "doc_id", "source", "text", "key_info", "score"} <= set(hit)
+    assert "9 euros" in hit["text"] and hit["key_info"]["level"] in {"article", "segment", "sentence"}
+
+
+def test_add_then_delete_leaves_results_identical(kb, tmp_path):
+    before = [_view(h) for h in kb.search_many(QUERIES, 3)]
+    (item,) = _write(tmp_path / "extra", {"returns.md": "# Returns\n\nRefunds for returns take 30 days. "
+                                                       "Shipping is free for returns. Password resets are free."})
+    kb.add_items([item], progress=False)
+    during = [_view(h) for h in kb.search_many(QUERIES, 3)]
+    assert during != before and any(h[0] == item.doc_id for q in during for h in q)
+    assert kb.remove_document(item.doc_id)
+    assert [_view(h) for h in kb.search_many(QUERIES, 3)] == before
+
+
+def test_unchanged_text_is_never_embedded_twice(kb, monkeypatch):
+    calls = []
+    orig = kb.embedder.encode
+    monkeypatch.setattr(kb.embedder, "encode", lambda texts, progress=False: calls.append(len(texts)) or orig(texts))
+    import shutil
+
+    shutil.rmtree(kb.dir / "index")
+    info = kb.sync()
+    assert info["vectors"] > 0 and calls == []  # all from the cache
+
+
+def test_index_from_another_embedder_is_refused(kb):
+    meta_path = IndexDir(kb.dir).root / IndexDir(kb.dir).current() / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["embedder"] = "BAAI/bge-small-zh#0:0"
+    meta_path.write_text(json.dumps(meta))
+    kb._live = None
+    with pytest.raises(IndexMismatchError, match="bge-small-zh.*kb reindex"):
+        kb.search("refund")
+
+
+def test_killed_index_write_leaves_previous_index_loadable(kb, tmp_path):
+    before = _view(kb.search("refund", 3))
+    gen = IndexDir(kb.dir).current()
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(os.getcwd())!r})
+        import kb
+        from kb.settings import load_settings
+        from retrieval import index as ix
+        from retrieval.kb import KnowledgeBase
+        orig = ix.FaissIndex.save
+        def save_then_die(self, path):
+            orig(self, path)
+            with open(path, "r+b") as fh:
+                fh.truncate(100)            # a half-written file ...
+            os.kill(os.getpid(), signal.SIGKILL)  # ... and the process killed mid-write
+        ix.FaissIndex.save = save_then_die
+        s = load_settings(None, **{{"models.nsp": {str(kb.settings.models.nsp)!r}, "models.device": "cpu"}})
+        k = KnowledgeBase(s, "t")
+        with k.store() as st:
+            st.conn.execute("DELETE FROM documents WHERE source='refunds.md'")
+            st.conn.commit()
+        k.sync()
+    """)
+    env = {**os.environ, "KB_HOME": str(kb.settings.home)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert IndexDir(kb.dir).current() == gen
+    fresh = KnowledgeBase(kb.settings, "t")
+    live = IndexDir(kb.dir).load(kb.settings.retrieval)
+    assert live.gen == gen and len(live.vectors) > 0
+    # the store lost refunds.md; the old index still loads, and its hits for that document are gone
+    assert all(h.source != "refunds.md" for h in fresh.search("refund", 3))
+    assert before and before[0][2]
+
+
+def test_fusion_rrf_and_zscore():
+    rrf = fuse([[1, 2, 3], [3, 1]], [1.0, 1.0], "rrf", k=60)
+    assert max(rrf, key=rrf.get) == 1 and rrf[2] == pytest.approx(1 / 62)
+    # one list has a clear winner standing out of its candidates, the other spreads evenly:
+    # rrf ranks their tops alike, zscore follows the confident list
+    a_ids, b_ids = list(range(20)), list(range(19, -1, -1))
+    a_scores = [10.0] + [1.0 - 0.01 * i for i in range(19)]
+    b_scores = [0.60 - 0.01 * i for i in range(20)]
+    z = fuse([a_ids, b_ids], [1.0, 1.0], "zscore", raw_scores=[a_scores, b_scores])
+    assert max(z, key=z.get) == 0
+
+
+def test_index_types_and_torch_exact_search_agree():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(100, 3100)
+    q = x[:20] + 0.01
+    flat = FaissIndex.build(x, ids, "flat")
+    _, exact = flat.search(q, 10)
+    for kind in ("ivf", "hnsw"):
+        _, got = FaissIndex.build(x, ids, kind, nprobe=32, ef_search=128).search(q, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)])
+        assert recall > 0.8, kind
+    _, torch_ids = torch_from_faiss(flat, "cpu").search(q, 10)
+    np.testing.assert_array_equal(torch_ids, exact)
+    t = TorchExactIndex(x, ids, "cpu")
+    assert t.search(q, 1)[1][:, 0].tolist() == list(range(100, 120))
+    assert choose_type(10) == "flat" and choose_type(10**6) == "hnsw" and choose_type(5, "ivf") == "ivf"
+    flat.remove(np.array([100]))
+    assert 100 not in flat.ids() and len(flat) == 2999
+
+
+def test_reranker_orders_by_cross_encoder_scores(kb, tmp_path, minilm_dir):
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=1)
+                                  ).save_pretrained(str(tmp_path / "ce"))
+    tok.save_pretrained(str(tmp_path / "ce"))
+    s = kb.settings.model_copy(update={"models": kb.settings.models.model_copy(update={"reranker": str(tmp_path / "ce")})})
+    hits = KnowledgeBase(s, "t").search("refund", 4)
+    ce = CrossEncoder(str(tmp_path / "ce"), device="cpu")
+    expected = sorted(hits, key=lambda h: -float(ce.predict([("refund", h.text)])[0]))
+    assert [h.text for h in hits] == [h.text for h in expected]
+    assert all("rerank_score" in h.key_info for h in hits)
