@@ -69,6 +69,25 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    from serve.chain import AnswerChain
+
+    if not args.question.strip():
+        raise UsageError("empty question")
+    chain = AnswerChain(settings, _open_kb(settings, args.kb))
+    out = chain.ask(args.question, stage=args.stage)
+    _emit(args, out, lambda r: r["answer"] + ("" if not r["fallback"] else f"\n(fallback: {r['reason']})")
+          + "".join(f"\n[{i + 1}] {h['source']}" for i, h in enumerate(r["sources"])))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from serve.api import serve
+
+    serve(settings, args.host, args.port)
+    return 0
+
+
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
@@ -162,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kb", required=True)
     s.add_argument("-k", type=int, default=5)
     s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("ask", parents=[common], help="answer a question from a KB (retrieve, generate, comply)")
+    s.add_argument("question")
+    s.add_argument("--kb", required=True)
+    s.add_argument("--stage", help="dialogue stage for the fallback reply (e.g. pre_sale, after_sale)")
+    s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("serve", parents=[common], help="run the HTTP API (FastAPI + uvicorn)")
+    s.add_argument("--host", help="default: serve.host")
+    s.add_argument("--port", type=int, help="default: serve.port")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("reindex", parents=[common], help="rebuild a KB's index (e.g. after changing the embedder)")
     s.add_argument("--kb", required=True)

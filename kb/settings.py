@@ -121,6 +121,58 @@ class RetrievalConfig(BaseModel):
     embed_batch_size: int = 64
 
 
+class GenerationConfig(BaseModel):
+    max_new_tokens: int = 256
+    temperature: float = 0.2
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+
+class LLMConfig(BaseModel):
+    backend: Literal["auto", "local", "openai", "extractive"] = "auto"
+    """auto: local when models.llm is set, openai when openai_base_url is set, else extractive."""
+    adapter: str | None = None
+    """A LoRA adapter folder applied to the local model."""
+    openai_base_url: str | None = None
+    openai_model: str = "default"
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class AnswerConfig(BaseModel):
+    k: int = 4
+    max_context_chars: int = 3000
+    condense_history: bool = True
+    """Rewrite a follow-up into a standalone question (LLM backends; extractive prepends the last turn)."""
+    refusal_zh: str = "根据已知信息无法回答该问题。"
+    refusal_en: str = "The provided documents do not contain the answer to this question."
+    extractive_sentences: int = 2
+
+
+class ComplianceConfig(BaseModel):
+    approved_replies: str = "configs/approved_replies.yaml"
+    min_retrieval_confidence: float = 0.4
+    """Below this (best hit's share of the question's content terms, or its vector similarity scaled
+    by how much of the question the embedder knows), retrieval is weak: fall back."""
+    min_grounding: float = 0.5
+    """Below this share of the answer's content terms found in the context, it is ungrounded."""
+    sensitive_words: list[str] = Field(default_factory=list)
+    require_approved: bool = False
+    """Also fall back when the answer's similarity to its nearest approved reply is below approved_min."""
+    approved_min: float = 0.6
+
+
+class ServeConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: dict[str, list[str]] = Field(default_factory=dict)
+    """KEY -> knowledge bases it may read ("*" for all); add ":rw" to an entry ("docs:rw", "*:rw")
+    to let the key also upload and delete documents. KB_API_KEYS (the same, as JSON) wins."""
+    max_upload_mb: float = 50.0
+    cors_origins: list[str] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `load_settings()`."""
 
@@ -134,6 +186,10 @@ class Settings(BaseSettings):
     nsp_train: NSPTrainConfig = Field(default_factory=NSPTrainConfig)
     keyinfo: KeyInfoConfig = Field(default_factory=KeyInfoConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    answer: AnswerConfig = Field(default_factory=AnswerConfig)
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("home", mode="before")
     @classmethod

@@ -83,6 +83,15 @@ class KnowledgeBase:
             out["index"] = self.sync(progress)
             return out
 
+    def documents(self) -> list[dict]:
+        """The KB's documents: doc_id, source, path, title, n_chunks."""
+        with self.store() as store:
+            return [{"doc_id": d.doc_id, "source": d.source, "path": d.path, "title": d.title,
+                     "n_chunks": d.n_chunks} for d in store.documents()]
+
+    def document(self, doc_id: str) -> dict | None:
+        return next((d for d in self.documents() if d["doc_id"] == doc_id), None)
+
     def remove_document(self, doc_id: str) -> bool:
         with self._lock:
             with self.store() as store:

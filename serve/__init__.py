@@ -1,0 +1,1 @@
+"""Answers: the grounded, compliant answer chain and the HTTP API."""
