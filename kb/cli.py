@@ -88,6 +88,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    import subprocess
+    from pathlib import Path
+
+    try:
+        import streamlit  # noqa: F401
+    except ImportError as e:
+        raise UsageError("the UI needs streamlit: pip install 'kb-platform[ui]'") from e
+    app = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    if args.config:
+        cmd += ["--", "--config", str(Path(args.config).resolve())]
+    return subprocess.call(cmd)
+
+
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
@@ -192,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="default: serve.host")
     s.add_argument("--port", type=int, help="default: serve.port")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("ui", parents=[common], help="run the Streamlit app")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8501)
+    s.set_defaults(func=cmd_ui)
 
     s = sub.add_parser("reindex", parents=[common], help="rebuild a KB's index (e.g. after changing the embedder)")
     s.add_argument("--kb", required=True)

@@ -137,6 +137,9 @@ class LLMConfig(BaseModel):
     openai_model: str = "default"
     openai_api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 60.0
+    static_cache: bool = False
+    """Local backend: a fixed-size KV cache, which lets transformers compile the decoding step
+    (faster per token on a GPU after a warm-up; see bench/results/generate_gpu.json)."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 

@@ -33,18 +33,30 @@ class LocalLLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model(spec, "llm")
-        self.device = pick_device(settings.models.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
+        device = pick_device(settings.models.device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         if settings.llm.adapter:
             try:
                 from peft import PeftModel
             except ImportError as e:  # pragma: no cover - depends on the install
                 raise RuntimeError("llm.adapter is set but peft is not installed (pip install peft)") from e
-            self.model = PeftModel.from_pretrained(self.model, settings.llm.adapter).eval()
+            model = PeftModel.from_pretrained(model, settings.llm.adapter).eval()
+        self._setup(model, tokenizer, settings, f"local:{spec}")
+
+    @classmethod
+    def from_model(cls, model, tokenizer, settings: Settings, name: str = "local") -> LocalLLM:
+        """Wrap an already loaded model (benchmarks, notebooks)."""
+        self = cls.__new__(cls)
+        self._setup(model.eval(), tokenizer, settings, name)
+        return self
+
+    def _setup(self, model, tokenizer, settings: Settings, name: str) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device = str(next(model.parameters()).device)
         self.gen = settings.llm.generation
-        self.name = f"local:{spec}"
+        self.static_cache = settings.llm.static_cache
         self._lock = threading.Lock()  # one generation at a time per model
 
     def _inputs(self, messages: Messages):
@@ -53,12 +65,17 @@ class LocalLLM:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-        return tok(text, return_tensors="pt", add_special_tokens=False).to(self.device)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+        return enc.to(self.device)
 
-    def _kwargs(self) -> dict:
+    def _kwargs(self, threaded: bool = False) -> dict:
         g = self.gen
         kw = {"max_new_tokens": g.max_new_tokens, "repetition_penalty": g.repetition_penalty,
               "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        # fixed-shape KV cache: transformers compiles the decoding step with CUDA graphs, which must
+        # run on the thread that captured them, so streaming (a generation thread) keeps the dynamic cache
+        if self.static_cache and not threaded:
+            kw["cache_implementation"] = "static"
         if g.temperature > 0:
             kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p)
         else:
@@ -73,17 +90,17 @@ class LocalLLM:
             out = self.model.generate(**inputs, **self._kwargs())
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    def stream(self, messages: Messages) -> Iterator[str]:
+    def stream(self, messages: Messages, streamer=None) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = streamer or TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
         def run() -> None:
             import torch
 
             with self._lock, torch.inference_mode():
-                self.model.generate(**inputs, **self._kwargs(), streamer=streamer)
+                self.model.generate(**inputs, **self._kwargs(threaded=True), streamer=streamer)
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
