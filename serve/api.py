@@ -161,22 +161,14 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
                                                f"the {settings.serve.max_upload_mb:g} MiB upload limit"), status_code=413)
         return await call_next(request)
 
-    def readable(g: Grant, kb: str) -> str:
+    def permitted(g: Grant, kb: str, write: bool = False) -> str:
+        """`kb` if its name is valid (else 422) and the key may read it, or change it (else 403)."""
         try:
             check_kb_name(kb)
         except BadKBName as e:
             raise ApiError(422, "invalid_request", str(e)) from e
-        if not g.can_read(kb):
-            raise ApiError(403, "forbidden", f"this key may not read knowledge base {kb!r}")
-        return kb
-
-    def writable(g: Grant, kb: str) -> str:
-        try:
-            check_kb_name(kb)
-        except BadKBName as e:
-            raise ApiError(422, "invalid_request", str(e)) from e
-        if not g.can_write(kb):
-            raise ApiError(403, "forbidden", f"this key may not change knowledge base {kb!r}")
+        if not (g.can_write(kb) if write else g.can_read(kb)):
+            raise ApiError(403, "forbidden", f"this key may not {'change' if write else 'read'} knowledge base {kb!r}")
         return kb
 
     def chain_for(kb: str):
@@ -196,7 +188,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 
     @app.get("/v1/kbs/{kb}/documents", tags=["knowledge bases"])
     def documents(kb: str, g: Auth) -> dict:
-        readable(g, kb)
+        permitted(g, kb)
         try:
             docs = svc.kb(kb).documents()
         except NoSuchKB as e:
@@ -209,7 +201,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
                   "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
     async def upload(kb: str, request: Request, g: Auth) -> dict:
         """Upload one or more files (multipart field `files` or `file`); returns the `kb ingest` JSON."""
-        writable(g, kb)
+        permitted(g, kb, write=True)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(422, "invalid_request", "send the files as multipart/form-data (field 'files')")
         form = await request.form(max_files=100, max_fields=20)
@@ -227,15 +219,13 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
         finally:
             await form.close()
         if out["failed"] and not out["ingested"] and not out["skipped"]:
-            reasons = "; ".join(f"{f['path'].rsplit('/', 1)[-1]}: {f['error']}" for f in out["failed"])
+            reasons = "; ".join(f"{f['path']}: {f['error']}" for f in out["failed"])
             raise ApiError(422, "unreadable_document", reasons)
-        for f in out["failed"]:
-            f["path"] = f["path"].rsplit("/", 1)[-1]  # never show server paths
         return out
 
     @app.delete("/v1/kbs/{kb}/documents/{doc_id}", tags=["knowledge bases"])
     def delete_document(kb: str, doc_id: str, g: Auth) -> dict:
-        writable(g, kb)
+        permitted(g, kb, write=True)
         try:
             ok = svc.remove_document(kb, doc_id)
         except NoSuchKB as e:
@@ -246,14 +236,14 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 
     @app.post("/v1/search", tags=["answers"])
     def search(body: SearchRequest, g: Auth) -> dict:
-        readable(g, body.kb)
+        permitted(g, body.kb)
         chain = chain_for(body.kb)
         return {"hits": [h.to_json() for h in chain.kb.search(body.query, body.k)]}
 
     @app.post("/v1/ask", tags=["answers"])
     def ask(body: AskRequest, g: Auth) -> dict:
         """Retrieve, generate, check compliance: the `kb ask` JSON."""
-        readable(g, body.kb)
+        permitted(g, body.kb)
         return chain_for(body.kb).ask(body.question, [list(t) for t in body.history], body.stage)
 
     @app.get("/v1/models", tags=["openai"])
@@ -268,7 +258,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 
         The response carries the chain's sources, `fallback` and `reason` under the extra key `kb`.
         """
-        readable(g, body.model)
+        permitted(g, body.model)
         question, history = split_chat(body.messages)
         chain = chain_for(body.model)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from functools import cached_property
+from pathlib import Path
 from typing import BinaryIO
 
 from kb.settings import Settings
@@ -63,8 +64,9 @@ class Service:
         limit = int(self.settings.serve.max_upload_mb * 2**20)
         items = [save_upload(kb.dir, fname, data, limit) for fname, data in files]
         out = kb.add_items(items, progress=False, on_file=on_file)
-        for f in out["failed"]:  # an unreadable upload is not kept
+        for f in out["failed"]:  # an unreadable upload is not kept; callers see its name, not a server path
             remove_upload(kb.dir, f["path"])
+            f["path"] = Path(f["path"]).name
         return out
 
     def remove_document(self, name: str, doc_id: str) -> bool:

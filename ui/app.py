@@ -66,7 +66,7 @@ def documents_tab(svc: Service, name: str) -> None:
             summary = (f"Ingestion finished: {out['ingested']} ingested, {out['skipped']} unchanged, "
                        f"{len(out['failed'])} failed, {out['chunks']} chunks")
             for f in out["failed"]:
-                box.error(f"{f['path'].rsplit('/', 1)[-1]}: {f['error']}")
+                box.error(f"{f['path']}: {f['error']}")
             box.update(label=summary, state="error" if out["failed"] else "complete", expanded=bool(out["failed"]))
     try:
         docs = svc.kb(name).documents()
