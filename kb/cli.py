@@ -137,28 +137,124 @@ def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
-    from eval.data import load_questions
     from eval.retrieval import evaluate_retrieval, write_report
 
-    kb_ = _open_kb(settings, args.kb)
-    questions, problems = load_questions(args.file)
+    questions, problems = _questions(args)
+
+    def run(s: Settings, kb_name: str) -> dict:
+        result = evaluate_retrieval(_open_kb(s, kb_name), questions, args.k, progress=not args.quiet)
+        result["skipped_rows"] = problems
+        return result
+
+    k = args.k
+    return _run_eval(args, settings, run, write_report, lambda r: (
+        f"n={r['n']}  recall@1={r['recall@1']:.3f}  recall@{k}={r[f'recall@{k}']:.3f}  mrr={r['mrr']:.3f}  "
+        f"ndcg@{k}={r[f'ndcg@{k}']:.3f}"), "Retrieval evaluation")
+
+
+def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
+    from eval.judge import build_judge
+    from eval.open import evaluate_open, write_report
+    from serve.chain import AnswerChain
+
+    questions, problems = _questions(args)
+
+    def run(s: Settings, kb_name: str) -> dict:
+        chain = AnswerChain(s, _open_kb(s, kb_name))
+        result = evaluate_open(chain, questions, judge=build_judge(s), progress=not args.quiet)
+        result["skipped_rows"] = problems
+        return result
+
+    return _run_eval(args, settings, run, write_report, lambda r: (
+        f"n={r['n']}  exact_match={r['exact_match']:.3f}  f1={r['f1']:.3f}  rouge_l={r['rouge_l']:.3f}  "
+        f"contains_answer={r['contains_answer']:.3f}  supported={r['supported_rate']:.3f}  "
+        f"refusal={r['refusal_rate']:.3f}  fallback={r['fallback_rate']:.3f}  p50={r['latency_p50_s']:.3f}s"
+        + (f"  judge={r['judge']}" if "judge" in r else "")), "Open-ended answer evaluation")
+
+
+def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
+    from eval.choice import dev_folder, load_choice, run_choice, write_report
+
+    try:
+        items, problems = load_choice(args.path)
+        dev_path = args.dev or (dev_folder(args.path) if args.shots else None)
+        if args.shots and dev_path is None:
+            raise UsageError(f"--shots {args.shots} needs a dev split: none beside {args.path}; pass --dev PATH")
+        dev = load_choice(dev_path)[0] if dev_path else []
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
     for p in problems:
         log.warning("%s", p)
+    items = items[: args.limit] if args.limit else items
+    if not items:
+        raise UsageError(f"no usable questions in {args.path}")
+
+    def run(s: Settings, kb_name: str | None) -> dict:
+        try:
+            return run_choice(s, items, problems=problems, dev=dev, shots=args.shots, mode=args.mode,
+                              kb=_open_kb(s, kb_name) if kb_name else None, chat=args.chat,
+                              progress=not args.quiet)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+
+    return _run_eval(args, settings, run, write_report, lambda r: (
+        f"accuracy={r['accuracy']:.4f} on n={r['n']} (chance {r['chance']:.2f}, {r['mode']}, {r['shots']}-shot"
+        f"{', ' + str(r['unparsed']) + ' unparsed' if r['mode'] == 'generate' else ''})\n" + "\n".join(
+            f"  {k}: {v['accuracy']:.4f} (n={v['n']})" for k, v in r["per_subject"].items())), "Multiple-choice evaluation")
+
+
+def _questions(args: argparse.Namespace) -> tuple[list, list[str]]:
+    from eval.data import load_questions
+
+    try:
+        questions, problems = load_questions(args.file)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    for p in problems:
+        log.warning("%s", p)
+    questions = questions[: args.limit] if args.limit else questions
     if not questions:
         raise UsageError(f"no usable questions in {args.file}")
-    result = evaluate_retrieval(kb_, questions, args.k, progress=not args.quiet)
-    result["skipped_rows"] = problems
+    return questions, problems
+
+
+def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Settings, Any], dict],
+              write_report: Callable[[dict, str], None], human: Callable[[dict], str], title: str) -> int:
+    """One evaluation, or with --compare the same one on two runs (saved or configured now)."""
+    if not args.compare:
+        result = run(settings, args.kb)
+        if args.report:
+            write_report(result, args.report)
+        _emit(args, result, human)
+        return 0
+    from eval.compare import compare, load_result, parse_run
+    from eval.compare import write_report as write_compare
+
+    results = []
+    for spec in args.compare:
+        try:
+            r = parse_run(spec)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from e
+        if r.result_json:
+            results.append(load_result(r.result_json))
+        else:
+            s = load_settings(r.config) if r.config else settings
+            results.append(run(s, r.kb or args.kb))
+    cmp = compare(results[0], results[1], tuple(args.compare))
     if args.report:
-        write_report(result, args.report)
-    _emit(args, result, lambda r: (f"n={r['n']}  recall@1={r['recall@1']:.3f}  recall@{args.k}="
-                                   f"{r[f'recall@{args.k}']:.3f}  mrr={r['mrr']:.3f}  ndcg@{args.k}="
-                                   f"{r[f'ndcg@{args.k}']:.3f}"))
+        write_compare(cmp, args.report, f"{title}: {args.compare[0]} vs {args.compare[1]}")
+    la, lb = cmp["labels"]
+    _emit(args, cmp, lambda c: "\n".join([f"A = {la}", f"B = {lb}", f"{'metric':<22}{'A':>12}{'B':>12}{'B - A':>12}"] + [
+        f"{m['metric']:<22}{m[la]:>12.4f}{m[lb]:>12.4f}{m['diff']:>+12.4f}" for m in c["metrics"]]))
     return 0
 
 
-def _open_kb(settings: Settings, name: str):
+def _open_kb(settings: Settings, name: str | None):
     from retrieval.kb import KnowledgeBase, NoSuchKB
 
+    if not name:
+        raise UsageError("--kb is required (with --compare, CONFIG.yaml@KB names one per run)")
     try:
         return KnowledgeBase(settings, name)
     except NoSuchKB as e:
@@ -220,12 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate retrieval, answers, a model")
     evsub = ev.add_subparsers(dest="eval_command", required=True)
-    s = evsub.add_parser("retrieval", parents=[common], help="recall@k, MRR, nDCG@k on a question file")
+    compare = argparse.ArgumentParser(add_help=False)
+    compare.add_argument("--report", help="write a self-contained HTML report (and a JSON beside it)")
+    compare.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                         help="the same evaluation on two runs, side by side: each a saved result .json, "
+                              "or a config .yaml to run now, optionally with @KB (e.g. configs/baseline_fixed.yaml@cmrc_baseline)")
+    compare.add_argument("--limit", type=int, help="only the first N questions")
+    s = evsub.add_parser("retrieval", parents=[common, compare], help="recall@k, MRR, nDCG@k on a question file")
     s.add_argument("file")
-    s.add_argument("--kb", required=True)
+    s.add_argument("--kb")
     s.add_argument("-k", type=int, default=5)
-    s.add_argument("--report", help="write an HTML report (and a JSON beside it)")
     s.set_defaults(func=cmd_eval_retrieval)
+
+    s = evsub.add_parser("open", parents=[common, compare], help="open-ended answers: EM, F1, ROUGE-L, refusals, latency")
+    s.add_argument("file", help="SQuAD-style JSON or JSONL {question, answers, context?}")
+    s.add_argument("--kb")
+    s.set_defaults(func=cmd_eval_open)
+
+    s = evsub.add_parser("choice", parents=[common, compare], help="multiple-choice accuracy (CMMLU/C-Eval CSV)")
+    s.add_argument("path", help="a CSV or a folder of subject CSVs")
+    s.add_argument("--mode", choices=["loglik", "generate", "embed"], default="loglik",
+                   help="loglik: log-probability of each answer letter (local model); generate: parse the "
+                        "letter from a generated answer (local or endpoint); embed: embedder similarity, no LLM")
+    s.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split")
+    s.add_argument("--dev", help="dev split for --shots (default: the dev folder beside test)")
+    s.add_argument("--kb", help="retrieval-augmented: put the KB's top passages into each prompt")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.set_defaults(func=cmd_eval_choice)
 
     s = sub.add_parser("kbs", parents=[common], help="list knowledge bases")
     s.set_defaults(func=cmd_kbs)

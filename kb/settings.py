@@ -176,6 +176,20 @@ class ServeConfig(BaseModel):
     cors_origins: list[str] = Field(default_factory=list)
 
 
+class EvalConfig(BaseModel):
+    choice_batch_size: int = 8
+    choice_max_length: int = 2048
+    """Prompt tokens kept (from the end) for the log-likelihood scorer."""
+    choice_context_k: int = 3
+    choice_context_chars: int = 1200
+    """Retrieval-augmented multiple choice: passages and characters of context per question."""
+    judge_model: str | None = None
+    """A local model that grades open answers (LLM-as-judge); or an endpoint below."""
+    judge_openai_base_url: str | None = None
+    judge_openai_model: str = "default"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `load_settings()`."""
 
@@ -193,6 +207,7 @@ class Settings(BaseSettings):
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("home", mode="before")
     @classmethod

@@ -52,6 +52,41 @@ def tiny_nsp_dir(tmp_path_factory, minilm_dir) -> Path:
     return out
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tiny_llm(out: Path, minilm_dir: Path, chat_template: str | None = None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    if chat_template:
+        tok.chat_template = chat_template
+    # Llama, not Qwen2: transformers 5 loads the tokenizer class of a registered model type
+    # (Qwen2Tokenizer) over tokenizer_config.json, which would garble the WordPiece vocabulary
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer, 32-wide Llama (random weights) with the packaged tokenizer, no chat template."""
+    return _tiny_llm(tmp_path_factory.mktemp("tiny_qwen"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llm_dir(tmp_path_factory, minilm_dir) -> Path:
+    """The same tiny model with a ChatML chat template (SFT masks everything but the replies)."""
+    return _tiny_llm(tmp_path_factory.mktemp("tiny_qwen_chat"), minilm_dir, CHATML)
+
+
 @pytest.fixture()
 def settings(tmp_path, tiny_nsp_dir, monkeypatch):
     """Settings on a fresh KB_HOME with the tiny NSP model configured (fast chunking)."""

@@ -1,26 +1,10 @@
-"""The local transformers backend on a tiny random-weight Qwen2 with the packaged tokenizer."""
+"""The local transformers backend on a tiny random-weight Llama with the packaged tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 
 from serve.llm import LocalLLM, build_llm
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, minilm_dir):
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_qwen")
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
-    cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 MSGS = [{"role": "system", "content": "Answer from the context."},
