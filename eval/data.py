@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kb.jsonl import by_line, read_jsonl
+
 
 @dataclass
 class Question:
@@ -25,7 +27,7 @@ def load_questions(path: str | Path) -> tuple[list[Question], list[str]]:
     stripped = text.lstrip()
     if stripped.startswith("{") and '"data"' in stripped[:2000]:
         return _squad(json.loads(text), path)
-    return _jsonl(text, path)
+    return _jsonl(path)
 
 
 def _squad(data: dict, path: Path) -> tuple[list[Question], list[str]]:
@@ -45,22 +47,16 @@ def _squad(data: dict, path: Path) -> tuple[list[Question], list[str]]:
     return out, problems
 
 
-def _jsonl(text: str, path: Path) -> tuple[list[Question], list[str]]:
-    out, problems = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path.name}:{n}: skipped (invalid JSON: {e.msg})")
-            continue
-        answers = row.get("answers") if isinstance(row, dict) else None
+def _jsonl(path: Path) -> tuple[list[Question], list[str]]:
+    rows, problems = read_jsonl(path)
+    out = []
+    for n, row in rows:
+        answers = row.get("answers")
         if isinstance(answers, str):
             answers = [answers]
-        if not isinstance(row, dict) or not str(row.get("question", "")).strip() or not answers:
+        if not str(row.get("question", "")).strip() or not answers:
             problems.append(f"{path.name}:{n}: skipped (needs \"question\" and \"answers\")")
             continue
         out.append(Question(str(row.get("id", n)), str(row["question"]).strip(),
                             [str(a) for a in answers if str(a).strip()], row.get("context")))
-    return out, problems
+    return out, by_line(problems)
