@@ -203,6 +203,73 @@ def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
             f"  {k}: {v['accuracy']:.4f} (n={v['n']})" for k, v in r["per_subject"].items())), "Multiple-choice evaluation")
 
 
+def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.data import build_training_data
+
+    kb_ = _open_kb(settings, args.kb)
+    try:
+        out = build_training_data(settings, kb_, args.out, general=args.general, fmt=args.format,
+                                  embed_out=args.embed_out, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: (f"{r['examples']} SFT examples -> {r['out']} ({r['domain']} domain, {r['refusals']} "
+                                f"refusals, {r['identity']} identity, {r['general']} general; {r['generator']} questions)\n"
+                                f"{r['embed_examples']} query/passage pairs -> {r['embed_out']} "
+                                f"({r['with_hard_negatives']} with hard negatives)"))
+    return 0
+
+
+def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.sft import finetune_llm
+
+    _apply_overrides(settings, args)
+    try:
+        out = finetune_llm(settings, args.data, args.out, method=args.method, model=args.model, adapter=args.adapter,
+                           resume=args.resume, progress=not args.quiet, max_steps=args.max_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, {r['tokens_per_s']:.0f} "
+                                f"tokens/s, peak {r['peak_mem_gib']:.2f} GiB -> {r['out']} (loss plot {r['loss_plot']})"))
+    return 0
+
+
+def cmd_finetune_embed(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.embed import finetune_embedder
+
+    try:
+        out = finetune_embedder(settings, args.data, args.out, model=args.model, progress=not args.quiet,
+                                max_steps=args.max_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: (f"{r['steps']} steps, loss {r['train_loss']:.4f}, {r['pairs_per_s']:.0f} pairs/s, "
+                                f"{r['added_tokens']} characters added -> {r['out']} (set models.embedder to it, "
+                                "then `kb reindex`)"))
+    return 0
+
+
+def cmd_finetune_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.sft import merge_adapter
+
+    base = args.base or settings.models.llm
+    if not base:
+        raise UsageError("no base model: pass --base or set models.llm")
+    try:
+        out = merge_adapter(base, args.adapter, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: f"merged {r['adapter']} into {r['base']} -> {r['out']}")
+    return 0
+
+
+def _apply_overrides(settings: Settings, args: argparse.Namespace) -> None:
+    c = settings.finetune
+    for name in ("epochs", "batch_size", "grad_accum", "learning_rate", "max_length", "deepspeed"):
+        if getattr(args, name, None) is not None:
+            setattr(c, name, getattr(args, name))
+    if args.no_packing:
+        c.packing = False
+
+
 def _questions(args: argparse.Namespace) -> tuple[list, list[str]]:
     from eval.data import load_questions
 
@@ -343,6 +410,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kb", help="retrieval-augmented: put the KB's top passages into each prompt")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.set_defaults(func=cmd_eval_choice)
+
+    ft = sub.add_parser("finetune", help="build training data, fine-tune the LLM or the embedder, merge adapters")
+    ftsub = ft.add_subparsers(dest="finetune_command", required=True)
+    s = ftsub.add_parser("data", parents=[common], help="Q&A (SFT) and query/passage (embedder) data from a KB")
+    s.add_argument("--kb", required=True)
+    s.add_argument("--out", required=True, help="SFT JSONL; the embedder pairs go beside it (.embed.jsonl)")
+    s.add_argument("--embed-out", help="where to write the query/pos/neg pairs")
+    s.add_argument("--general", help="general instruction JSONL to mix in (finetune.general_ratio)")
+    s.add_argument("--format", choices=["messages", "prompt"], default="messages",
+                   help='messages: {"messages": [...]}; prompt: {"prompt", "response", "history"}')
+    s.set_defaults(func=cmd_finetune_data)
+
+    s = ftsub.add_parser("llm", parents=[common], help="SFT of the LLM: LoRA, QLoRA, P-Tuning v2 or full")
+    s.add_argument("--data", required=True, help="JSONL: messages, prompt/response/history or alpaca rows")
+    s.add_argument("--out", required=True, help="adapter (or model) folder; checkpoints and loss.png inside")
+    s.add_argument("--method", choices=["lora", "qlora", "ptuning", "full"], help="default: finetune.method")
+    s.add_argument("--model", help="base model (default: models.llm)")
+    s.add_argument("--adapter", help="continue training this adapter")
+    s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--epochs", type=float)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--grad-accum", type=int)
+    s.add_argument("--learning-rate", type=float)
+    s.add_argument("--max-length", type=int)
+    s.add_argument("--deepspeed", help="DeepSpeed config, e.g. configs/deepspeed/zero3.json")
+    s.add_argument("--no-packing", action="store_true")
+    s.set_defaults(func=cmd_finetune_llm)
+
+    s = ftsub.add_parser("embed", parents=[common], help="fine-tune the embedding model on query/pos/neg pairs")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", help="embedder to start from (default: models.embedder)")
+    s.add_argument("--max-steps", type=int)
+    s.set_defaults(func=cmd_finetune_embed)
+
+    s = ftsub.add_parser("merge", parents=[common], help="fold a LoRA adapter into the base weights")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--base", help="base model (default: models.llm)")
+    s.set_defaults(func=cmd_finetune_merge)
 
     s = sub.add_parser("kbs", parents=[common], help="list knowledge bases")
     s.set_defaults(func=cmd_kbs)

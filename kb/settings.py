@@ -190,6 +190,70 @@ class EvalConfig(BaseModel):
     judge_api_key_env: str = "OPENAI_API_KEY"
 
 
+class LoRASettings(BaseModel):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """Module names (e.g. [q_proj, v_proj]) or "all-linear"."""
+
+
+class FinetuneConfig(BaseModel):
+    # training data from a knowledge base (`kb finetune data`)
+    questions_per_chunk: int = 2
+    hard_negatives: int = 3
+    hard_negative_candidates: int = 20
+    sft_style: Literal["rag", "closed"] = "rag"
+    """rag: the answer chain's own prompt (retrieved passages + question) -> a cited answer;
+    closed: question -> answer, no context."""
+    refusal_share: float = 0.1
+    """Share of extra examples whose passages lack the answer and whose target is the refusal."""
+    assistant_name: str = "KB Assistant"
+    company: str = "Example Corp"
+    general_data: str | None = None
+    """A general instruction set (JSONL, any SFT format) mixed in against forgetting."""
+    general_ratio: float = 0.15
+    """General examples per domain example (1:5 to 1:10 general:domain is a common start)."""
+    seed: int = 42
+    # LLM fine-tuning (`kb finetune llm`)
+    method: Literal["lora", "qlora", "ptuning", "full"] = "lora"
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    prefix_tokens: int = 32
+    """P-Tuning v2: virtual tokens of the deep prompt (peft prefix tuning) in every layer."""
+    max_length: int = 1024
+    packing: bool = True
+    """Pack short examples into full rows; each keeps its own positions and attends only to itself."""
+    batch_size: int = 4
+    grad_accum: int = 4
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on a GPU that has it, fp16 on one that does not, fp32 on CPU."""
+    adam_epsilon: float = 1e-8
+    gradient_checkpointing: bool = False
+    fused_ce: bool = True
+    """Cross-entropy fused with the LM head in chunks, only on answer tokens: no full logits."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer (auto: on CUDA)."""
+    deepspeed: str | None = None
+    """A DeepSpeed config (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json)."""
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    # embedding fine-tuning (`kb finetune embed`)
+    embed_method: Literal["full", "lora"] = "full"
+    embed_epochs: float = 1.0
+    embed_batch_size: int = 32
+    embed_learning_rate: float = 2e-5
+    embed_max_length: int = 256
+    embed_add_chars: bool = True
+    """Add the training text's characters the tokenizer lacks ([UNK]) as new tokens."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `load_settings()`."""
 
@@ -208,6 +272,7 @@ class Settings(BaseSettings):
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @field_validator("home", mode="before")
     @classmethod

@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
 
 
+def render_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True) -> str:
+    """The conversation as the model sees it: its chat template, or plain "role: text" turns."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return text + "\n\nassistant:" if add_generation_prompt else text
+
+
 class LLM(Protocol):
     name: str
 
@@ -61,10 +69,7 @@ class LocalLLM:
 
     def _inputs(self, messages: Messages):
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+        text = render_chat(tok, messages)
         enc = tok(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
         return enc.to(self.device)
 

@@ -1,0 +1,487 @@
+"""Supervised fine-tuning of the LLM on a transformers `Trainer` (DeepSpeed, torchrun, resume,
+gradient accumulation and mixed precision come from it), made fast where plain SFT wastes time:
+
+- the loss is on the replies only: prompt and history tokens are masked, in the model's own
+  chat template (each turn rendered and tokenised as a segment, so the masks line up exactly);
+- packing: short examples share a row, each with its own position ids; transformers turns
+  restarting positions into a block-diagonal mask, so examples never attend to each other, and
+  rows have a fixed width (no padding waste, one shape for the compiler);
+- fused linear cross-entropy: the LM head and the loss run in chunks over the labelled positions
+  only; the full [tokens x vocab] logits are never held (a Liger-style kernel in plain torch);
+- each decoder layer is compiled with torch.compile on CUDA (regional compilation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.formats import Messages
+from serve.llm import render_chat
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+# tokenisation ---------------------------------------------------------------------------------
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def segments(tok, messages: Messages) -> list[tuple[str, bool]]:
+    """The conversation as (text, trainable) pieces in the model's chat template."""
+    out, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render_chat(tok, messages[:i], add_generation_prompt=True)
+        full = render_chat(tok, messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("the chat template does not render conversations prefix-stably; cannot mask turns")
+        out += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return [(t, trainable) for t, trainable in out if t]
+
+
+def tokenize(tok, messages: Messages, max_length: int) -> Example:
+    """Token ids and labels (IGNORE outside the replies); long examples keep their end."""
+    ids: list[int] = []
+    labels: list[int] = []
+    eos = tok.eos_token_id
+    for text, trainable in segments(tok, messages):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        if trainable and eos is not None and eos not in piece:
+            piece = [*piece, eos]  # the model must learn to stop
+        ids += piece
+        labels += piece if trainable else [IGNORE] * len(piece)
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id) and \
+            tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        ids, labels = [tok.bos_token_id, *ids], [IGNORE, *labels]
+    ids, labels = ids[-max_length:], labels[-max_length:]
+    labels[0] = IGNORE  # never predicted from the previous example in a packed row
+    return Example(ids, labels)
+
+
+def pack(examples: Sequence[Example], width: int) -> list[list[Example]]:
+    """First-fit-decreasing bins of examples whose lengths sum to at most `width`."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=len, reverse=True):
+        for b, r in enumerate(room):
+            if len(ex) <= r:
+                bins[b].append(ex)
+                room[b] -= len(ex)
+                break
+        else:
+            bins.append([ex])
+            room.append(width - len(ex))
+    return bins
+
+
+class PackedCollator:
+    """Rows of packed examples -> input_ids, labels, position_ids (restarting per example), no
+    attention mask; rows padded to `width` with a padding "example" of their own."""
+
+    def __init__(self, pad_id: int, width: int) -> None:
+        self.pad_id, self.width = pad_id, width
+
+    def __call__(self, rows: list[list[Example]]) -> dict:
+        ids, labels, pos, n = [], [], [], 0
+        for row in rows:
+            r_ids = [t for ex in row for t in ex.input_ids]
+            r_lab = [t for ex in row for t in ex.labels]
+            r_pos = [p for ex in row for p in range(len(ex))]
+            n += len(r_ids)
+            pad = self.width - len(r_ids)
+            ids.append(r_ids + [self.pad_id] * pad)
+            labels.append(r_lab + [IGNORE] * pad)
+            pos.append(r_pos + list(range(pad)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(pos), "n_tokens": torch.tensor(n)}
+
+
+class PaddedCollator:
+    """One example per row, right-padded to the longest in the batch, with an attention mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[Example]) -> dict:
+        width = max(len(r) for r in rows)
+        pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
+        return {"input_ids": torch.tensor(pad([r.input_ids for r in rows], self.pad_id)),
+                "labels": torch.tensor(pad([r.labels for r in rows], IGNORE)),
+                "attention_mask": torch.tensor(pad([[1] * len(r) for r in rows], 0)),
+                "n_tokens": torch.tensor(sum(len(r) for r in rows))}
+
+
+# fused LM head + cross-entropy ------------------------------------------------------------------
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of -log p(target) for hidden states h [N, d] under the head W [V, d], in chunks of
+    rows; the gradients are computed in the forward pass, so no [N, V] logits are kept."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int = 4096):
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, -1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+            g = logits.to(h.dtype)
+            grad_h[s : s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_w = grad_w is not None
+        ctx.w_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.has_w else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None
+
+
+def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed loss, labelled positions) for next-token prediction over [B, T, d] hidden states."""
+    shift = labels[:, 1:]
+    mask = shift != IGNORE
+    h = hidden[:, :-1][mask]
+    n = int(mask.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    return FusedLinearCrossEntropy.apply(h, weight, shift[mask]), n
+
+
+# trainer ----------------------------------------------------------------------------------------
+def _trainer_cls():
+    from transformers import Trainer
+
+    class SFTTrainer(Trainer):
+        """Trainer with the fused loss, token counting and tokens/s in the logs."""
+
+        fused_ce = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            n_tok = inputs.pop("n_tokens", None)
+            self._tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
+            if not self.fused_ce:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            unwrapped = self.accelerator.unwrap_model(model)
+            out = unwrapped.get_decoder()(**inputs)
+            head = unwrapped.get_output_embeddings()
+            loss_sum, n = fused_ce_sum(out[0], head.weight, labels)
+            if num_items_in_batch is not None:
+                loss = loss_sum / num_items_in_batch
+            else:
+                loss = loss_sum / max(n, 1) / self.args.gradient_accumulation_steps
+            return (loss, out) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            now = time.perf_counter()
+            if "loss" in logs and self._last_t is not None:
+                logs["tokens_per_s"] = round((self._tokens - self._last_tokens) / (now - self._last_t), 1)
+                self._last_t, self._last_tokens = now, self._tokens
+            super().log(logs, *args, **kwargs)
+
+    return SFTTrainer
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    train_loss: float
+    tokens_per_s: float
+    peak_mem_gib: float
+    tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def precision(cfg, device: str) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def adam_epsilon(cfg, prec: str) -> float:
+    """fp16 cannot hold 1e-8 (its smallest subnormal is about 6e-8): the epsilon in Adam's
+    denominator becomes 0 wherever optimizer math runs in half precision and updates blow up;
+    1e-6 is the usual floor for fp16 training."""
+    if prec == "fp16" and cfg.adam_epsilon < 1e-6:
+        log.info("fp16: adam_epsilon %.0e -> 1e-6", cfg.adam_epsilon)
+        return 1e-6
+    return cfg.adam_epsilon
+
+
+def zero_stage(path: str | None) -> int:
+    if not path:
+        return 0
+    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_for_training(spec: str, method: str, prec: str, device: str, *, adapter: str | None = None,
+                      cfg=None):
+    """The base model (4-bit for QLoRA), wrapped for `method`; `adapter` continues training one."""
+    from transformers import AutoModelForCausalLM
+
+    from kb.models import resolve_model
+
+    path = resolve_model(spec, "llm")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+    kwargs: dict = {"dtype": dtype if method != "full" else torch.float32}
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as e:
+            raise ValueError("QLoRA needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
+        if not device.startswith("cuda"):
+            raise ValueError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", **kwargs)
+    if method == "full":
+        return model
+    from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg and cfg.gradient_checkpointing))
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if method == "ptuning":
+        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix_tokens))
+    lc = cfg.lora
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=lc.target_modules))
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (same code per layer: one compilation)."""
+    layers = getattr(model.get_decoder(), "layers", [])
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, method: str = "lora",
+          prec: str = "fp32", resume: bool = False, progress: bool = True, max_steps: int | None = None,
+          save: bool = True, timing_from_step: int = 0) -> TrainResult:
+    """Fine-tune `model` on tokenised examples with the settings `cfg` (settings.finetune).
+    tokens/s counts real (not padding) tokens from `timing_from_step` on (benchmarks skip warm-up)."""
+    from torch.utils.data import Dataset
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise ValueError("finetune.deepspeed is set but DeepSpeed is not installed (pip install deepspeed)") from e
+    packing = cfg.packing and method != "ptuning"  # prefix tuning's virtual tokens do not pack
+    fused = cfg.fused_ce and method != "ptuning" and zero_stage(cfg.deepspeed) < 3
+    on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
+    if cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning"):
+        compile_layers(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    # no KV cache in training: with one, transformers skips the packed-sequence mask (examples
+    # in a row would attend to each other) and keeps tensors it never needs
+    for conf in {id(c): c for c in (getattr(model, "config", None), getattr(model.get_base_model(), "config", None)
+                                     if hasattr(model, "get_base_model") else None) if c is not None}.values():
+        conf.use_cache = False
+    rows: list = pack(examples, cfg.max_length) if packing else list(examples)
+    collator = PackedCollator(pad, cfg.max_length) if packing else PaddedCollator(pad)
+
+    class Rows(Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec), bf16=prec == "bf16",
+        fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, **_checkpointing(cfg.gradient_checkpointing), deepspeed=cfg.deepspeed, remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
+        dataloader_pin_memory=on_cuda, seed=cfg.seed,
+        save_strategy="steps" if save else "no", use_cpu=not on_cuda)
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
+    trainer.fused_ce = fused
+    if fused:
+        trainer.loss_is_scaled_for_ga = True
+    trainer._tokens, trainer._last_tokens, trainer._last_t = 0, 0, time.perf_counter()
+    mark = {"t": None, "tokens": 0}
+    if timing_from_step:
+        from transformers import TrainerCallback
+
+        class Mark(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == timing_from_step:
+                    if on_cuda:
+                        torch.cuda.synchronize()
+                    mark["t"], mark["tokens"] = time.perf_counter(), trainer._tokens
+
+        trainer.add_callback(Mark())
+    last = get_last_checkpoint(str(out)) if resume else None
+    if resume and last is None:
+        log.info("no checkpoint in %s: starting from the beginning", out)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
+        result = trainer.train(resume_from_checkpoint=last)
+    if on_cuda:
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    seconds = end - t0
+    timed_tokens, timed_s = (trainer._tokens - mark["tokens"], end - mark["t"]) if mark["t"] else (trainer._tokens, seconds)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
+    if save:
+        trainer.save_model(str(out))
+        tok.save_pretrained(str(out))
+        plot_loss(trainer.state.log_history, out / "loss.png")
+    res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
+                      round(timed_tokens / timed_s, 1), round(peak, 3), trainer._tokens, round(seconds, 2))
+    res.first_loss = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
+    if save:
+        (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
+                                                           "packing": packing, "fused_ce": fused}, indent=2))
+    return res
+
+
+def _checkpointing(on: bool) -> dict:
+    """TrainingArguments for activation checkpointing (named so only when on: the name changed in v5)."""
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+
+
+def _rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def plot_loss(history: list[dict], path: Path) -> Path | None:
+    """The training loss by step, saved beside the checkpoint."""
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def finetune_llm(settings, data: str | Path, out: str | Path, *, method: str | None = None, model: str | None = None,
+                 adapter: str | None = None, resume: bool = False, progress: bool = True,
+                 max_steps: int | None = None) -> dict:
+    """`kb finetune llm`: load, tokenise, train, save; returns the DESIGN.md JSON."""
+    from transformers import AutoTokenizer
+
+    from finetune.formats import load_conversations
+    from kb.models import pick_device, resolve_model
+
+    cfg = settings.finetune
+    method = method or cfg.method
+    spec = model or settings.models.llm
+    if not spec:
+        raise ValueError("no base model: pass --model or set models.llm")
+    conv, problems = load_conversations(data)
+    for p in problems:
+        log.warning("%s", p)
+    if not conv:
+        raise ValueError(f"no usable examples in {data}")
+    device = pick_device(settings.models.device)
+    prec = precision(cfg, device)
+    tok = AutoTokenizer.from_pretrained(str(resolve_model(spec, "llm")))
+    examples = [tokenize(tok, m, cfg.max_length) for m in conv]
+    examples = [e for e in examples if any(x != IGNORE for x in e.labels)]
+    m = load_for_training(spec, method, prec, device, adapter=adapter, cfg=cfg)
+    if not cfg.deepspeed and method != "qlora":
+        m = m.to(device)
+    res = train(m, tok, examples, cfg, out, method=method, prec=prec, resume=resume, progress=progress,
+                max_steps=max_steps)
+    return {**res.to_json(), "method": method, "examples": len(examples), "skipped_rows": problems,
+            "loss_plot": str(Path(out) / "loss.png")}
+
+
+def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
+    """Fold a LoRA adapter into the base weights; writes a plain model folder (write, then rename)."""
+    import shutil
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kb.models import resolve_model
+
+    pc = PeftConfig.from_pretrained(str(adapter))
+    if pc.peft_type.value != "LORA":
+        raise ValueError(f"only LoRA adapters can be merged into the weights ({pc.peft_type.value} cannot)")
+    path = resolve_model(base, "llm")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
+    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return {"out": str(out), "base": base, "adapter": str(adapter),
+            "params": sum(p.numel() for p in merged.parameters())}
+
+
+def mfu(tokens_per_s: float, n_linear: int, layers: int, d_model: int, mean_len: float, full: bool,
+        peak_flops: float) -> float:
+    """Model FLOPs utilisation: forward 2 flops per weight and 2*len*d per layer for causal
+    attention; backward twice that for activations, plus weight gradients only when all weights train."""
+    fwd = 2 * n_linear + 2 * layers * mean_len * d_model
+    per_token = fwd * 3 if full else fwd * 3 - 2 * n_linear
+    return tokens_per_s * per_token / peak_flops if peak_flops else math.nan
