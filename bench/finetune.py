@@ -75,6 +75,15 @@ def linear_params(model) -> tuple[int, int, int]:
     return n, base.config.num_hidden_layers, base.config.hidden_size
 
 
+def mfu(tokens_per_s: float, n_linear: int, layers: int, d_model: int, mean_len: float, full: bool,
+        peak_flops: float) -> float:
+    """Model FLOPs utilisation: forward 2 flops per weight and 2*len*d per layer for causal
+    attention; backward twice that for activations, plus weight gradients only when all weights train."""
+    fwd = 2 * n_linear + 2 * layers * mean_len * d_model
+    per_token = fwd * 3 if full else fwd * 3 - 2 * n_linear
+    return tokens_per_s * per_token / peak_flops if peak_flops else float("nan")
+
+
 class Tok:
     """What the trainers need of a tokenizer: pad and eos ids."""
 
@@ -174,8 +183,6 @@ def main() -> None:
                 else:
                     model, out = run_baseline(shape, exs, args, cfg)
                 n_lin, layers, d = linear_params(model)
-                from finetune.sft import mfu
-
                 out["mfu"] = round(mfu(out["tokens_per_s"], n_lin, layers, d, mean_len, False, peak), 4)
                 out["tokens_per_s"] = round(out["tokens_per_s"], 1)
                 out["peak_mem_gib"] = round(out["peak_mem_gib"], 2)

@@ -1,6 +1,6 @@
 """Multiple-choice evaluation on CMMLU/C-Eval CSVs (`,Question,A,B,C,D,Answer`).
 
-Three scorers:
+Three scorers (`auto` picks the first that the configuration allows):
 - `loglik` (default): the model's log-probability of each answer letter right after the prompt,
   batched (left padding with explicit position ids, only the last position's logits kept);
 - `generate`: the model (local or an OpenAI-compatible endpoint) writes an answer, the letter is
@@ -208,7 +208,7 @@ def evaluate_choice(items: Sequence[ChoiceItem], predict: Callable[[list[ChoiceI
 
 
 def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str] = (),
-               dev: Sequence[ChoiceItem] = (), shots: int = 0, mode: str = "loglik", kb=None,
+               dev: Sequence[ChoiceItem] = (), shots: int = 0, mode: str = "auto", kb=None,
                chat: bool = False, progress: bool = True) -> dict:
     """Evaluate the configured model (models.llm + llm.adapter, or the endpoint) on `items`."""
     e = settings.eval
@@ -222,6 +222,8 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
     if kb is not None:
         attach_context(items, kb, e.choice_context_k, e.choice_context_chars)
     prompts = [build_prompt(it, by_subject.get(it.subject, [])[:shots]) for it in items]
+    if mode == "auto":  # what is configured: a local model, an endpoint, or no LLM at all
+        mode = "loglik" if settings.models.llm else ("generate" if settings.llm.openai_base_url else "embed")
     meta = {"mode": mode, "shots": shots, "kb": kb.name if kb is not None else None}
 
     if mode == "embed":
@@ -256,7 +258,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
         predict = lambda its: [parse_choice(llm.generate([{"role": "user", "content": by_prompt[id(it)]}]))  # noqa: E731
                                for it in tqdm(its, desc="eval choice", unit="q", disable=not progress)]
     else:
-        raise ValueError(f"unknown mode {mode!r} (loglik, generate, embed)")
+        raise ValueError(f"unknown mode {mode!r} (auto, loglik, generate, embed)")
     return evaluate_choice(items, predict, problems=problems, meta=meta)
 
 

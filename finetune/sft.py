@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -166,7 +166,8 @@ def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     """(summed loss, labelled positions) for next-token prediction over [B, T, d] hidden states."""
     shift = labels[:, 1:]
     mask = shift != IGNORE
-    h = hidden[:, :-1][mask]
+    # accelerate returns the forward's outputs in fp32 under mixed precision: back to the head's dtype
+    h = hidden[:, :-1][mask].to(weight.dtype)
     n = int(mask.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
@@ -188,12 +189,15 @@ def _trainer_cls():
             if not self.fused_ce:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
-            unwrapped = self.accelerator.unwrap_model(model)
-            out = unwrapped.get_decoder()(**inputs)
-            head = unwrapped.get_output_embeddings()
-            loss_sum, n = fused_ce_sum(out[0], head.weight, labels)
+            # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's
+            # logits; the last hidden state is the final norm's output, which the head reads
+            out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            loss_sum, n = fused_ce_sum(out.hidden_states[-1], head.weight, labels)
             if num_items_in_batch is not None:
-                loss = loss_sum / num_items_in_batch
+                loss = loss_sum / num_items_in_batch  # the count over all ranks and accumulation steps
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
             else:
                 loss = loss_sum / max(n, 1) / self.args.gradient_accumulation_steps
             return (loss, out) if return_outputs else loss
@@ -217,6 +221,8 @@ class TrainResult:
     peak_mem_gib: float
     tokens: int
     seconds: float
+    first_loss: float | None = None
+    world_size: int = 1
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -372,15 +378,18 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     end = time.perf_counter()
     seconds = end - t0
     timed_tokens, timed_s = (trainer._tokens - mark["tokens"], end - mark["t"]) if mark["t"] else (trainer._tokens, seconds)
+    world = max(1, args.world_size)  # every rank trains on its own rows: tokens/s counts all of them
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
+    main_rank = trainer.is_world_process_zero()
     if save:
-        trainer.save_model(str(out))
-        tok.save_pretrained(str(out))
-        plot_loss(trainer.state.log_history, out / "loss.png")
+        trainer.save_model(str(out))  # gathers ZeRO-3 shards; writes on the main process
+        if main_rank:
+            tok.save_pretrained(str(out))
+            plot_loss(trainer.state.log_history, out / "loss.png")
     res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
-                      round(timed_tokens / timed_s, 1), round(peak, 3), trainer._tokens, round(seconds, 2))
-    res.first_loss = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
-    if save:
+                      round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens, round(seconds, 2),
+                      next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world)
+    if save and main_rank:
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))
     return res
@@ -437,6 +446,8 @@ def finetune_llm(settings, data: str | Path, out: str | Path, *, method: str | N
     if not conv:
         raise ValueError(f"no usable examples in {data}")
     device = pick_device(settings.models.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun/deepspeed: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     prec = precision(cfg, device)
     tok = AutoTokenizer.from_pretrained(str(resolve_model(spec, "llm")))
     examples = [tokenize(tok, m, cfg.max_length) for m in conv]
@@ -476,12 +487,3 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
     tmp.rename(out)
     return {"out": str(out), "base": base, "adapter": str(adapter),
             "params": sum(p.numel() for p in merged.parameters())}
-
-
-def mfu(tokens_per_s: float, n_linear: int, layers: int, d_model: int, mean_len: float, full: bool,
-        peak_flops: float) -> float:
-    """Model FLOPs utilisation: forward 2 flops per weight and 2*len*d per layer for causal
-    attention; backward twice that for activations, plus weight gradients only when all weights train."""
-    fwd = 2 * n_linear + 2 * layers * mean_len * d_model
-    per_token = fwd * 3 if full else fwd * 3 - 2 * n_linear
-    return tokens_per_s * per_token / peak_flops if peak_flops else math.nan

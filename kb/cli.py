@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -228,6 +229,8 @@ def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
                            resume=args.resume, progress=not args.quiet, max_steps=args.max_steps)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun/deepspeed: one report, from the main process
+        return 0
     _emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, {r['tokens_per_s']:.0f} "
                                 f"tokens/s, peak {r['peak_mem_gib']:.2f} GiB -> {r['out']} (loss plot {r['loss_plot']})"))
     return 0
@@ -402,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = evsub.add_parser("choice", parents=[common, compare], help="multiple-choice accuracy (CMMLU/C-Eval CSV)")
     s.add_argument("path", help="a CSV or a folder of subject CSVs")
-    s.add_argument("--mode", choices=["loglik", "generate", "embed"], default="loglik",
+    s.add_argument("--mode", choices=["auto", "loglik", "generate", "embed"], default="auto",
                    help="loglik: log-probability of each answer letter (local model); generate: parse the "
-                        "letter from a generated answer (local or endpoint); embed: embedder similarity, no LLM")
+                        "letter from a generated answer (local or endpoint); embed: embedder similarity, no LLM; "
+                        "auto (default): loglik with models.llm, generate with only an endpoint, else embed")
     s.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split")
     s.add_argument("--dev", help="dev split for --shots (default: the dev folder beside test)")
     s.add_argument("--kb", help="retrieval-augmented: put the KB's top passages into each prompt")

@@ -23,6 +23,10 @@ def _rows(folder) -> int:
     return sum(1 for f in folder.glob("*.csv") for _ in csv.DictReader(f.open(encoding="utf-8")))
 
 
+def _rows_file(f) -> int:
+    return sum(1 for _ in csv.DictReader(f.open(encoding="utf-8")))
+
+
 def _run(capsys, *argv) -> dict:
     code = kb_main([*argv, "--json", "-q"])
     out = capsys.readouterr().out
@@ -74,9 +78,11 @@ def test_malformed_rows_are_reported_with_line_numbers_and_skipped(tmp_path, cap
     assert r["n"] == 2 and r["skipped_rows"] == problems
 
 
-def test_choice_without_an_llm_says_how_to_run(tmp_path, capsys, monkeypatch):
+def test_choice_without_an_llm_uses_the_embedder_or_says_how_to_run(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("KB_MODELS__LLM", raising=False)
-    assert kb_main(["eval", "choice", str(CMMLU_TEST / "marketing.csv")]) == 2
+    r = _run(capsys, "eval", "choice", str(CMMLU_TEST / "marketing.csv"))  # the default config has no LLM
+    assert r["mode"] == "embed" and r["n"] == _rows_file(CMMLU_TEST / "marketing.csv")
+    assert kb_main(["eval", "choice", str(CMMLU_TEST / "marketing.csv"), "--mode", "loglik"]) == 2
     assert "--mode embed" in capsys.readouterr().err
     assert kb_main(["eval", "choice", str(tmp_path / "nope.csv")]) == 2
     assert kb_main(["eval", "choice", str(CMMLU_TEST / "marketing.csv"), "--shots", "3", "--dev",
@@ -191,3 +197,16 @@ def test_retrieval_augmented_choice_puts_kb_passages_into_the_prompt(cmrc_small,
     assert any(qa["answers"][0]["text"] in c for c in item.context)  # the gold passage was retrieved
     prompt = build_prompt(item, [])
     assert prompt.index("资料1：") < prompt.index("题目：") and prompt.endswith("答案：")
+
+
+def test_judge_from_config_loads_the_local_model(tiny_llm_dir):
+    from eval.judge import build_judge
+    from kb.settings import load_settings
+
+    assert build_judge(load_settings(None)) is None  # no judge configured: no judge column
+    s = load_settings(None, **{"eval.judge_model": str(tiny_llm_dir), "models.device": "cpu",
+                               "llm.generation.max_new_tokens": 4, "llm.generation.temperature": 0.0})
+    judge = build_judge(s)
+    assert judge.llm.name == f"local:{tiny_llm_dir}"
+    grade = judge.grade("q?", ["a"], "a")
+    assert grade is None or 0.0 <= grade <= 1.0  # random weights: any digit 1-5, or none

@@ -261,3 +261,24 @@ def test_embedder_fine_tune_learns_the_pairs_and_the_characters(tmp_path, capsys
     assert after > before + 0.05
     text = [rows[0]["pos"]]
     assert Embedder(str(out), "cpu").coverage(text)[0] > Embedder(str(minilm_dir), "cpu").coverage(text)[0]
+
+
+def test_fused_loss_in_the_trainer_equals_the_models_own_loss(tiny_chat_llm_dir, tmp_path):
+    """The trainer's fused path (hidden states of the wrapped model's forward + fused head/loss)
+    reports the same first loss as the model's own cross-entropy on the same batch."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.sft import train
+    from kb.settings import FinetuneConfig
+
+    tok = _tok(tiny_chat_llm_dir)
+    exs = [tokenize(tok, [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i} b c"}], 64)
+           for i in range(8)]
+    losses = []
+    for fused in (True, False):
+        cfg = FinetuneConfig(batch_size=4, grad_accum=1, max_length=64, logging_steps=1, fused_ce=fused, packing=False,
+                             learning_rate=0.0, compile="off")
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_llm_dir))
+        res = train(model, tok, exs, cfg, tmp_path / str(fused), method="full", max_steps=1, save=False, progress=False)
+        losses.append(res.first_loss)
+    assert losses[0] > 1.0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
