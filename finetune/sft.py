@@ -342,11 +342,11 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec), bf16=prec == "bf16",
-        fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, **_checkpointing(cfg.gradient_checkpointing), deepspeed=cfg.deepspeed, remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
-        dataloader_pin_memory=on_cuda, seed=cfg.seed,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
+        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
+        bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, **_checkpointing(cfg.gradient_checkpointing), deepspeed=cfg.deepspeed,
+        remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda, seed=cfg.seed,
         save_strategy="steps" if save else "no", use_cpu=not on_cuda)
     trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
     trainer.fused_ce = fused

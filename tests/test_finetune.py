@@ -108,7 +108,7 @@ def sft_file(tmp_path):
 def ft_config(tmp_path, tiny_chat_llm_dir):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(f"models: {{llm: {tiny_chat_llm_dir}, device: cpu}}\n"
-                   "finetune: {max_length: 64, batch_size: 2, grad_accum: 1, learning_rate: 0.05, save_steps: 2,"
+                   "finetune: {max_length: 64, batch_size: 2, grad_accum: 1, learning_rate: 0.05, save_steps: 2, weight_decay: 0.01,"
                    " logging_steps: 1, prefix_tokens: 4, lora: {r: 4, alpha: 8, dropout: 0.0}}\n", encoding="utf-8")
     return cfg
 
@@ -124,6 +124,8 @@ def test_each_method_trains_weights_that_load_back_and_change_the_output(method,
     assert {"out", "steps", "train_loss", "tokens_per_s", "peak_mem_gib"} <= set(r) and r["steps"] == 3
     assert r["examples"] == 14 and len(r["skipped_rows"]) == 2 and "sft.jsonl:15" in r["skipped_rows"][0]
     assert (out / "loss.png").stat().st_size > 0 and r["tokens_per_s"] > 0
+    args = torch.load(out / "training_args.bin", weights_only=False)  # the config reached the Trainer
+    assert args.weight_decay == 0.01 and args.learning_rate == 0.05 and args.per_device_train_batch_size == 2
     base = AutoModelForCausalLM.from_pretrained(str(tiny_chat_llm_dir)).eval()
     ids = _tok(tiny_chat_llm_dir)("question 3 about refunds")["input_ids"]
     if method == "full":
