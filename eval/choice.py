@@ -221,7 +221,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
         raise ValueError(f"the dev split has fewer than {shots} examples for: {', '.join(short)}")
     if kb is not None:
         attach_context(items, kb, e.choice_context_k, e.choice_context_chars)
-    prompts = [build_prompt(it, by_subject.get(it.subject, [])[:shots]) for it in items]
+    prompt = {id(it): build_prompt(it, by_subject.get(it.subject, [])[:shots]) for it in items}
     if mode == "auto":  # what is configured: a local model, an endpoint, or no LLM at all
         mode = "loglik" if settings.models.llm else ("generate" if settings.llm.openai_base_url else "embed")
     meta = {"mode": mode, "shots": shots, "kb": kb.name if kb is not None else None}
@@ -242,9 +242,8 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
         llm = LocalLLM(settings.models.llm, settings)
         meta["model"] = llm.name + (f"+{settings.llm.adapter}" if settings.llm.adapter else "")
         scorer = LoglikScorer(llm.model, llm.tokenizer, e.choice_batch_size, e.choice_max_length, chat)
-        by_prompt = dict(zip(map(id, items), prompts))
         predict = lambda its: [LETTERS[int(i)] for i in  # noqa: E731
-                               scorer.scores([by_prompt[id(it)] for it in its], progress).argmax(1)]
+                               scorer.scores([prompt[id(it)] for it in its], progress).argmax(1)]
     elif mode == "generate":
         from tqdm.auto import tqdm
 
@@ -254,8 +253,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
         if llm is None:
             raise ValueError("--mode generate needs an LLM: set models.llm or llm.openai_base_url")
         meta["model"] = llm.name
-        by_prompt = dict(zip(map(id, items), prompts))
-        predict = lambda its: [parse_choice(llm.generate([{"role": "user", "content": by_prompt[id(it)]}]))  # noqa: E731
+        predict = lambda its: [parse_choice(llm.generate([{"role": "user", "content": prompt[id(it)]}]))  # noqa: E731
                                for it in tqdm(its, desc="eval choice", unit="q", disable=not progress)]
     else:
         raise ValueError(f"unknown mode {mode!r} (auto, loglik, generate, embed)")

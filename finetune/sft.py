@@ -326,9 +326,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         tok.pad_token = tok.eos_token
     # no KV cache in training: with one, transformers skips the packed-sequence mask (examples
     # in a row would attend to each other) and keeps tensors it never needs
-    for conf in {id(c): c for c in (getattr(model, "config", None), getattr(model.get_base_model(), "config", None)
-                                     if hasattr(model, "get_base_model") else None) if c is not None}.values():
-        conf.use_cache = False
+    model.config.use_cache = False  # a peft model's config is its base model's
     rows: list = pack(examples, cfg.max_length) if packing else list(examples)
     collator = PackedCollator(pad, cfg.max_length) if packing else PaddedCollator(pad)
 

@@ -184,11 +184,7 @@ def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
         dev = load_choice(dev_path)[0] if dev_path else []
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
-    for p in problems:
-        log.warning("%s", p)
-    items = items[: args.limit] if args.limit else items
-    if not items:
-        raise UsageError(f"no usable questions in {args.path}")
+    items = _usable(items, problems, args.limit, args.path)
 
     def run(s: Settings, kb_name: str | None) -> dict:
         try:
@@ -280,12 +276,17 @@ def _questions(args: argparse.Namespace) -> tuple[list, list[str]]:
         questions, problems = load_questions(args.file)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
+    return _usable(questions, problems, args.limit, args.file), problems
+
+
+def _usable(items: list, problems: list[str], limit: int | None, source: str) -> list:
+    """Warn about skipped rows, keep the first `limit` items; none left is bad input."""
     for p in problems:
         log.warning("%s", p)
-    questions = questions[: args.limit] if args.limit else questions
-    if not questions:
-        raise UsageError(f"no usable questions in {args.file}")
-    return questions, problems
+    items = items[:limit] if limit else items
+    if not items:
+        raise UsageError(f"no usable questions in {source}")
+    return items
 
 
 def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Settings, Any], dict],
