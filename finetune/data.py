@@ -136,7 +136,7 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
         if c.sft_style == "closed":
             sft.append([{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}])
             continue
-        ctx = _with_positive(hits[: settings.answer.k], qa, kb)
+        ctx = _with_positive(hits, settings.answer.k, qa, kb)
         n = next(i for i, h in enumerate(ctx) if h.chunk_id == qa.chunk_id) + 1
         sft.append([*chain.prompt(qa.question, ctx), {"role": "assistant", "content": f"{qa.answer} [{n}]"}])
         if negs and rng.random() < c.refusal_share:
@@ -167,15 +167,16 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
             "generator": "llm" if chain.llm is not None else "cloze"}
 
 
-def _with_positive(hits: list, qa: QA, kb) -> list:
-    """The retrieved passages with the answer's own segment among them (replacing the last)."""
-    if any(h.chunk_id == qa.chunk_id for h in hits):
-        return hits
+def _with_positive(hits: list, k: int, qa: QA, kb) -> list:
+    """The top-k passages with the answer's own segment among them (replacing the last); it is
+    looked for among the candidates already retrieved before searching deeper."""
+    top = hits[:k]
+    if any(h.chunk_id == qa.chunk_id for h in top):
+        return top
     from retrieval.search import Hit
 
-    own = Hit(qa.chunk_id, qa.doc_id, "", qa.passage, {}, 0.0, "segment")
-    for h in kb.search(qa.question, 50):
-        if h.chunk_id == qa.chunk_id:
-            own = h
-            break
-    return [*hits[:-1], own] if hits else [own]
+    own = next((h for h in hits[k:] if h.chunk_id == qa.chunk_id), None)
+    if own is None:
+        own = next((h for h in kb.search(qa.question, 50) if h.chunk_id == qa.chunk_id),
+                   Hit(qa.chunk_id, qa.doc_id, "", qa.passage, {}, 0.0, "segment"))
+    return [*top[:-1], own] if top else [own]
