@@ -8,6 +8,7 @@ LLM judge's 1-5 grade scaled to 0-1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ from eval.retrieval import relevant
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
 from ingest.nsp import terms
 from serve.compliance import term_share
+
+CITATION = re.compile(r"\[\d+\]")
 
 
 def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress: bool = True) -> dict:
@@ -34,7 +37,8 @@ def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress:
                "supported": float(not r["fallback"] and term_share(r["answer"], ctx_terms) >= min_grounding),
                "context_has_answer": float(any(relevant(s["text"], q) for s in r["sources"])),
                "refused": float(refused), "fallback": float(r["fallback"]), "reason": r["reason"] or "",
-               "seconds": r["seconds"]}
+               "cites": float(bool(CITATION.search(r["answer"]))) if not r["fallback"] else 0.0,
+               "in_kb": bool(q.meta.get("in_kb", True)), "seconds": r["seconds"]}
         if judge is not None:
             row["judge"] = judge.grade(q.question, q.answers, r["answer"])
         rows.append(row)
@@ -42,15 +46,25 @@ def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress:
 
 
 def summarize(rows: list[dict], chain=None) -> dict:
+    """Answer quality over the questions whose passage is in the KB; fallbacks counted apart for
+    those (false fallbacks) and for questions about documents not in the KB (correct ones)."""
     n = len(rows)
-    mean = lambda key, rs=rows: round(float(np.mean([r[key] for r in rs])), 4) if rs else 0.0  # noqa: E731
-    answered = [r for r in rows if not r["fallback"]]
+    mean = lambda key, rs: round(float(np.mean([r[key] for r in rs])), 4) if rs else 0.0  # noqa: E731
+    inside = [r for r in rows if r.get("in_kb", True)]
+    outside = [r for r in rows if not r.get("in_kb", True)]
+    answered = [r for r in inside if not r["fallback"]]
+    held = [r for r in inside if r["context_has_answer"]]
     lat = np.array([r["seconds"] for r in rows]) if rows else np.zeros(1)
-    out = {"n": n, "exact_match": mean("exact_match"), "f1": mean("f1"), "rouge_l": mean("rouge_l"),
-           "contains_answer": mean("contains_answer"), "supported_rate": mean("supported"),
-           "context_has_answer": mean("context_has_answer"), "refusal_rate": mean("refused"),
-           "fallback_rate": mean("fallback"), "answered": len(answered),
-           "f1_answered": mean("f1", answered), "latency_mean_s": round(float(lat.mean()), 4),
+    out = {"n": n, "n_in_kb": len(inside), "n_not_in_kb": len(outside),
+           "exact_match": mean("exact_match", inside), "f1": mean("f1", inside), "rouge_l": mean("rouge_l", inside),
+           "contains_answer": mean("contains_answer", inside), "supported_rate": mean("supported", inside),
+           "context_has_answer": mean("context_has_answer", inside), "refusal_rate": mean("refused", inside),
+           "fallback_rate": mean("fallback", inside), "answered": len(answered),
+           "citation_rate": mean("cites", answered), "f1_answered": mean("f1", answered),
+           "false_fallback_rate": mean("fallback", inside),
+           "false_fallback_when_retrieved": mean("fallback", held),
+           "unanswerable_fallback_rate": mean("fallback", outside) if outside else None,
+           "latency_mean_s": round(float(lat.mean()), 4),
            "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
            "latency_p95_s": round(float(np.percentile(lat, 95)), 4)}
     graded = [r["judge"] for r in rows if r.get("judge") is not None]
@@ -74,14 +88,15 @@ def write_report(result: dict, path: str) -> None:
 
     rows = result["per_question"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    axes[0].hist([r["f1"] for r in rows], bins=20, range=(0, 1), color="#4a7ab5")
+    axes[0].hist([r["f1"] for r in rows if r.get("in_kb", True)], bins=20, range=(0, 1), color="#4a7ab5")
     axes[0].set_xlabel("F1 per question")
     axes[0].set_ylabel("questions")
     axes[1].hist([r["seconds"] for r in rows], bins=30, color="#5a9e6f")
     axes[1].set_xlabel("latency per question (s)")
     fig.suptitle(f"{result.get('kb', '')}: n={result['n']}")
     rates = ["exact_match", "f1", "rouge_l", "contains_answer", "supported_rate", "context_has_answer",
-             "refusal_rate", "fallback_rate"] + (["judge"] if result.get("judge") is not None else [])
+             "citation_rate", "refusal_rate", "false_fallback_rate", "false_fallback_when_retrieved"]
+    rates += [k for k in ("unanswerable_fallback_rate", "judge") if result.get(k) is not None]
     fig2, ax = plt.subplots(figsize=(8, 3))
     ax.bar(rates, [result[k] for k in rates], color="#4a7ab5")
     ax.set_ylim(0, 1)

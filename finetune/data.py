@@ -144,6 +144,20 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
             sft.append([*chain.prompt(qa.question, wrong), {"role": "assistant", "content": chain.refusal(qa.question)}])
             refusals += 1
 
+    written = write_sft(settings, sft, out, fmt=fmt, general=general, rng=rng)
+    embed_out = Path(embed_out) if embed_out else Path(out).with_name(Path(out).stem + ".embed.jsonl")
+    write_jsonl(embed_out, pairs)
+    return {**written, "domain": len(sft) - refusals, "refusals": refusals, "embed_out": str(embed_out),
+            "embed_examples": len(pairs), "with_hard_negatives": sum(bool(p["neg"]) for p in pairs),
+            "generator": "llm" if chain.llm is not None else "cloze"}
+
+
+def write_sft(settings, sft: list[Messages], out: str | Path, *, fmt: str = "messages", general: str | None = None,
+              rng: random.Random | None = None) -> dict:
+    """Write the domain examples with the self-identity ones and a share of general instructions
+    (`finetune.general_ratio`), shuffled; returns the counts."""
+    c = settings.finetune
+    rng = rng or random.Random(c.seed)
     identity = identity_examples(c.assistant_name, c.company)
     mixed: list[Messages] = []
     general = general or c.general_data
@@ -159,12 +173,7 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
     rng.shuffle(rows)
     out = Path(out)
     write_jsonl(out, ({"messages": m} if fmt == "messages" else to_prompt_response(m) for m in rows))
-    embed_out = Path(embed_out) if embed_out else out.with_name(out.stem + ".embed.jsonl")
-    write_jsonl(embed_out, pairs)
-    return {"out": str(out), "examples": len(rows), "domain": len(sft) - refusals, "refusals": refusals,
-            "identity": len(identity), "general": len(mixed), "embed_out": str(embed_out),
-            "embed_examples": len(pairs), "with_hard_negatives": sum(bool(p["neg"]) for p in pairs),
-            "generator": "llm" if chain.llm is not None else "cloze"}
+    return {"out": str(out), "examples": len(rows), "identity": len(identity), "general": len(mixed)}
 
 
 def _with_positive(hits: list, k: int, qa: QA, kb) -> list:
@@ -180,3 +189,73 @@ def _with_positive(hits: list, k: int, qa: QA, kb) -> list:
         own = next((h for h in kb.search(qa.question, 50) if h.chunk_id == qa.chunk_id),
                    Hit(qa.chunk_id, qa.doc_id, "", qa.passage, {}, 0.0, "segment"))
     return [*top[:-1], own] if top else [own]
+
+
+_CLAUSE = re.compile(r"[^，,；;。！？!?\n]+")
+
+
+def answer_clause(passage: str, span: str, max_chars: int = 60) -> str:
+    """The clause of `passage` that holds `span` (the gold answer) as a short answer sentence, or
+    the span alone when that clause is long or not found."""
+    for sent in split_sentences(passage):
+        if span not in sent:
+            continue
+        for m in _CLAUSE.finditer(sent):
+            clause = m.group().strip()
+            if span in clause and len(clause) <= max_chars:
+                return clause
+        break
+    return span
+
+
+def cited_answer(question: str, clause: str, n: int) -> str:
+    """The answer chain's format: the answer, then its passage as [n]."""
+    return f"{clause}[{n}]。" if is_chinese(question) else f"{clause.rstrip('.')} [{n}]."
+
+
+def question_examples(settings, kb, questions: list[tuple[str, list[str]]], *, progress: bool = True
+                      ) -> tuple[list[Messages], dict]:
+    """SFT examples from real questions with gold answers, in the answer chain's own prompt: the
+    passages the KB retrieves for the question; the target cites the first passage (as the chain
+    shows it, truncated to its context budget) that holds a gold answer. Where none of the top k
+    does, a deeper candidate holding it takes a random slot; where no candidate holds it, the
+    target is the refusal. A `finetune.refusal_share` of questions also gets a refusal example on
+    the retrieved passages without the answer."""
+    from tqdm.auto import tqdm
+
+    from serve.chain import AnswerChain
+
+    c, k = settings.finetune, settings.answer.k
+    rng = random.Random(c.seed)
+    quiet = settings.model_copy(update={"llm": settings.llm.model_copy(update={"backend": "extractive"})})
+    chain = AnswerChain(quiet, kb)
+    hits_all = []
+    for s in tqdm(range(0, len(questions), 64), desc="retrieve", unit="batch", disable=not progress):
+        hits_all += kb.search_many([q for q, _ in questions[s : s + 64]], c.hard_negative_candidates)
+    rows: list[Messages] = []
+    counts = {"answered": 0, "moved": 0, "refusals": 0, "extra_refusals": 0}
+    for (question, answers), hits in zip(questions, hits_all):
+        holds = lambda text: next((a for a in answers if a and a in text), None)  # noqa: E731
+        ctx = hits[:k]
+        texts = chain.context(ctx)
+        slot = next((i for i, t in enumerate(texts) if holds(t)), None)
+        if slot is None:
+            deeper = next((h for h in hits[k:] if holds(chain.context([h])[0])), None)
+            if deeper is not None and ctx:
+                slot = rng.randrange(len(ctx))
+                ctx = [*ctx[:slot], deeper, *ctx[slot + 1 :]]
+                texts = chain.context(ctx)
+                counts["moved"] += 1
+        if slot is None or not holds(texts[slot]):
+            rows.append([*chain.prompt(question, ctx), {"role": "assistant", "content": chain.refusal(question)}])
+            counts["refusals"] += 1
+            continue
+        span = holds(texts[slot])
+        target = cited_answer(question, answer_clause(texts[slot], span), slot + 1)
+        rows.append([*chain.prompt(question, ctx), {"role": "assistant", "content": target}])
+        counts["answered"] += 1
+        without = [h for h in hits if not holds(chain.context([h])[0])][:k]
+        if len(without) == k and rng.random() < c.refusal_share:
+            rows.append([*chain.prompt(question, without), {"role": "assistant", "content": chain.refusal(question)}])
+            counts["extra_refusals"] += 1
+    return rows, counts

@@ -47,7 +47,8 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
 
     from finetune.formats import load_pairs
     from finetune.sft import plot_loss
-    from ingest.nsp import add_unknown_chars, replace_dir
+    from ingest.nsp import add_unknown_chars
+    from kb.fsutil import replace_dir
     from kb.models import pick_device, resolve_model
 
     cfg = settings.finetune

@@ -232,7 +232,9 @@ def precision(cfg, device: str) -> str:
     if cfg.precision != "auto":
         return cfg.precision
     if not device.startswith("cuda"):
-        return "fp32"
+        from kb.models import cpu_has_bf16
+
+        return "bf16" if cpu_has_bf16() else "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -450,6 +452,7 @@ def finetune_llm(settings, data: str | Path, out: str | Path, *, method: str | N
     tok = AutoTokenizer.from_pretrained(str(resolve_model(spec, "llm")))
     examples = [tokenize(tok, m, cfg.max_length) for m in conv]
     examples = [e for e in examples if any(x != IGNORE for x in e.labels)]
+    adapter = str(resolve_model(adapter, "adapter")) if adapter else None
     m = load_for_training(spec, method, prec, device, adapter=adapter, cfg=cfg)
     if not cfg.deepspeed and method != "qlora":
         m = m.to(device)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kb.fsutil import replace_dir
 from kb.models import pick_device
 
 log = logging.getLogger(__name__)
@@ -407,13 +408,3 @@ def add_unknown_chars(tok, model, texts) -> int:
         scale = emb[:old].std(dim=1).mean()
         emb[old:] = torch.randn(len(tok) - old, emb.shape[1], generator=torch.Generator().manual_seed(0)) * scale
     return len(new)
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move `tmp` to `dest`, replacing an existing folder with at most a moment without one."""
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)

