@@ -40,7 +40,9 @@ def command() -> str:
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"device": device_name(), "command": command(),
+    from eval.report import provenance
+
+    payload = {"device": device_name(), "command": command(), "commit": provenance()["commit"],
                "date": time.strftime("%Y-%m-%d"), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")

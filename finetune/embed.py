@@ -5,7 +5,9 @@ positives of the batch (in-batch negatives) and its mined hard negatives. Batche
 examples with the same positive (that would punish the right answer). Characters the tokenizer
 maps to [UNK] can be added as tokens first (`finetune.embed_add_chars`): the packaged English
 MiniLM otherwise cannot tell most Chinese characters apart. Full or LoRA (merged on save); the
-result is a sentence-transformers folder that `models.embedder` can point at.
+result is a sentence-transformers folder that `models.embedder` can point at. Queries and passages
+carry the model's `query` / `passage` prompts (E5), as the Embedder adds them at run time; the
+saved folder keeps the prompts.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def batches(pairs: list[dict], size: int, rng: random.Random) -> list[list[dict]
     return out
 
 
+def batch_columns(batch: list[dict], n_neg: int, prompts: dict[str, str]) -> list[list[str]]:
+    """The loss's columns: queries, positives, then `n_neg` columns of hard negatives, each text
+    with its kind's prompt (none when the model has no prompts)."""
+    q, p = prompts.get("query", ""), prompts.get("passage", "")
+    columns = [[q + x["query"] for x in batch], [p + x["pos"][0] for x in batch]]
+    return columns + [[p + x["neg"][j] for x in batch] for j in range(n_neg)]
+
+
+def lora_config(cfg, train_embeddings: bool):
+    """`finetune.lora` as a peft LoraConfig for the encoder (word embeddings trained in full
+    when characters were added)."""
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                      target_modules=["query", "key", "value", "dense"],
+                      modules_to_save=["word_embeddings"] if train_embeddings else None)
+
+
 def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str | None = None,
                       progress: bool = True, max_steps: int | None = None) -> dict:
     import torch
@@ -50,6 +71,7 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
     from ingest.nsp import add_unknown_chars
     from kb.fsutil import replace_dir
     from kb.models import pick_device, resolve_model
+    from retrieval.embedder import model_prompts
 
     cfg = settings.finetune
     pairs, problems = load_pairs(data)
@@ -68,17 +90,16 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
         added = add_unknown_chars(st.tokenizer, hf, texts)
         st.to(device)
     if cfg.embed_method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lc = cfg.lora
-        peft_model = get_peft_model(hf, LoraConfig(  # injects the adapters into `hf` in placer=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                         target_modules=["query", "key", "value", "dense"],
-                                                         modules_to_save=["word_embeddings"] if added else None))
+        # get_peft_model injects the adapters into `hf` in place
+        peft_model = get_peft_model(hf, lora_config(cfg, added > 0))
     try:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import MultipleNegativesRankingLoss
     loss_fn = MultipleNegativesRankingLoss(st)
+    prompts = model_prompts(st)
     prepare = getattr(st, "preprocess", None) or st.tokenize
     rng = random.Random(cfg.seed)
     epochs = max(1, int(round(cfg.embed_epochs)))
@@ -94,8 +115,7 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
     bar = tqdm(plan, desc="embed fine-tune", unit="batch", disable=not progress)
     for step, batch in enumerate(bar, 1):
         n_neg = min(cfg.hard_negatives, min(len(p["neg"]) for p in batch))
-        columns = [[p["query"] for p in batch], [p["pos"][0] for p in batch]]
-        columns += [[p["neg"][j] for p in batch] for j in range(n_neg)]
+        columns = batch_columns(batch, n_neg, prompts)
         features = [{k: v.to(device) if hasattr(v, "to") else v for k, v in prepare(col).items()} for col in columns]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = loss_fn(features, None)

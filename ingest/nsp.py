@@ -1,9 +1,10 @@
 """Next-sentence prediction: score adjacent units in batches, and train a head on a KB's text.
 
 Two kinds of model, one interface (`continue_probs(pairs, temperature)`):
-- `CrossNSPScorer`: a BERT with its next-sentence head (BertForNextSentencePrediction), reading
-  both units at once: a pretrained one (e.g. bert-base-chinese) is used as is, or one trained here
-  (`nsp_train.kind: cross`; needs a GPU to train well).
+- `CrossNSPScorer`: a cross-encoder reading both units at once: a BERT with its next-sentence
+  head (a pretrained one, e.g. bert-base-chinese, or one trained here), or a 2-label sequence
+  classifier such as the shipped `model:nsp-e5` (e5-small + LoRA, ingest/nsp_cross.py), or a
+  KB's adapter over one (`nsp_train.kind: cross`).
 - `PairHeadScorer` (the default trained head): a 2-way linear head over the cosine of the frozen
   packaged encoder's mean-pooled embeddings of the two units and their lexical overlap
   (characters, words, length). Each unit is encoded once, not once per pair. On the
@@ -36,19 +37,20 @@ META_FILE = "nsp_meta.json"
 
 
 class CrossNSPScorer:
-    """P(next unit continues the previous) from a BERT NSP model, batched, on GPU when there is one."""
+    """P(next unit continues the previous) from a cross-encoder that reads both units at once,
+    batched, on GPU when there is one. The folder holds a BERT with its next-sentence head, a
+    2-label sequence classifier (e.g. `model:nsp-e5`; the label named "continues" in its config's
+    id2label, else label 0, is "B continues A"), or a KB's adapter over one (`kb train-nsp`)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", max_seq_len: int = 128,
                  batch_size: int = 64) -> None:
         import torch
-        from transformers import AutoTokenizer, BertForNextSentencePrediction
 
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = BertForNextSentencePrediction.from_pretrained(str(model_dir))
+        self.tokenizer, self.model, self._flip = load_cross_nsp(self.model_dir)
         self.model.to(self.device).eval()
         if self.device.startswith("cuda"):
             self.model.half()
@@ -84,13 +86,14 @@ class CrossNSPScorer:
                     mask[r, :n] = 1
                     if types is not None:
                         tt[r, :n] = types[i]
-                batch = {"input_ids": torch.from_numpy(arr), "attention_mask": torch.from_numpy(mask),
-                         "token_type_ids": torch.from_numpy(tt)}
+                batch = {"input_ids": torch.from_numpy(arr), "attention_mask": torch.from_numpy(mask)}
+                if types is not None:  # BERT; XLM-R's tokenizer gives none
+                    batch["token_type_ids"] = torch.from_numpy(tt)
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 outs.append(self.model(**batch).logits.float())
         logits = torch.cat(outs).cpu().numpy()
         out = np.empty_like(logits)
-        out[order] = logits
+        out[order] = logits[:, ::-1] if self._flip else logits
         return out
 
     def continue_probs(self, pairs: Sequence[tuple[str, str]], temperature: float = 1.0) -> np.ndarray:
@@ -98,6 +101,37 @@ class CrossNSPScorer:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         return continuation_prob(self.logits(pairs), temperature)
+
+
+CONTINUE_LABELS = ("continues", "continue", "is_next", "isnext", "next")
+
+
+def load_cross_nsp(model_dir: Path):
+    """(tokenizer, model, flip): flip when the model's "continues" label is index 1."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kb.cross_encoder import ASSET_META, load_merged, read_meta
+    from kb.models import resolve_model
+
+    if (model_dir / ASSET_META).is_file() and (model_dir / "adapter_config.json").is_file():
+        base = resolve_model(read_meta(model_dir)["base"], "nsp base")
+        model, tok, _ = load_merged(base, model_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        cfg = AutoConfig.from_pretrained(str(model_dir))
+        if any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])):
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        else:
+            from transformers import BertForNextSentencePrediction
+
+            return tok, BertForNextSentencePrediction.from_pretrained(str(model_dir)), False
+    if model.config.num_labels != 2:
+        raise ValueError(f"{model_dir}: a next-sentence model needs 2 labels, it has {model.config.num_labels}")
+    from kb.cross_encoder import label_index
+
+    return tok, model, label_index(model.config, CONTINUE_LABELS) == 1
 
 
 class PairHeadScorer:
@@ -210,23 +244,29 @@ class NSPPair:
 
 
 def build_pairs(docs: Sequence[Sequence[Sequence[str]]], max_pairs: int, far_gap: int = 4,
-                seed: int = 13) -> list[NSPPair]:
+                seed: int = 13, hard: float = 0.0,
+                neighbours: dict[int, Sequence[int]] | None = None) -> list[NSPPair]:
     """Self-supervised pairs from documents → sections → units.
 
     Positives: adjacent units of one section. Negatives, as many: the first unit with a unit of
-    another document (or, with a single document, one at least `far_gap` units away).
+    another document (or, with a single document, one at least `far_gap` units away). With
+    `hard` > 0 that share of negatives is hard: a unit of another section of the same document,
+    else of one of the document's `neighbours` (e.g. its most similar documents).
     """
     rng = random.Random(seed)
-    positives = [(d, sec[i], sec[i + 1]) for d, doc in enumerate(docs) for sec in doc
+    positives = [(d, s, sec[i], sec[i + 1]) for d, doc in enumerate(docs) for s, sec in enumerate(doc)
                  for i in range(len(sec) - 1)]
     rng.shuffle(positives)
     positives = positives[: max_pairs // 2]
-    pairs = [NSPPair(a, b, 0) for _, a, b in positives]
+    pairs = [NSPPair(a, b, 0) for _, _, a, b in positives]
     by_doc = {d: [u for sec in doc for u in sec] for d, doc in enumerate(docs)}
     by_doc = {d: us for d, us in by_doc.items() if us}
     doc_ids = sorted(by_doc)
-    for d, a, _ in positives:
-        if len(doc_ids) > 1:  # a unit of another document, the document drawn first
+    for d, s, a, _ in positives:
+        b = _hard_negative(rng, docs, by_doc, d, s, neighbours) if hard and rng.random() < hard else None
+        if b is not None:
+            pairs.append(NSPPair(a, b, 1))
+        elif len(doc_ids) > 1:  # a unit of another document, the document drawn first
             od = rng.choice(doc_ids[:-1])
             od = doc_ids[-1] if od == d else od
             pairs.append(NSPPair(a, rng.choice(by_doc[od]), 1))
@@ -238,6 +278,16 @@ def build_pairs(docs: Sequence[Sequence[Sequence[str]]], max_pairs: int, far_gap
                 pairs.append(NSPPair(a, rng.choice(far), 1))
     rng.shuffle(pairs)
     return pairs
+
+
+def _hard_negative(rng: random.Random, docs: Sequence[Sequence[Sequence[str]]], by_doc: dict[int, list[str]],
+                   d: int, s: int, neighbours: dict[int, Sequence[int]] | None) -> str | None:
+    """A unit of another section of document `d`, else of a neighbour of `d`; None when neither."""
+    others = [u for j, sec in enumerate(docs[d]) if j != s for u in sec]
+    if others:
+        return rng.choice(others)
+    near = [n for n in (neighbours or {}).get(d, ()) if n != d and by_doc.get(n)]
+    return rng.choice(by_doc[rng.choice(near)]) if near else None
 
 
 def train_pair_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str | Path, *,

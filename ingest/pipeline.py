@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,9 +15,11 @@ from ingest.clean import clean_blocks
 from ingest.keyinfo import build_extractor
 from ingest.loaders import ParseError, discover, parse_file
 from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head, train_pair_head
+from ingest.nsp_cross import train_cross_nsp
 from ingest.sentences import split_sentences
 from ingest.store import DocStore
 from ingest.types import ParsedDocument, Unit
+from kb.cross_train import FitConfig
 from kb.models import resolve_model
 from kb.settings import Settings
 
@@ -94,12 +97,14 @@ def nsp_dir(settings: Settings, kb: str) -> Path:
 
 
 def load_scorer(settings: Settings, kb: str):
-    """The configured pretrained NSP model, else the KB's trained head, else None."""
+    """The KB's adaptation of the configured NSP model (`kb train-nsp`, kind cross), else the
+    configured model, else the KB's trained head, else None."""
     m, c = settings.models, settings.chunking
-    if m.nsp:
-        return load_scorer_from(resolve_model(m.nsp, "nsp"), m.device, c.max_seq_len, c.batch_size)
     d = nsp_dir(settings, kb)
-    if (d / META_FILE).is_file():
+    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else None
+    if m.nsp and not (meta and meta.get("kind") == "cross" and meta.get("adapted_from") == m.nsp):
+        return load_scorer_from(resolve_model(m.nsp, "nsp"), m.device, c.max_seq_len, c.batch_size)
+    if meta:
         return load_scorer_from(d, m.device, c.max_seq_len, c.batch_size)
     return None
 
@@ -142,11 +147,37 @@ def train_kb_nsp(settings: Settings, kb: str, docs: list[list[list[str]]] | None
     if t.kind == "pair_head":
         return train_pair_head(pairs, encoder, nsp_dir(settings, kb), heldout=t.heldout, seed=t.seed,
                                device=settings.models.device, progress=progress)
+    base_spec = cross_base(settings)
+    if base_spec:
+        return train_cross_nsp(
+            pairs, resolve_model(base_spec, "nsp"), nsp_dir(settings, kb), base_spec=base_spec,
+            fit_cfg=FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr,
+                              max_length=t.max_seq_len, seed=t.seed, max_seconds=t.max_seconds),
+            lora_r=t.lora_r, top_layers=t.train_layers, heldout=t.heldout, device=settings.models.device,
+            progress=progress, adapted_from=settings.models.nsp, trained_on=f"knowledge base {kb}")
     return train_nsp_head(
         pairs, encoder, nsp_dir(settings, kb),
         epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr,
         train_layers=t.train_layers, max_seq_len=t.max_seq_len, heldout=t.heldout, seed=t.seed,
         device=settings.models.device, progress=progress)
+
+
+def cross_base(settings: Settings) -> str | None:
+    """What `nsp_train.kind: cross` trains on, as a model spec: the configured NSP model when it
+    is a sequence-classification cross-encoder (adapted to the KB), else `models.nsp_encoder`
+    unless that is a BERT (None: the BERT next-sentence-head path, `train_nsp_head`)."""
+    from transformers import AutoConfig
+
+    m = settings.models
+    for spec in (m.nsp, m.nsp_encoder):
+        if not spec:
+            continue
+        cfg = AutoConfig.from_pretrained(str(resolve_model(spec, "nsp")))
+        if any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])):
+            return spec
+        if spec == m.nsp_encoder:
+            return None if cfg.model_type == "bert" else spec
+    return None
 
 
 def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: bool = True,

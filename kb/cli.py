@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kb  # noqa: F401  (sets the offline environment first)
-from kb.settings import ConfigError, Settings, load_settings
+from kb.settings import REPO_ROOT, ConfigError, Settings, load_settings
 
 log = logging.getLogger("kb")
 
@@ -95,14 +95,26 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from serve.chain import AnswerChain
+    from serve.chain import AnswerChain, public
 
     if not args.question.strip():
         raise UsageError("empty question")
     chain = AnswerChain(settings, _open_kb(settings, args.kb))
-    out = chain.ask(args.question, stage=args.stage)
-    _emit(args, out, lambda r: r["answer"] + ("" if not r["fallback"] else f"\n(fallback: {r['reason']})")
-          + "".join(f"\n[{i + 1}] {h['source']}" for i, h in enumerate(r["sources"])))
+    sources = lambda r: "".join(f"\n[{i + 1}] {h['source']}" for i, h in enumerate(r["sources"]))  # noqa: E731
+    if not args.stream or args.json:
+        out = public(chain.ask(args.question, stage=args.stage))
+        _emit(args, out, lambda r: r["answer"] + ("" if not r["fallback"] else f"\n(fallback: {r['reason']})")
+              + sources(r))
+        return 0
+    for piece in chain.stream(args.question, stage=args.stage):
+        if isinstance(piece, dict):
+            if piece["replace"]:
+                print(f"\n--- withdrawn by compliance ({piece['reason']}); the reply is: ---\n{piece['answer']}", end="")
+            elif piece["fallback"]:
+                print(f"\n(fallback: {piece['reason']})", end="")
+            print(sources(piece), flush=True)
+        else:
+            print(piece, end="", flush=True)
     return 0
 
 
@@ -200,6 +212,25 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
         "Open-ended answer evaluation")
 
 
+def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
+    from eval.report import provenance
+    from eval.segment_eval import evaluate_segmentation, write_report
+
+    try:
+        result = evaluate_segmentation(settings, args.file, n_docs=args.docs, seed=args.seed, pair_head=args.pair_head,
+                                       samples=args.samples or None, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    result["provenance"] = provenance(settings)
+    if args.report:
+        write_report(result, args.report)
+    _emit(args, result, lambda r: "\n".join(
+        [f"{r['docs']} held-out documents, {r['true_boundaries']} topic boundaries, {r['units']} units"]
+        + [f"  {m['method']:<40} {m['setting']:<22} Pk {m['pk']:.3f}  WindowDiff {m['windowdiff']:.3f}  "
+           f"F1 {m['f1']:.3f}  mean chunk {m['mean_chunk_chars']:.0f} chars" for m in r["methods"]]))
+    return 0
+
+
 def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
     from eval.choice import dev_folder, load_choice, run_choice, write_report
 
@@ -290,6 +321,20 @@ def cmd_finetune_embed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_finetune_rerank(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.rerank import finetune_reranker
+
+    try:
+        out = finetune_reranker(settings, args.data, args.out, model=args.model, progress=not args.quiet,
+                                max_steps=args.max_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: (f"{r['steps']} steps on {r['train_groups']} queries, loss {r['first_loss']:.3f} -> "
+                                f"{r['final_loss']:.3f}; held-out top-1 {r['heldout_before']['top1']} -> "
+                                f"{r['heldout_after']['top1']} -> {r['out']} (set models.reranker to it)"))
+    return 0
+
+
 def cmd_finetune_merge(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.sft import merge_adapter
 
@@ -337,7 +382,10 @@ def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Setti
               write_report: Callable[[dict, str], None], human: Callable[[dict], str], title: str) -> int:
     """One evaluation, or with --compare the same one on two runs (saved or configured now)."""
     if not args.compare:
+        from eval.report import provenance
+
         result = run(settings, args.kb)
+        result.setdefault("provenance", provenance(settings))
         if args.report:
             write_report(result, args.report)
         _emit(args, result, human)
@@ -413,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("question")
     s.add_argument("--kb", required=True)
     s.add_argument("--stage", help="dialogue stage for the fallback reply (e.g. pre_sale, after_sale)")
+    s.add_argument("--stream", action="store_true",
+                   help="print the answer as it is generated (answer.stream_mode); with --json: one JSON document")
     s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP API (FastAPI + uvicorn)")
@@ -448,12 +498,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kb")
     s.set_defaults(func=cmd_eval_open)
 
+    s = evsub.add_parser("segmentation", parents=[common],
+                         help="topic segmentation (Pk, WindowDiff, boundary F1) of the NSP chunkers and the fixed splitter")
+    s.add_argument("file", help="SQuAD-style JSON (CMRC 2018): documents of 3-8 held-out paragraphs")
+    s.add_argument("--docs", type=int, default=60, help="documents to make (held-out; as many from train to tune)")
+    s.add_argument("--seed", type=int, default=13)
+    s.add_argument("--pair-head", help="a trained pair head folder (default: train one on the train split)")
+    s.add_argument("--samples", default=str(REPO_ROOT / "samples" / "docs"),
+                   help="documents added to the pair head's training text ('' for none)")
+    s.add_argument("--report", help="write a self-contained HTML report (and a JSON beside it)")
+    s.set_defaults(func=cmd_eval_segmentation)
+
     s = evsub.add_parser("choice", parents=[common, compare], help="multiple-choice accuracy (CMMLU/C-Eval CSV)")
     s.add_argument("path", help="a CSV or a folder of subject CSVs")
     s.add_argument("--mode", choices=["auto", "loglik", "generate", "embed"], default="auto",
                    help="loglik: log-probability of each answer letter (local model); generate: parse the "
                         "letter from a generated answer (local or endpoint); embed: embedder similarity, no LLM; "
-                        "auto (default): loglik with models.llm, generate with only an endpoint, else embed")
+                        "auto (default): generate with an endpoint, else loglik with an installed models.llm, else embed")
     s.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split")
     s.add_argument("--dev", help="dev split for --shots (default: the dev folder beside test)")
     s.add_argument("--kb", help="retrieval-augmented: put the KB's top passages into each prompt")
@@ -497,6 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="embedder to start from (default: models.embedder)")
     s.add_argument("--max-steps", type=int)
     s.set_defaults(func=cmd_finetune_embed)
+
+    s = ftsub.add_parser("rerank", parents=[common],
+                         help="train the cross-encoder reranker on query/pos/neg rows (kb finetune data's .embed.jsonl)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="a CrossEncoder folder for models.reranker")
+    s.add_argument("--model", help="reranker (or encoder) to start from (default: models.reranker, else models.embedder)")
+    s.add_argument("--max-steps", type=int)
+    s.set_defaults(func=cmd_finetune_rerank)
 
     s = ftsub.add_parser("merge", parents=[common], help="fold a LoRA adapter into the base weights")
     s.add_argument("--adapter", required=True)

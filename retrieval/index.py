@@ -133,7 +133,7 @@ def sync_index(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: Em
         raise
     if live is not None and any(live.meta.get(k) != v for k, v in layout.items()):
         live = None  # another layout (levels/field): rebuild
-    cache = EmbeddingCache(Path(kb_dir) / "embeddings.sqlite", embedder.model_id)
+    cache = EmbeddingCache(Path(kb_dir) / "embeddings.sqlite", embedder.cache_id("passage"))
     try:
         kind = choose_type(len(ids), cfg.index_type, cfg.flat_max)
         present = live.vectors.ids() if live is not None else np.zeros(0, np.int64)
@@ -150,9 +150,10 @@ def sync_index(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: Em
             if to_remove:
                 vec.remove(np.asarray(to_remove, dtype=np.int64))
             if to_add:
-                vec.add(cache.embed(embedder, [emb_texts[pos[i]] for i in to_add], progress), np.asarray(to_add))
+                vec.add(cache.embed(embedder, [emb_texts[pos[i]] for i in to_add], "passage", progress),
+                        np.asarray(to_add))
         else:
-            all_vecs = cache.embed(embedder, emb_texts, progress)
+            all_vecs = cache.embed(embedder, emb_texts, "passage", progress)
             vec = FaissIndex.build(all_vecs if len(ids) else np.zeros((0, embedder.dim), np.float32), ids, kind,
                                    hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
         kw = None

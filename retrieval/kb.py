@@ -138,7 +138,7 @@ class KnowledgeBase:
         live = self._index()
         if live is None or not queries:
             return [[] for _ in queries]
-        qv = self.embedder.encode(list(queries))
+        qv = self.embedder.encode_queries(list(queries))
         # trust the vector list as far as the embedder's vocabulary covers the query
         cover = self.embedder.coverage(list(queries)) if cfg.coverage_weighting else np.ones(len(queries))
         vec_index = self._gpu if self._gpu is not None else live.vectors

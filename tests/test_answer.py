@@ -8,7 +8,7 @@ import pytest
 
 from kb.cli import main as kb_main
 from retrieval.kb import KnowledgeBase
-from serve.chain import AnswerChain
+from serve.chain import AnswerChain, public
 from serve.compliance import ReplyLibrary
 from tests.test_retrieval import DOCS, _write
 
@@ -97,7 +97,8 @@ def test_ungrounded_llm_answer_falls_back(settings, kb, library):
     llm = ScriptedLLM("Our CEO enjoys sailing around Tasmania every winter with penguins.")
     r = AnswerChain(settings, kb, llm=llm, library=library).ask("How long does a refund take?")
     assert r["fallback"] and r["reason"].startswith("ungrounded answer")
-    assert r["draft"] == llm.reply and r["answer"] != llm.reply
+    assert r["internal"]["draft"] == llm.reply and r["answer"] != llm.reply
+    assert llm.reply not in json.dumps(public(r))  # the withheld draft stays on the server
 
 
 def test_model_refusal_becomes_the_fallback_reply(settings, kb, library):
@@ -139,7 +140,7 @@ def test_kb_ask_cli_on_sample_documents(settings, tmp_path, capsys, monkeypatch)
     kb_ = KnowledgeBase(settings, "samples", create=True)
     kb_.add_paths([SAMPLES / "fake-memo.pdf", SAMPLES / "norwich-city.txt", SAMPLES / "simple.docx"], progress=False)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"models: {{nsp: {settings.models.nsp}, device: cpu}}\n"
+    cfg.write_text(f"models: {{nsp: {settings.models.nsp}, device: cpu, llm: null}}\n"
                    "compliance: {sensitive_words: [weapon]}\n", encoding="utf-8")
 
     def ask(q: str) -> dict:

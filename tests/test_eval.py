@@ -79,8 +79,8 @@ def test_malformed_rows_are_reported_with_line_numbers_and_skipped(tmp_path, cap
 
 
 def test_choice_without_an_llm_uses_the_embedder_or_says_how_to_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("KB_MODELS__LLM", raising=False)
-    r = _run(capsys, "eval", "choice", str(CMMLU_TEST / "marketing.csv"))  # the default config has no LLM
+    monkeypatch.setenv("KB_MODELS__LLM", "")  # no LLM configured
+    r = _run(capsys, "eval", "choice", str(CMMLU_TEST / "marketing.csv"))
     assert r["mode"] == "embed" and r["n"] == _rows_file(CMMLU_TEST / "marketing.csv")
     assert kb_main(["eval", "choice", str(CMMLU_TEST / "marketing.csv"), "--mode", "loglik"]) == 2
     assert "--mode embed" in capsys.readouterr().err
@@ -152,7 +152,7 @@ def cmrc_small(tmp_path_factory, tiny_nsp_dir):
     write_docs(squad, root / "docs")
     home = root / "home"
     base = root / "base.yaml"
-    base.write_text(f"home: {home}\nmodels: {{nsp: {tiny_nsp_dir}, device: cpu}}\n", encoding="utf-8")
+    base.write_text(f"home: {home}\nmodels: {{nsp: {tiny_nsp_dir}, device: cpu, llm: null}}\n", encoding="utf-8")
     baseline = root / "baseline.yaml"
     baseline.write_text(f"extends: {base}\nchunking: {{method: fixed, fixed_size: 500, fixed_overlap: 50}}\n"
                         "retrieval: {levels: [segment], embed_field: raw_text, hybrid: false, rerank: false}\n",

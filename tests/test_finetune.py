@@ -215,7 +215,7 @@ def test_training_data_from_a_kb(settings, tmp_path, capsys):
     general.write_text("\n".join(json.dumps({"instruction": f"count to {i}", "output": " ".join(map(str, range(i)))})
                                  for i in range(1, 60)), encoding="utf-8")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"models: {{nsp: {settings.models.nsp}, device: cpu}}\n"
+    cfg.write_text(f"models: {{nsp: {settings.models.nsp}, device: cpu, llm: null}}\n"
                    "finetune: {assistant_name: Ada, company: Acme, general_ratio: 0.2}\n", encoding="utf-8")
     out = tmp_path / "train.jsonl"
     r = _run(capsys, "finetune", "data", "--kb", "samples", "--out", str(out), "--general", str(general), "--config", str(cfg))
@@ -225,6 +225,10 @@ def test_training_data_from_a_kb(settings, tmp_path, capsys):
     assert sum("Ada" in c[-1]["content"] and "Acme" in c[-1]["content"] for c in conv) == r["identity"] > 0
     cited = [c for c in conv if c[0]["role"] == "system" and "[" in c[-1]["content"]]
     assert cited and all("Context:" in c[1]["content"] for c in cited)  # the answer chain's own prompt
+    for c in cited:  # the cited number points at a real passage that holds the answer
+        n, answer = _citation(c[-1]["content"])
+        passage = _passages(c[1]["content"])[n]
+        assert answer in passage["text"] and passage["source"], (n, answer, passage)
     pairs, _ = load_pairs(r["embed_out"])
     assert len(pairs) == r["embed_examples"] and r["with_hard_negatives"] > 0
     for p in pairs:
@@ -250,12 +254,13 @@ def test_embedder_fine_tune_learns_the_pairs_and_the_characters(tmp_path, capsys
     cfg.write_text("models: {device: cpu}\nfinetune: {embed_batch_size: 6, embed_learning_rate: 0.0005, "
                    "embed_max_length: 48, embed_epochs: 8}\n", encoding="utf-8")
     out = tmp_path / "emb"
-    r = _run(capsys, "finetune", "embed", "--data", str(data), "--out", str(out), "--config", str(cfg))
+    r = _run(capsys, "finetune", "embed", "--data", str(data), "--out", str(out), "--config", str(cfg),
+             "--model", str(minilm_dir))
     assert r["added_tokens"] > 0 and r["steps"] == 8 and {"tokens_per_s", "peak_mem_gib"} <= set(r)
 
     def margin(model_dir) -> float:
         e = Embedder(str(model_dir), "cpu")
-        q, p = e.encode([x["query"] for x in rows]), e.encode([x["pos"] for x in rows])
+        q, p = e.encode_queries([x["query"] for x in rows]), e.encode_passages([x["pos"] for x in rows])
         sims = q @ p.T
         return float(np.mean(np.diag(sims)) - np.mean(sims[~np.eye(len(rows), dtype=bool)]))
 
@@ -284,3 +289,21 @@ def test_fused_loss_in_the_trainer_equals_the_models_own_loss(tiny_chat_llm_dir,
         res = train(model, tok, exs, cfg, tmp_path / str(fused), method="full", max_steps=1, save=False, progress=False)
         losses.append(res.first_loss)
     assert losses[0] > 1.0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def _citation(reply: str) -> tuple[int, str]:
+    import re
+
+    m = re.search(r"\s?\[(\d+)\][。.]?$", reply)
+    assert m, reply
+    return int(m.group(1)), reply[: m.start()]
+
+
+def _passages(prompt: str) -> dict[int, dict]:
+    import re
+
+    body = prompt.split("Context:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
+    out = {}
+    for m in re.finditer(r"(?:^|\n\n)\[(\d+)\] \(([^)]*)\) (.*?)(?=\n\n\[\d+\] \(|$)", body, re.S):
+        out[int(m.group(1))] = {"source": m.group(2), "text": m.group(3)}
+    return out

@@ -64,9 +64,9 @@ def test_cli_ingest_json_kbs_and_rm(tmp_path, tiny_nsp_dir, docs_copy):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"kb", "files", "ingested", "skipped", "failed", "chunks", "key_infos", "seconds"} <= set(out)
-    assert out["files"] == 21 and len(out["failed"]) == 3 and out["ingested"] == 18
+    assert out["files"] == 22 and len(out["failed"]) == 3 and out["ingested"] == 19
     kbs = json.loads(_kb("kbs", "--json", env=env).stdout)["kbs"]
-    assert kbs == [{"name": "samples", "documents": 18, "chunks": out["chunks"]}]
+    assert kbs == [{"name": "samples", "documents": 19, "chunks": out["chunks"]}]
     doc = out["doc_ids"][0]
     r = _kb("rm", "--kb", "samples", "--doc", doc, "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["removed"]["doc_id"] == doc

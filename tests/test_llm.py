@@ -62,3 +62,125 @@ def test_missing_local_model_names_itself(settings):
     settings.llm.backend = "local"
     with pytest.raises(ModelNotFoundError, match="model-dir"):
         build_llm(settings)
+
+
+def test_prefix_cache_logits_equal_a_plain_forward_pass(settings, tiny_llm_dir):
+    import torch
+
+    llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, dtype="fp32"))  # exact comparison
+    ids = llm._inputs(MSGS)["input_ids"]
+    cache = llm._cached_prefix(MSGS, ids)
+    n = cache.get_seq_length()
+    assert 0 < n < ids.shape[1]
+    with torch.no_grad():
+        cached = llm.model(input_ids=ids[:, n:], past_key_values=cache).logits
+        plain = llm.model(input_ids=ids).logits[:, n:]
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-4)
+    stored = next(iter(llm._prefixes.values()))[1]
+    assert stored.get_seq_length() == n  # each request works on a copy
+    other = [{"role": "system", "content": "Something else entirely."}, MSGS[1]]
+    assert llm._cached_prefix(other, ids) is None  # not a prefix of these tokens: no cache
+    assert llm._cached_prefix(MSGS[1:], ids) is None  # no system message
+
+
+def test_prefix_cache_does_not_change_greedy_output(settings, tiny_llm_dir):
+    with_cache = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir))
+    without = LocalLLM(str(tiny_llm_dir), _settings(settings.model_copy(deep=True), tiny_llm_dir, prefix_cache=False))
+    assert with_cache.prefix_cache and not without.prefix_cache
+    assert with_cache.generate(MSGS) == without.generate(MSGS) == with_cache.generate(MSGS)
+    assert len(with_cache._prefixes) == 1 and not without._prefixes
+    seen, forward = [], with_cache.model.forward
+
+    def spy(*a, **kw):
+        seen.append(kw["input_ids"].shape[1])
+        return forward(*a, **kw)
+
+    with_cache.model.forward = spy
+    with_cache.generate(MSGS)
+    n_prompt = with_cache._inputs(MSGS)["input_ids"].shape[1]
+    n_prefix = next(iter(with_cache._prefixes.values()))[0].shape[0]
+    assert seen[0] == n_prompt - n_prefix  # the prefill skipped the cached system prompt
+
+
+@pytest.mark.parametrize("dtype, want", [("bf16", "bfloat16"), ("fp32", "float32"), ("fp16", "float16")])
+def test_llm_dtype_setting_arrives(settings, tiny_llm_dir, dtype, want):
+    llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, dtype=dtype))
+    assert str(next(llm.model.parameters()).dtype) == f"torch.{want}"
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    import torch
+
+    from serve import llm as llm_mod
+
+    monkeypatch.setattr(llm_mod, "cpu_has_bf16", lambda: True)
+    assert llm_mod.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(llm_mod, "cpu_has_bf16", lambda: False)
+    assert llm_mod.resolve_dtype("auto", "cpu") == torch.float32
+    assert llm_mod.resolve_dtype("fp16", "cpu") == torch.float16
+
+
+def test_default_llm_not_installed_means_extractive_with_one_warning(settings, caplog):
+    from kb.models import ModelNotFoundError
+    from serve import llm as llm_mod
+
+    settings.models.llm = "model:no-such-llm"
+    with caplog.at_level("WARNING", logger="serve.llm"):
+        assert build_llm(settings) is None and build_llm(settings) is None
+    assert sum("model:no-such-llm is not installed" in r.getMessage() for r in caplog.records) == 1
+    assert llm_mod.pick_backend(settings) == "extractive"
+    settings.llm.openai_base_url = "http://127.0.0.1:9/v1"
+    assert llm_mod.pick_backend(settings) == "openai"  # an endpoint that is set wins over the default model
+    settings.llm.openai_base_url = None
+    settings.llm.backend = "local"  # asked for explicitly: a clear error
+    with pytest.raises(ModelNotFoundError, match="no-such-llm"):
+        build_llm(settings)
+
+
+def test_adapter_not_installed_is_skipped_but_a_missing_folder_is_an_error(settings, tiny_llm_dir, caplog):
+    from kb.models import ModelNotFoundError
+
+    with caplog.at_level("WARNING", logger="serve.llm"):
+        llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter="model:no-such-adapter"))
+    assert llm.adapter is None and llm.generate(MSGS) is not None
+    assert any("no-such-adapter" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ModelNotFoundError, match="missing-adapter"):
+        LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter="/nonexistent/missing-adapter"))
+
+
+def test_closing_a_stream_stops_generation_and_errors_reach_the_consumer(settings, tiny_llm_dir, monkeypatch):
+    s = _settings(settings, tiny_llm_dir)
+    s.llm.generation.max_new_tokens = 200
+    llm = LocalLLM(str(tiny_llm_dir), s)
+    gen = llm.stream(MSGS)
+    first = next(gen)
+    assert isinstance(first, str)
+    gen.close()  # joins the generation thread: it stopped
+    assert llm._lock.acquire(blocking=False)
+    llm._lock.release()
+
+    def boom(**kw):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(llm.model, "generate", boom)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        list(llm.stream(MSGS))
+
+
+def test_int8_and_threads_settings_arrive(settings, tiny_llm_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, quantize="int8", threads=1, dtype="bf16"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    mods = dict(llm.model.named_modules())
+    assert isinstance(mods["model.layers.0.self_attn.q_proj"], QLinear) and isinstance(mods["lm_head"], QLinear)
+    down = mods["model.layers.0.mlp.down_proj"]  # kept out of int8: bf16 where the CPU has it, else fp32
+    assert not isinstance(down, QLinear) and down.linear.weight.dtype == torch.bfloat16
+    assert llm.name.endswith("+int8")
+    assert isinstance(llm.generate(MSGS), str)

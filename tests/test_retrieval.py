@@ -69,7 +69,8 @@ def test_add_then_delete_leaves_results_identical(kb, tmp_path):
 def test_unchanged_text_is_never_embedded_twice(kb, monkeypatch):
     calls = []
     orig = kb.embedder.encode
-    monkeypatch.setattr(kb.embedder, "encode", lambda texts, progress=False: calls.append(len(texts)) or orig(texts))
+    monkeypatch.setattr(kb.embedder, "encode",
+                        lambda texts, kind, progress=False: calls.append(len(texts)) or orig(texts, kind))
     import shutil
 
     shutil.rmtree(kb.dir / "index")

@@ -9,7 +9,7 @@ def test_defaults_come_from_the_yaml(monkeypatch):
     monkeypatch.delenv("KB_HOME", raising=False)
     s = load_settings()
     assert s.chunking.method == "nsp"
-    assert s.models.embedder.startswith("pkg:")
+    assert s.models.embedder == "model:e5-small"
     assert s.home == Path("kb_data")
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists
 def app_url(settings, tmp_path):
     KnowledgeBase(settings, "policies", create=True).add_items(_write(tmp_path / "d", DOCS), progress=False)
     cfg = tmp_path / "ui.yaml"
-    cfg.write_text("models: {device: cpu}\n", encoding="utf-8")
+    cfg.write_text("models: {device: cpu, llm: null}\n", encoding="utf-8")  # extractive answers
     port = _free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(

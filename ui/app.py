@@ -116,11 +116,15 @@ def chat_tab(svc: Service, name: str) -> None:
                 yield p
 
     with st.chat_message("assistant"):
+        box = st.empty()  # the model's text as it is generated (answer.stream_mode)
         try:
-            st.write_stream(pieces())
+            with box:
+                st.write_stream(pieces())
         except LookupError as e:
             st.error(str(e))
             return
+        if result.get("replace"):  # what was shown failed the final compliance check
+            box.markdown(result["answer"])
         show_sources(result)
     msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": result["answer"], "result": result}]
 
