@@ -42,7 +42,9 @@ def build_kb(settings, name: str, paragraphs, folder: Path):
 def confidences(settings, kb, questions: list[str]) -> list[float]:
     from serve.chain import AnswerChain
 
-    chain = AnswerChain(settings, kb)
+    # confidence comes before generation: no LLM is loaded
+    quiet = settings.model_copy(update={"llm": settings.llm.model_copy(update={"backend": "extractive"})})
+    chain = AnswerChain(quiet, kb)
     hits = kb.search_many(questions, settings.answer.k)
     return [chain.confidence(q, h) for q, h in zip(questions, hits)]
 

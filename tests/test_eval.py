@@ -132,6 +132,7 @@ def test_fallbacks_are_counted_apart_for_questions_outside_the_kb():
     s = summarize(rows)
     assert (s["n"], s["n_in_kb"], s["n_not_in_kb"]) == (7, 4, 3)
     assert s["false_fallback_rate"] == 0.5                     # 2 of the 4 answerable
+    assert s["fallback_rate"] == pytest.approx(4 / 7, abs=1e-4)  # of every question asked
     assert s["false_fallback_when_retrieved"] == pytest.approx(1 / 3, abs=1e-4)  # 1 of the 3 retrieved
     assert s["unanswerable_fallback_rate"] == pytest.approx(2 / 3, abs=1e-4)
     assert s["citation_rate"] == 0.5                           # of the 2 answered in-KB replies

