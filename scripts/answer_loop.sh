@@ -12,7 +12,7 @@ CMRC=${CMRC:-../shared/data/cmrc2018/cmrc2018_trial.json}
 CMMLU=${CMMLU:-../shared/data/cmmlu/test}
 W=${WORK:-work/loop}
 N=${N:-90}              # held-out questions per answerer
-CMMLU_N=${CMMLU_N:-200}
+CMMLU_N=${CMMLU_N:-100}
 KB_DATA_LIMIT=${KB_DATA_LIMIT:-}   # cap the KB LoRA's training rows (CPU time)
 R=${RESULTS:-bench/results}
 export KB_HOME=$W/kb_data KB_MODELS__DIR=${KB_MODELS__DIR:-$PWD/models}
@@ -44,8 +44,8 @@ for side in extractive base adapter kb_lora; do
     $kb eval open "$W/questions.jsonl" --kb loop --limit "$N" --config "$cfg" -q \
         --report "$R/loop_open_$side.html"
 done
-$kb eval open --compare "$R/loop_open_base.json" "$R/loop_open_adapter.json" --report "$R/loop_compare_base_adapter.html"
-$kb eval open --compare "$R/loop_open_adapter.json" "$R/loop_open_kb_lora.json" --report "$R/loop_compare_adapter_kb_lora.html"
+$kb eval open "$W/questions.jsonl" --compare "$R/loop_open_base.json" "$R/loop_open_adapter.json" --report "$R/loop_compare_base_adapter.html"
+$kb eval open "$W/questions.jsonl" --compare "$R/loop_open_adapter.json" "$R/loop_open_kb_lora.json" --report "$R/loop_compare_adapter_kb_lora.html"
 for side in base adapter kb_lora; do
     cfg=$W/$side.yaml; [ "$side" = adapter ] && cfg=configs/default.yaml
     $kb eval choice "$CMMLU" --mode loglik --limit "$CMMLU_N" --config "$cfg" -q --report "$R/loop_cmmlu_$side.html"

@@ -10,6 +10,7 @@ def test_defaults_come_from_the_yaml(monkeypatch):
     s = load_settings()
     assert s.chunking.method == "nsp"
     assert s.models.embedder == "model:e5-small"
+    assert s.answer.stream_mode == "checked"  # a withheld reply never reaches a client by default
     assert s.home == Path("kb_data")
 
 

@@ -216,6 +216,7 @@ def test_ask_sse_streams_deltas_then_a_final_event(server):
 
 def test_ask_sse_with_a_split_sensitive_word_and_no_draft_anywhere(server, settings):
     base, llm = server
+    settings.answer.stream_mode = "live"  # the opt-in mode, where the held-back window matters
     settings.compliance.sensitive_words = ["lawsuit"]
     llm.parts = SPLIT_WORD
     evs = _sse(base, "/v1/ask", {"kb": "policies", "question": "How long does a refund take?", "stream": True})
@@ -231,6 +232,7 @@ def test_ask_sse_with_a_split_sensitive_word_and_no_draft_anywhere(server, setti
 
 def test_openai_stream_live_and_checked(server, settings):
     base, llm = server
+    settings.answer.stream_mode = "live"
     llm.parts = UNGROUNDED
     body = {"model": "policies", "stream": True, "messages": [{"role": "user", "content": "How long does a refund take?"}]}
     evs = _sse(base, "/v1/chat/completions", body)
