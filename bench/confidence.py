@@ -40,13 +40,11 @@ def build_kb(settings, name: str, paragraphs, folder: Path):
 
 
 def confidences(settings, kb, questions: list[str]) -> list[float]:
-    from serve.chain import AnswerChain
+    """The answer chain's retrieval confidence (`AnswerChain.confidence`) for each question."""
+    from serve.compliance import question_confidence
 
-    # confidence comes before generation: no LLM is loaded
-    quiet = settings.model_copy(update={"llm": settings.llm.model_copy(update={"backend": "extractive"})})
-    chain = AnswerChain(quiet, kb)
     hits = kb.search_many(questions, settings.answer.k)
-    return [chain.confidence(q, h) for q, h in zip(questions, hits)]
+    return [question_confidence(kb.embedder, q, h) for q, h in zip(questions, hits)]
 
 
 def rates(inside: list[float], outside: list[float], t: float) -> dict:

@@ -29,6 +29,7 @@ cat > "$W/base.yaml" <<EOF
 extends: $PWD/configs/default.yaml
 llm: {adapter: null}
 EOF
+echo "extends: $PWD/configs/default.yaml" > "$W/adapter.yaml"   # the shipped default
 # the KB's own LoRA: training data from its documents only (no question of the evaluation)
 KB_LLM__BACKEND=extractive $kb finetune data --kb loop --out "$W/kb_sft.jsonl"
 if [ -n "$KB_DATA_LIMIT" ]; then head -n "$KB_DATA_LIMIT" "$W/kb_sft.jsonl" > "$W/kb_sft.cut.jsonl"; mv "$W/kb_sft.cut.jsonl" "$W/kb_sft.jsonl"; fi
@@ -40,13 +41,11 @@ llm: {adapter: $PWD/$W/kb_lora}
 EOF
 
 for side in extractive base adapter kb_lora; do
-    cfg=$W/$side.yaml; [ "$side" = adapter ] && cfg=configs/default.yaml
-    $kb eval open "$W/questions.jsonl" --kb loop --limit "$N" --config "$cfg" -q \
+    $kb eval open "$W/questions.jsonl" --kb loop --limit "$N" --config "$W/$side.yaml" -q \
         --report "$R/loop_open_$side.html"
 done
 $kb eval open "$W/questions.jsonl" --compare "$R/loop_open_base.json" "$R/loop_open_adapter.json" --report "$R/loop_compare_base_adapter.html"
 $kb eval open "$W/questions.jsonl" --compare "$R/loop_open_adapter.json" "$R/loop_open_kb_lora.json" --report "$R/loop_compare_adapter_kb_lora.html"
 for side in base adapter kb_lora; do
-    cfg=$W/$side.yaml; [ "$side" = adapter ] && cfg=configs/default.yaml
-    $kb eval choice "$CMMLU" --mode loglik --limit "$CMMLU_N" --config "$cfg" -q --report "$R/loop_cmmlu_$side.html"
+    $kb eval choice "$CMMLU" --mode loglik --limit "$CMMLU_N" --config "$W/$side.yaml" -q --report "$R/loop_cmmlu_$side.html"
 done

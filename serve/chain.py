@@ -18,7 +18,7 @@ from ingest.nsp import terms
 from ingest.sentences import is_chinese, split_sentences
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase
-from serve.compliance import Compliance, ReplyLibrary, StreamGuard, retrieval_confidence
+from serve.compliance import Compliance, ReplyLibrary, StreamGuard, question_confidence
 from serve.llm import LLM, build_llm
 
 SYSTEM_EN = ("You are a customer-service assistant. Answer only from the numbered context passages, "
@@ -83,8 +83,7 @@ class AnswerChain:
         return self.kb.search(question, self.settings.answer.k)
 
     def confidence(self, question: str, hits: list) -> float:
-        cover = float(self.kb.embedder.coverage([question])[0])
-        return retrieval_confidence(question, hits, cover, self.kb.embedder.null_similarity())
+        return question_confidence(self.kb.embedder, question, hits)
 
     def context(self, hits: list) -> list[str]:
         budget = self.settings.answer.max_context_chars

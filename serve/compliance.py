@@ -188,6 +188,11 @@ class Compliance:
         return Verdict(False, None, answer, match)
 
 
+def question_confidence(embedder, question: str, hits) -> float:
+    """`retrieval_confidence` with the embedder's coverage of the question and its null similarity."""
+    return retrieval_confidence(question, hits, float(embedder.coverage([question])[0]), embedder.null_similarity())
+
+
 def retrieval_confidence(question: str, hits, coverage: float, null: float = 0.0) -> float:
     """How well the best hit supports the question: the share of the question's content terms it
     contains, or its vector similarity above the embedder's similarity for unrelated text (`null`,
