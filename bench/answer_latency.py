@@ -123,7 +123,7 @@ def ask_once(chain, rec: Recorder, question: str, golds: list[str]) -> dict:
             first = time.perf_counter()
     t1 = time.perf_counter()
     tok = rec.llm.tokenizer
-    prompt_tokens = int(rec.llm._inputs(rec.messages)["input_ids"].shape[1]) if rec.messages else 0
+    prompt_tokens = int(rec.llm.inputs(rec.messages)["input_ids"].shape[1]) if rec.messages else 0
     return {"question": question, "seconds": round(t1 - t0, 3),
             "ttft_client_s": round((first or t1) - t0, 3),
             "ttft_model_s": round(rec.t_first - t0, 3) if rec.t_first else None,
@@ -161,11 +161,9 @@ def context_coverage(chain, questions) -> list[dict]:
 
 
 def _ctx(chain, q: str, k: int, chars: int) -> list[str]:
-    budget, texts = chars, []
-    for h in chain.kb.search(q, k):
-        texts.append(h.text[: max(0, budget)])
-        budget -= len(texts[-1])
-    return texts
+    from serve.chain import clip_context
+
+    return clip_context(chain.kb.search(q, k), chars)
 
 
 def weight_quality(llms: dict, prompts: list[list[dict]]) -> list[dict]:
@@ -181,7 +179,7 @@ def weight_quality(llms: dict, prompts: list[list[dict]]) -> list[dict]:
     if "float32" not in models or not prompts:
         return []
     ref_llm = models["float32"]
-    ids = [ref_llm._inputs(m)["input_ids"] for m in prompts]
+    ids = [ref_llm.inputs(m)["input_ids"] for m in prompts]
 
     def score(net) -> tuple[list, float]:
         tops, nll = [], 0.0

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from eval.data import cmrc_split
-    from eval.report import provenance
     from kb.settings import load_settings
 
     home = Path(tempfile.mkdtemp(prefix="kb-confidence-"))
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                                "max_false_fallback": args.max_false, "chosen": chosen, "curve": curve},
                "evaluation": {"split_in_kb": "kb", "split_out": "out", "at_chosen": test,
                               "at_configured": current},
-               "config": provenance(settings)["config"]}
+               "config": settings.model_dump(mode="json")}
     path = write_result(args.name, payload)
     print(f"chosen threshold {chosen['threshold']}: calibration {chosen}; evaluation {test}; "
           f"configured {current} -> {path}")

@@ -82,7 +82,7 @@ def run_one(llm, messages, new_tokens: int) -> dict:
             pass
 
     stamps: list[float] = []
-    inputs = llm._inputs(messages)
+    inputs = llm.inputs(messages)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -136,7 +136,7 @@ def main() -> None:
                                               "llm.generation.max_new_tokens": args.new_tokens})
             llm = LocalLLM.from_model(model, tokenizer, settings, f"qwen2.5-{shape}-shape")
             msgs = prompt_messages(tokenizer, args.prompt_tokens)
-            prompt_len = llm._inputs(msgs)["input_ids"].shape[1]
+            prompt_len = llm.inputs(msgs)["input_ids"].shape[1]
             torch.cuda.reset_peak_memory_stats()
             run_one(llm, msgs, args.new_tokens)  # warm-up (and compilation for the static cache)
             res = [run_one(llm, msgs, args.new_tokens) for _ in range(args.repeats)]

@@ -170,14 +170,10 @@ def embed_scores(embedder, items: Sequence[ChoiceItem]) -> np.ndarray:
 
 def attach_context(items: Sequence[ChoiceItem], kb, k: int, max_chars: int) -> None:
     """Retrieval-augmented mode: the top-k passages for each question go into its prompt."""
+    from serve.chain import clip_context
+
     for it, hits in zip(items, kb.search_many([it.question for it in items], k)):
-        budget, ctx = max_chars, []
-        for h in hits:
-            text = h.text[: max(0, budget)]
-            budget -= len(text)
-            if text:
-                ctx.append(text)
-        it.context = ctx
+        it.context = [text for text in clip_context(hits, max_chars) if text]
 
 
 def evaluate_choice(items: Sequence[ChoiceItem], predict: Callable[[list[ChoiceItem]], list[str | None]],

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kb.cross_encoder import is_sequence_classifier
 from kb.fsutil import replace_dir
 from kb.models import pick_device
 
@@ -119,7 +120,7 @@ def load_cross_nsp(model_dir: Path):
     else:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         cfg = AutoConfig.from_pretrained(str(model_dir))
-        if any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])):
+        if is_sequence_classifier(cfg):
             from transformers import AutoModelForSequenceClassification
 
             model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))

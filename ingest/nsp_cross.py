@@ -10,7 +10,6 @@ a plain folder. Labels follow BERT's next-sentence convention: 0 = continues, 1 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -53,11 +52,9 @@ def train_cross_nsp(pairs: list[NSPPair], base_dir: str | Path, out_dir: str | P
     meta = {"kind": "cross", "out": str(out_dir), "base": base_spec, "adapted_from": adapted_from,
             "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(test),
             "heldout_accuracy": round(acc, 4), "heldout_seconds": round(time.perf_counter() - t0, 1),
-            "lora_r": lora_r, "top_layers": top_layers, "device": dev, "trained_on": trained_on, **stats,
-            "seconds": stats["seconds"]}
+            "lora_r": lora_r, "top_layers": top_layers, "device": dev, "trained_on": trained_on, **stats}
     asset = {"task": "next_sentence", "num_labels": 2, "id2label": NSP_LABELS, "max_length": cfg.max_length,
              "activation_fn": IDENTITY, **{k: v for k, v in meta.items() if k != "out"}}
-    out = save_asset(model, out_dir, asset)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = save_asset(model, out_dir, asset, extra={META_FILE: meta})
     log.info("NSP cross-encoder: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
     return meta

@@ -19,6 +19,7 @@ from ingest.nsp_cross import train_cross_nsp
 from ingest.sentences import split_sentences
 from ingest.store import DocStore
 from ingest.types import ParsedDocument, Unit
+from kb.cross_encoder import is_sequence_classifier
 from kb.cross_train import FitConfig
 from kb.models import resolve_model
 from kb.settings import Settings
@@ -173,7 +174,7 @@ def cross_base(settings: Settings) -> str | None:
         if not spec:
             continue
         cfg = AutoConfig.from_pretrained(str(resolve_model(spec, "nsp")))
-        if any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])):
+        if is_sequence_classifier(cfg):
             return spec
         if spec == m.nsp_encoder:
             return None if cfg.model_type == "bert" else spec

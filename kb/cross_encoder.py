@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from kb.fsutil import building_dir
+from kb.fsutil import building_dir, make_readable
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_classifier(base_dir: str | Path, num_labels: int, id2label: dict | None
     if not (base_dir / "config.json").is_file():
         raise CrossEncoderError(f"base model {base_dir} has no config.json")
     cfg = AutoConfig.from_pretrained(str(base_dir))
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+    is_classifier = is_sequence_classifier(cfg)
     if is_classifier and cfg.num_labels != num_labels:
         raise CrossEncoderError(f"{base_dir} has {cfg.num_labels} labels, the asset needs {num_labels}")
     labels = {int(k): v for k, v in (id2label or {}).items()}
@@ -95,9 +95,14 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, top_lay
     return get_peft_model(model, cfg)
 
 
-def save_asset(peft_model, asset_dir: str | Path, meta: dict) -> Path:
+def is_sequence_classifier(cfg) -> bool:
+    """Whether a transformers config describes a `...ForSequenceClassification` model."""
+    return any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+
+
+def save_asset(peft_model, asset_dir: str | Path, meta: dict, extra: dict[str, dict] | None = None) -> Path:
     """Save the adapter (LoRA + head) and `meta` (needs num_labels, max_length, activation_fn)
-    to `asset_dir`, atomically."""
+    to `asset_dir`, with `extra` JSON files (name -> content) beside them, atomically."""
     missing = {"num_labels", "max_length", "activation_fn"} - set(meta)
     if missing:
         raise CrossEncoderError(f"cross-encoder meta lacks {sorted(missing)}")
@@ -109,16 +114,10 @@ def save_asset(peft_model, asset_dir: str | Path, meta: dict) -> Path:
         cfg["base_model_name_or_path"] = meta.get("base", cfg.get("base_model_name_or_path"))
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
-        (tmp / ASSET_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _readable(tmp)
+        for name, data in {ASSET_META: meta, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        make_readable(tmp)
     return asset_dir
-
-
-def _readable(folder: Path) -> None:
-    """World-readable like any installed file (a temporary folder starts private)."""
-    folder.chmod(0o755)
-    for f in folder.iterdir():
-        f.chmod(0o644)
 
 
 def load_merged(base_dir: str | Path, asset_dir: str | Path):
@@ -154,7 +153,7 @@ def build_cross_encoder(base_dir: Path, asset_dir: Path, out_dir: Path) -> None:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / ASSET_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _readable(tmp)
+        make_readable(tmp)
     log.info("cross-encoder %s + %s -> %s", base_dir, asset_dir, out_dir)
 
 

@@ -90,6 +90,7 @@ def fit(model, tok, examples: Sequence, kind: str, cfg: FitConfig, device: str =
     body = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01)
+    trained = [p for g in groups for p in g["params"]]
     lengths = [len(x[0]) + (len(x[1]) if kind == "classify" else sum(map(len, x[1]))) for x in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps = max(1, int(per_epoch * cfg.epochs))
@@ -116,7 +117,7 @@ def fit(model, tok, examples: Sequence, kind: str, cfg: FitConfig, device: str =
                 break
             loss = _loss(model, tok, batch, kind, cfg.max_length, device, bf16)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -35,6 +35,14 @@ def building_dir(dest: Path) -> Iterator[Path]:
     replace_dir(tmp, dest)
 
 
+def make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 under `folder`, like any installed file (a temporary folder
+    from `building_dir` starts private)."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: readers see the old or the
     new content, never a part."""

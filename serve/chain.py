@@ -36,6 +36,16 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != INTERNAL}
 
 
+def clip_context(hits: list, max_chars: int) -> list[str]:
+    """The hits' texts in order, cut to `max_chars` in all (a hit past the budget gets "")."""
+    budget, out = max_chars, []
+    for h in hits:
+        text = h.text[: max(0, budget)]
+        budget -= len(text)
+        out.append(text)
+    return out
+
+
 def grounded_prompt(question: str, passages: list[tuple[str, str]], refusal: str) -> list[dict[str, str]]:
     """The answer prompt: the system prompt of the question's language, then the numbered
     passages ((source, text) pairs) and the question."""
@@ -86,13 +96,7 @@ class AnswerChain:
         return question_confidence(self.kb.embedder, question, hits)
 
     def context(self, hits: list) -> list[str]:
-        budget = self.settings.answer.max_context_chars
-        out = []
-        for h in hits:
-            text = h.text[: max(0, budget)]
-            budget -= len(text)
-            out.append(text)
-        return out
+        return clip_context(hits, self.settings.answer.max_context_chars)
 
     def prompt(self, question: str, hits: list) -> list[dict[str, str]]:
         return grounded_prompt(question, [(h.source, t) for h, t in zip(hits, self.context(hits))],

@@ -138,13 +138,14 @@ class LocalLLM:
         int8 = c.quantize == "int8" and device == "cpu"
         if c.quantize == "int8" and not int8:
             log.warning("llm.quantize int8 is for the CPU; on %s the model runs unquantized", device)
-        dtype = torch.float32 if int8 else resolve_dtype(c.dtype, device)
+        want = resolve_dtype(c.dtype, device)
+        dtype = torch.float32 if int8 else want
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         adapter = adapter_path(c.adapter, path)
         if adapter is not None:
             model = apply_adapter(model, adapter)
         if int8:
-            model = quantize_int8(model, keep_dtype=resolve_dtype(c.dtype, device))
+            model = quantize_int8(model, keep_dtype=want)
         self.adapter = adapter
         self._setup(model, tokenizer, settings, f"local:{spec}" + (f"+{c.adapter}" if adapter else "")
                     + ("+int8" if int8 else ""))
@@ -165,7 +166,8 @@ class LocalLLM:
         self._prefixes: dict[str, tuple] = {}  # system-prompt text -> (its token ids, its KV cache)
         self._lock = threading.Lock()  # one generation at a time per model
 
-    def _inputs(self, messages: Messages):
+    def inputs(self, messages: Messages):
+        """The chat-templated prompt of `messages`, tokenized, on the model's device."""
         tok = self.tokenizer
         text = render_chat(tok, messages)
         enc = tok(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
@@ -213,7 +215,7 @@ class LocalLLM:
         system-prompt prefix; returns (prompt length, output ids)."""
         import torch
 
-        inputs = self._inputs(messages)
+        inputs = self.inputs(messages)
         kw = {**self._kwargs(threaded), **extra}
         with self._lock, torch.inference_mode():
             if "cache_implementation" not in kw:

@@ -40,7 +40,7 @@ def test_lora_adapter_is_applied_at_load(settings, tiny_llm_dir, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     plain = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir))
     adapted = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter=str(tmp_path / "adapter")))
-    x = plain._inputs(MSGS)
+    x = plain.inputs(MSGS)
     with torch.no_grad():
         a, b = plain.model(**x).logits, adapted.model(**x).logits
     assert not torch.allclose(a, b, atol=1e-4)
@@ -68,7 +68,7 @@ def test_prefix_cache_logits_equal_a_plain_forward_pass(settings, tiny_llm_dir):
     import torch
 
     llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, dtype="fp32"))  # exact comparison
-    ids = llm._inputs(MSGS)["input_ids"]
+    ids = llm.inputs(MSGS)["input_ids"]
     cache = llm._cached_prefix(MSGS, ids)
     n = cache.get_seq_length()
     assert 0 < n < ids.shape[1]
@@ -97,7 +97,7 @@ def test_prefix_cache_does_not_change_greedy_output(settings, tiny_llm_dir):
 
     with_cache.model.forward = spy
     with_cache.generate(MSGS)
-    n_prompt = with_cache._inputs(MSGS)["input_ids"].shape[1]
+    n_prompt = with_cache.inputs(MSGS)["input_ids"].shape[1]
     n_prefix = next(iter(with_cache._prefixes.values()))[0].shape[0]
     assert seen[0] == n_prompt - n_prefix  # the prefill skipped the cached system prompt
 

@@ -26,7 +26,7 @@ def test_packaged_llm_answers_a_chinese_question_from_the_context(settings):
     reply = llm.generate(messages)
     assert reply.strip()
     assert "".join(llm.stream(messages)).strip() == reply  # the stream is the same greedy reply
-    ids = llm._inputs(messages)["input_ids"]
+    ids = llm.inputs(messages)["input_ids"]
     assert llm._cached_prefix(messages, ids) is not None  # the system prompt's cache fits its chat template
     if llm.adapter is None:  # the base model alone: the answer or the refusal sentence, nothing else
         assert "15" in reply or reply.startswith(settings.answer.refusal_zh), reply
