@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -112,3 +117,69 @@ def docs_copy(tmp_path) -> Path:
     dst = tmp_path / "docs"
     shutil.copytree(SAMPLES, dst)
     return dst
+
+
+DOCS = {
+    "refunds.md": "# Refund policy\n\nCustomers can return a product within 30 days for a full refund. "
+                  "Refunds are paid to the original card within five working days.",
+    "shipping.md": "# Shipping\n\nOrders above 50 euros ship for free. Express delivery takes one day "
+                   "and costs 9 euros.",
+    "security.md": "# Passwords\n\nStaff must change their password every 90 days. Passwords need twelve "
+                   "characters and a number.",
+    "zh.txt": "年假政策\n\n员工每年享有十五天带薪年假。年假需要提前两周向主管申请。",
+}
+"""A small policy KB (English and Chinese) that the retrieval, answer, API, stream and UI tests share."""
+
+
+def write_files(folder: Path, files: dict[str, str]) -> list:
+    """Write `files` (name -> text) into `folder`; the ingestion items for them."""
+    from ingest.pipeline import FileItem, doc_id_for
+
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return [FileItem(folder / n, n, doc_id_for(str((folder / n).resolve()))) for n in files]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` on a real uvicorn server on a free localhost port, in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(10)
+
+
+@pytest.fixture()
+def kb(settings, tmp_path):
+    """The policy KB `policies` (a test module may define its own `kb`)."""
+    from retrieval.kb import KnowledgeBase
+
+    k = KnowledgeBase(settings, "policies", create=True)
+    k.add_items(write_files(tmp_path / "d", DOCS), progress=False)
+    return k
+
+
+@pytest.fixture()
+def library(settings, kb):
+    """The approved-reply library of the configuration, embedded by the KB's embedder."""
+    from serve.compliance import ReplyLibrary
+
+    return ReplyLibrary.load(settings.compliance.approved_replies, kb.embedder)

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from kb.cli import main as kb_main
 from retrieval.kb import KnowledgeBase
 from serve.chain import AnswerChain, public
-from serve.compliance import ReplyLibrary
-from tests.test_retrieval import DOCS, _write
 
 
 class ScriptedLLM:
@@ -28,18 +24,6 @@ class ScriptedLLM:
 
     def stream(self, messages):
         yield self.generate(messages)
-
-
-@pytest.fixture()
-def kb(settings, tmp_path):
-    k = KnowledgeBase(settings, "policies", create=True)
-    k.add_items(_write(tmp_path / "d", DOCS), progress=False)
-    return k
-
-
-@pytest.fixture()
-def library(settings, kb):
-    return ReplyLibrary.load(settings.compliance.approved_replies, kb.embedder)
 
 
 def test_answerable_question_is_answered_with_a_citation_to_its_source(settings, kb, library):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import httpx
 import pytest
@@ -12,36 +9,17 @@ import pytest
 from retrieval.kb import KnowledgeBase
 from serve.api import create_app
 from serve.auth import KeyRing
-from tests.test_retrieval import DOCS, _write
+from tests.conftest import DOCS, serving, write_files
 
 KEYS = {"reader": ["policies"], "other": ["elsewhere"], "writer": ["policies:rw", "fresh:rw"], "admin": ["*:rw"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(settings, tmp_path):
-    import uvicorn
-
     settings.serve.max_upload_mb = 0.05  # 51 KiB: small enough to test the limit cheaply
-    KnowledgeBase(settings, "policies", create=True).add_items(_write(tmp_path / "d", DOCS), progress=False)
-    app = create_app(settings, keys=KeyRing(KEYS))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield base
-    srv.should_exit = True
-    t.join(10)
+    KnowledgeBase(settings, "policies", create=True).add_items(write_files(tmp_path / "d", DOCS), progress=False)
+    with serving(create_app(settings, keys=KeyRing(KEYS))) as base:
+        yield base
 
 
 def client(base: str, key: str | None = None) -> httpx.Client:

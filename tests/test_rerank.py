@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.pipeline import FileItem, doc_id_for
 from kb.cross_encoder import SIGMOID, add_lora, build_cross_encoder, load_classifier, save_asset
 from retrieval.kb import KnowledgeBase
+from tests.conftest import write_files
 
 DOCS = {
     "refunds.md": "# Refund policy\n\nCustomers can return a product within 30 days for a full refund.",
@@ -44,14 +44,8 @@ def tiny_reranker(tmp_path_factory, minilm_dir):
 
 @pytest.fixture()
 def kb(settings, tmp_path):
-    folder = tmp_path / "d"
-    folder.mkdir()
-    items = []
-    for name, text in DOCS.items():
-        (folder / name).write_text(text, encoding="utf-8")
-        items.append(FileItem(folder / name, name, doc_id_for(str((folder / name).resolve()))))
     k = KnowledgeBase(settings, "t", create=True)
-    k.add_items(items, progress=False)
+    k.add_items(write_files(tmp_path / "d", DOCS), progress=False)
     return k
 
 

@@ -9,34 +9,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from ingest.pipeline import FileItem, doc_id_for
 from retrieval.index import IndexDir, IndexMismatchError
 from retrieval.kb import KnowledgeBase
 from retrieval.search import fuse
 from retrieval.vector import FaissIndex, TorchExactIndex, choose_type, torch_from_faiss
-
-DOCS = {
-    "refunds.md": "# Refund policy\n\nCustomers can return a product within 30 days for a full refund. "
-                  "Refunds are paid to the original card within five working days.",
-    "shipping.md": "# Shipping\n\nOrders above 50 euros ship for free. Express delivery takes one day "
-                   "and costs 9 euros.",
-    "security.md": "# Passwords\n\nStaff must change their password every 90 days. Passwords need twelve "
-                   "characters and a number.",
-    "zh.txt": "年假政策\n\n员工每年享有十五天带薪年假。年假需要提前两周向主管申请。",
-}
-
-
-def _write(folder, files):
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    return [FileItem(folder / n, n, doc_id_for(str((folder / n).resolve()))) for n in files]
-
+from tests.conftest import DOCS, write_files
 
 @pytest.fixture()
 def kb(settings, tmp_path):
     k = KnowledgeBase(settings, "t", create=True)
-    k.add_items(_write(tmp_path / "d", DOCS), progress=False)
+    k.add_items(write_files(tmp_path / "d", DOCS), progress=False)
     return k
 
 
@@ -57,7 +39,7 @@ def test_search_finds_the_right_document(kb):
 
 def test_add_then_delete_leaves_results_identical(kb, tmp_path):
     before = [_view(h) for h in kb.search_many(QUERIES, 3)]
-    (item,) = _write(tmp_path / "extra", {"returns.md": "# Returns\n\nRefunds for returns take 30 days. "
+    (item,) = write_files(tmp_path / "extra", {"returns.md": "# Returns\n\nRefunds for returns take 30 days. "
                                                        "Shipping is free for returns. Password resets are free."})
     kb.add_items([item], progress=False)
     during = [_view(h) for h in kb.search_many(QUERIES, 3)]

@@ -4,20 +4,16 @@ on a real uvicorn server (/v1/ask and the OpenAI-compatible route), `kb ask --st
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
 
-from retrieval.kb import KnowledgeBase
 from serve.api import create_app
 from serve.auth import KeyRing
 from serve.chain import AnswerChain
-from serve.compliance import ReplyLibrary, StreamGuard
+from serve.compliance import StreamGuard
 from serve.service import Service
-from tests.test_api import _free_port
-from tests.test_retrieval import DOCS, _write
+from tests.conftest import serving
 
 GROUNDED = ["Refunds are paid ", "to the original card ", "within five working days [1]."]
 UNGROUNDED = ["Our CEO enjoys ", "sailing around Tasmania ", "every winter with penguins."]
@@ -50,18 +46,6 @@ class PiecesLLM:
         except GeneratorExit:
             self.closed_early = True
             raise
-
-
-@pytest.fixture()
-def kb(settings, tmp_path):
-    k = KnowledgeBase(settings, "policies", create=True)
-    k.add_items(_write(tmp_path / "d", DOCS), progress=False)
-    return k
-
-
-@pytest.fixture()
-def library(settings, kb):
-    return ReplyLibrary.load(settings.compliance.approved_replies, kb.embedder)
 
 
 def _run(chain, question="How long does a refund take?", **kw):
@@ -179,21 +163,10 @@ def test_setting_picks_the_stream_mode(settings, kb, library):
 # over HTTP ---------------------------------------------------------------------------------------
 @pytest.fixture()
 def server(settings, kb):
-    import uvicorn
-
     llm = PiecesLLM(GROUNDED)
     app = create_app(settings, service=Service(settings, llm=llm), keys=KeyRing({"reader": ["policies"]}))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
-    srv.should_exit = True
-    t.join(10)
+    with serving(app) as base:
+        yield base, llm
 
 
 def _sse(base: str, path: str, body: dict) -> list:

@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from retrieval.kb import KnowledgeBase
-from tests.test_api import _free_port
-from tests.test_retrieval import DOCS, _write
+from tests.conftest import DOCS, free_port, write_files
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -25,10 +24,10 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists
 
 @pytest.fixture()
 def app_url(settings, tmp_path):
-    KnowledgeBase(settings, "policies", create=True).add_items(_write(tmp_path / "d", DOCS), progress=False)
+    KnowledgeBase(settings, "policies", create=True).add_items(write_files(tmp_path / "d", DOCS), progress=False)
     cfg = tmp_path / "ui.yaml"
     cfg.write_text("models: {device: cpu, llm: null}\n", encoding="utf-8")  # extractive answers
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.port", str(port),
