@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,11 +92,6 @@ class Recorder:
                 yield p
         finally:
             self.text = "".join(parts)
-
-
-def git_commit() -> str:
-    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return run("rev-parse", "--short", "HEAD") + (" dirty" if run("status", "--porcelain") else "")
 
 
 def open_kb(settings, name: str):
@@ -256,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(partial: bool) -> Path:
         return write_result(args.name, {
-            "partial": partial, "git_commit": git_commit(),
+            "partial": partial,
             "config": {k: cfg[k] for k in ("models", "llm", "answer", "compliance")},
             "llm": next(iter(llms.values())).name, "variants": {n: VARIANTS[n] for n in names},
             "load_seconds": load_s, "torch_threads": torch.get_num_threads(),
