@@ -7,6 +7,9 @@ defaults below.
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +45,22 @@ class ParseConfig(BaseModel):
     pdf_strategy: Literal["fast", "hi_res", "ocr_only", "auto"] = "fast"
     max_file_mb: float = 100.0
     languages: list[str] = Field(default_factory=lambda: ["eng", "zho"])
+    isolate: bool = True
+    """Parse each file in a worker process (reused across the files of a batch, restarted after a
+    timeout or crash) under the time and memory limits below; False parses in-process, unlimited."""
+    timeout_s: float = 120.0
+    """A file whose parsing takes longer fails with that reason (its worker is killed); isolate only."""
+    max_memory_mb: float = 2048.0
+    """Memory one file's parsing may take on top of the loaded parser libraries (about 0.9 GiB), as
+    the worker's data-segment limit (RLIMIT_DATA); isolate only."""
+    max_unzipped_mb: float = 500.0
+    """Office/zip files (docx, xlsx, pptx) whose members unpack to more than this fail before parsing."""
+    max_zip_ratio: float = 100.0
+    """...as does a zip member that expands more than this many times its stored size (a zip bomb),
+    when it unpacks to more than 4 MiB."""
+    max_line_chars: int = 10_000
+    """Text lines longer than this are wrapped at whitespace before parsing (a one-line 20 MB file
+    would otherwise take the text partitioner minutes: its cost grows faster than the line)."""
 
 
 class CleanConfig(BaseModel):
@@ -132,6 +151,8 @@ class RetrievalConfig(BaseModel):
     backend: Literal["auto", "faiss", "torch"] = "auto"
     """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use."""
     embed_batch_size: int = 64
+    write_lock_timeout_s: float = 600.0
+    """How long a writer of a KB (ingest, delete, reindex) waits for another process writing it."""
 
 
 class GenerationConfig(BaseModel):
@@ -372,8 +393,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if not isinstance(data, dict):
             raise ConfigError(f"{cfg_path}: the top level must be a mapping")
         data = _resolve_extends(data, cfg_path)
+    if problems := unknown_keys(data, Settings):
+        raise ConfigError(f"{cfg_path}: " + "; ".join(problems))
     for key, value in overrides.items():
         _set_dotted(data, key, value)
+    if problems := unknown_keys(data, Settings) + unknown_env_keys(os.environ):
+        raise ConfigError("; ".join(problems))
     try:
         settings = Settings(**data)
     except Exception as e:  # pydantic.ValidationError: say which file
@@ -408,3 +433,79 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
+
+
+OTHER_ENV = {
+    "KB_API_KEYS": "API keys as JSON (wins over serve.api_keys)",
+    "KB_SKIP_MODELS": "scripts/setup.sh: skip `kb models install`",
+    "KB_EXTRAS": "scripts/setup.sh: extra pip extras to install",
+    "KB_FORCE_CPU": "run models on the CPU even where a GPU is present",
+    "KB_FAULT": "tests: kill the process at a named fault-injection point",
+    "KB_UI_SHOT": "tests: copy the UI test's screenshot here",
+    "KB_DATA_LIMIT": "scripts/answer_loop.sh: cap the KB LoRA's training rows",
+    "KB_SHARED_DATA": "tests and benchmarks: the folder of the shared public data sets",
+}
+"""The platform's `KB_` environment variables that are not settings (all others must name one)."""
+
+
+def unknown_keys(data: Any, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Problems with keys of `data` that `model` does not have, each naming the nearest valid key."""
+    if not isinstance(data, dict):
+        return []
+    problems = []
+    fields = model.model_fields
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(f"unknown setting {path!r}{_nearest(str(key), list(fields), prefix)}")
+            continue
+        sub = _section_type(fields[key].annotation)
+        if sub is not None:
+            problems += unknown_keys(value, sub, f"{path}.")
+    return problems
+
+
+def unknown_env_keys(environ: Any) -> list[str]:
+    """Problems with `KB_…` variables that name no setting (nested keys split on `__`)."""
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith("KB_") or name.upper() in OTHER_ENV:
+            continue
+        parts = name[3:].lower().split("__")
+        model: type[BaseModel] | None = Settings
+        for i, part in enumerate(parts):
+            fields = model.model_fields if model is not None else {}
+            if model is None or part not in fields:
+                env_names = ["KB_" + "__".join([*parts[:i], f]).upper() for f in fields]
+                if i == 0:
+                    env_names += list(OTHER_ENV)
+                near = difflib.get_close_matches(name.upper(), env_names, n=1, cutoff=0.6)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                problems.append(f"environment variable {name} names no setting{hint}")
+                break
+            model = _section_type(fields[part].annotation)
+            if model is None and i < len(parts) - 1:
+                problems.append(f"environment variable {name}: {'.'.join(parts[: i + 1])} has no sub-keys")
+                break
+        else:
+            if model is not None:  # a whole section as JSON: its keys too
+                problems += [f"environment variable {name}: {p}"
+                             for p in unknown_keys(_json_or_none(environ[name]), model, ".".join(parts) + ".")]
+    return problems
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The settings section class behind a field's annotation (None for plain values)."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _nearest(key: str, valid: list[str], prefix: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{near[0]!s}?)" if near else f"; valid keys here: {', '.join(sorted(valid))}"

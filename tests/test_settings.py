@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,58 @@ def test_bad_config_is_a_clear_error(tmp_path, text, msg):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("compliance:\n  sensitive_word: [secret]\n", "'compliance.sensitive_word' (did you mean compliance.sensitive_words?)"),
+    ("modles:\n  llm: null\n", "'modles' (did you mean models?)"),
+    ("llm:\n  generation:\n    max_new_token: 3\n", "did you mean llm.generation.max_new_tokens?"),
+])
+def test_an_unknown_key_in_yaml_is_an_error_naming_the_nearest_key(tmp_path, text, msg):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        load_settings(cfg)
+
+
+def test_an_unknown_key_in_a_parent_or_an_override_is_an_error(tmp_path):
+    (tmp_path / "base.yaml").write_text("retrieval:\n  hybird: false\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\n")
+    with pytest.raises(ConfigError, match="did you mean retrieval.hybrid"):
+        load_settings(tmp_path / "child.yaml")
+    with pytest.raises(ConfigError, match="did you mean chunking.threshold"):
+        load_settings(None, **{"chunking.treshold": 0.3})
+
+
+@pytest.mark.parametrize("var, msg", [
+    ("KB_COMPLIANCE__SENSITIVE_WORD", "KB_COMPLIANCE__SENSITIVE_WORD names no setting (did you mean KB_COMPLIANCE__SENSITIVE_WORDS?)"),
+    ("KB_HOEM", "did you mean KB_HOME?"),
+    ("KB_API_KEY", "did you mean KB_API_KEYS?"),
+    ("KB_HOME__X", "home has no sub-keys"),
+])
+def test_an_unknown_kb_variable_is_an_error(monkeypatch, var, msg):
+    monkeypatch.setenv(var, "x")
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        load_settings()
+
+
+def test_a_typo_inside_a_json_section_variable_is_an_error(monkeypatch):
+    monkeypatch.setenv("KB_COMPLIANCE", '{"sensitive_word": ["x"]}')
+    with pytest.raises(ConfigError, match=re.escape("KB_COMPLIANCE: unknown setting 'compliance.sensitive_word' "
+                                                    "(did you mean compliance.sensitive_words?)")):
+        load_settings()
+    monkeypatch.setenv("KB_COMPLIANCE", '{"sensitive_words": ["x"]}')
+    assert load_settings().compliance.sensitive_words == ["x"]
+
+
+def test_known_variables_and_every_shipped_config_load(monkeypatch):
+    monkeypatch.setenv("KB_LLM__GENERATION__MAX_NEW_TOKENS", "7")
+    monkeypatch.setenv("KB_NSP_TRAIN__MAX_PAIRS", "9")
+    monkeypatch.setenv("KB_API_KEYS", "{}")
+    monkeypatch.setenv("KB_SHARED_DATA", "/tmp")
+    s = load_settings()
+    assert (s.llm.generation.max_new_tokens, s.nsp_train.max_pairs) == (7, 9)
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for cfg in root.glob("*.yaml"):
+        if cfg.name != "approved_replies.yaml":
+            load_settings(cfg)
