@@ -2,7 +2,8 @@
 
 Documents, their chunks and key information, and the key-info → raw-text mapping the two-level
 index uses. Every document is written in one transaction, so a crash or Ctrl-C never leaves a
-half-written document behind.
+half-written document behind. Writers hold the KB's write lock (kb/writelock.py); readers open the
+store with `create=False` and read several tables through one `snapshot()`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ingest.types import Chunk, KeyInfo, ParsedDocument
+from kb import faults
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -68,21 +71,51 @@ class StoredDocument:
 class DocStore:
     """SQLite-backed store of one knowledge base (`<kb_dir>/store.sqlite`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        """Open the store at `path`; `create=False` (readers): FileNotFoundError when there is
+        none, instead of creating an empty one (a KB deleted meanwhile stays deleted)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+        else:
+            try:
+                self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True, timeout=30,
+                                            check_same_thread=False)
+            except sqlite3.OperationalError as e:
+                raise FileNotFoundError(f"no document store at {self.path}") from e
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
-        self.conn.execute("PRAGMA journal_mode = WAL")
+        if not self._has_schema():  # readers of a set-up store write nothing
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            with self.conn:
+                self.conn.executescript(_SCHEMA)
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.conn.execute("PRAGMA synchronous = NORMAL")
-        with self.conn:
-            self.conn.executescript(_SCHEMA)
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _has_schema(self) -> bool:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            return False
+        return row is not None and row[0] == str(SCHEMA_VERSION)
 
     @classmethod
-    def for_kb(cls, kb_dir: str | Path) -> DocStore:
-        return cls(Path(kb_dir) / "store.sqlite")
+    def for_kb(cls, kb_dir: str | Path, create: bool = True) -> DocStore:
+        return cls(Path(kb_dir) / "store.sqlite", create)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[DocStore]:
+        """Several reads that see the store as one moment: a read transaction (a writer's commit
+        in between is seen by none of them or, after the block, by all)."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.conn.rollback()
 
     def close(self) -> None:
         self.conn.close()
@@ -128,6 +161,7 @@ class DocStore:
                   k.level, k.ord, k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
                   json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
                   k.summary) for k in key_infos])
+        faults.point("store.after_commit")
 
     def delete_document(self, doc_id: str) -> bool:
         with self.conn:

@@ -73,9 +73,12 @@ def cmd_models_install(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.pipeline import train_kb_nsp
 
+    from kb.writelock import write_lock
+
     _require_kb(settings, args.kb)
     try:
-        meta = train_kb_nsp(settings, args.kb, progress=not args.quiet)
+        with write_lock(settings.kb_dir(args.kb), settings.retrieval.write_lock_timeout_s, create=False):
+            meta = train_kb_nsp(settings, args.kb, progress=not args.quiet)
     except ValueError as e:
         raise UsageError(str(e)) from e
     _emit(args, meta, lambda m: f"NSP head -> {m['out']}: held-out accuracy {m['heldout_accuracy']:.3f} "
@@ -133,6 +136,9 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
         import streamlit  # noqa: F401
     except ImportError as e:
         raise UsageError("the UI needs streamlit: pip install 'kb-platform[ui]'") from e
+    from serve.auth import KeyRing
+
+    KeyRing.required(settings)  # staff log in with the API's keys: without any, refuse to start
     app = Path(__file__).resolve().parent.parent / "ui" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
@@ -142,11 +148,8 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
-    import shutil
-
     kb_ = _open_kb(settings, args.kb)
-    shutil.rmtree(kb_.dir / "index", ignore_errors=True)
-    info = kb_.sync(progress=not args.quiet)
+    info = kb_.reindex(progress=not args.quiet)  # built beside the live index, then swapped in
     _emit(args, info, lambda r: f"{args.kb}: index generation {r['generation']}, {r['vectors']} vectors")
     return 0
 
@@ -161,14 +164,19 @@ def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.kb import NoSuchKB
+
     kb_ = _open_kb(settings, args.kb)
-    if args.doc:
-        if not kb_.remove_document(args.doc):
-            raise UsageError(f"no document {args.doc!r} in knowledge base {args.kb!r}")
-        removed: Any = {"kb": args.kb, "doc_id": args.doc}
-    else:
-        kb_.delete()
-        removed = {"kb": args.kb}
+    try:
+        if args.doc:
+            if not kb_.remove_document(args.doc):
+                raise UsageError(f"no document {args.doc!r} in knowledge base {args.kb!r}")
+            removed: Any = {"kb": args.kb, "doc_id": args.doc}
+        else:
+            kb_.delete()
+            removed = {"kb": args.kb}
+    except NoSuchKB as e:  # deleted by another process while this one waited for its lock
+        raise UsageError(str(e)) from e
     _emit(args, {"removed": removed}, lambda r: f"removed {r['removed']}")
     return 0
 
@@ -616,12 +624,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         from kb.models import ModelNotFoundError
         from kb.paths import BadKBName
+        from kb.writelock import WriteLockTimeout
 
         from retrieval.index import IndexMismatchError
 
         if isinstance(e, ModelNotFoundError | BadKBName | IndexMismatchError):
             print(f"kb: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, WriteLockTimeout):  # another process is writing: not a bug, try again later
+            print(f"kb: error: {e}", file=sys.stderr)
+            return 1
         log.exception("internal error")
         print(f"kb: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

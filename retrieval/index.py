@@ -2,9 +2,14 @@
 
 Level 1 holds the embeddings of the key information (article, segment, sentence entries of the
 store); level 2 is the raw text each entry maps to, one to one, in the store. A generation is a
-folder with the FAISS index, the BM25 index and `meta.json`; `CURRENT` names the live one and is
-replaced atomically (write, fsync, rename), so a crash in the middle of a write leaves the previous
-generation live and loadable.
+folder with the FAISS index, the BM25 index and `meta.json`; `CURRENT` names the live one.
+
+Crash safety: a writer (holding the KB's write lock, kb/writelock.py) writes a generation under a
+unique temporary name, renames it to a number above every folder present, then replaces `CURRENT`
+atomically (write, fsync, rename). A kill at any step leaves `CURRENT` naming a whole generation;
+the next writer removes what the killed one left (`IndexDir.recover`). Readers take no lock: they
+load only what `CURRENT` names and, when a newer publish removed that generation under them,
+read `CURRENT` again. The previous generation is kept for readers still loading it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +28,19 @@ from pathlib import Path
 import numpy as np
 
 from ingest.store import DocStore
+from kb import faults
 from kb.settings import RetrievalConfig
+from kb.writelock import write_lock
 from retrieval.embedder import Embedder, EmbeddingCache
 from retrieval.keyword import KeywordIndex, tokenize
 from retrieval.vector import FaissIndex, choose_type
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT = 1
+POINTER = "CURRENT"
+_GEN = re.compile(r"^gen-(\d+)$")
+_NUMBERED = re.compile(r"gen-(\d+)")
+_READ_TRIES = 5
 
 
 class IndexMismatchError(RuntimeError):
@@ -49,23 +63,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _gen_number(name: str) -> int | None:
+    m = _GEN.match(name)
+    return int(m.group(1)) if m else None
+
+
 class IndexDir:
-    """`<kb_dir>/index/`: generations and the CURRENT pointer."""
+    """`<kb_dir>/index/`: generations and the CURRENT pointer.
+
+    Reads (`current`, `load`) need no lock; `publish` and `recover` need the KB's write lock."""
 
     def __init__(self, kb_dir: Path) -> None:
         self.root = Path(kb_dir) / "index"
 
-    def current(self) -> str | None:
-        ptr = self.root / "CURRENT"
-        if not ptr.is_file():
+    def pointer(self) -> str | None:
+        """What CURRENT names (None when there is no CURRENT)."""
+        try:
+            gen = (self.root / POINTER).read_text().strip()
+        except FileNotFoundError:
             return None
-        gen = ptr.read_text().strip()
-        return gen if (self.root / gen / "meta.json").is_file() else None
+        return gen or None
+
+    def current(self) -> str | None:
+        """The live generation: what CURRENT names, read again when that generation vanished
+        under a newer publish; None when there is no index."""
+        for _ in range(_READ_TRIES):
+            gen = self.pointer()
+            if gen is None or (self.root / gen / "meta.json").is_file():
+                return gen
+            if self.pointer() == gen:
+                log.warning("index CURRENT names %s, which is not a whole generation", gen)
+                return None
+        return None
 
     def load(self, cfg: RetrievalConfig, embedder_id: str | None = None) -> LoadedIndex | None:
-        gen = self.current()
-        if gen is None:
-            return None
+        """Load the live generation; when a newer publish removes it while it loads, load the
+        generation CURRENT names now."""
+        for attempt in range(_READ_TRIES):
+            gen = self.current()
+            if gen is None:
+                return None
+            try:
+                return self._load_gen(gen, cfg, embedder_id)
+            except IndexMismatchError:
+                raise
+            except (OSError, RuntimeError, ValueError):
+                if self.pointer() == gen and (self.root / gen).is_dir():
+                    raise  # the live generation itself is unreadable
+                log.info("index generation %s was replaced while loading (try %d); loading the new one",
+                         gen, attempt + 1)
+        raise RuntimeError(f"the index under {self.root} kept changing while it was loaded")
+
+    def _load_gen(self, gen: str, cfg: RetrievalConfig, embedder_id: str | None) -> LoadedIndex:
         folder = self.root / gen
         meta = json.loads((folder / "meta.json").read_text())
         if embedder_id is not None and meta["embedder"] != embedder_id:
@@ -78,33 +132,100 @@ class IndexDir:
         return LoadedIndex(gen, meta, vec, kw)
 
     def publish(self, vectors: FaissIndex, keywords: KeywordIndex | None, meta: dict) -> str:
-        """Write a new generation and make it current; old generations are removed after."""
+        """Write a new generation and make it current; generations older than the previous one
+        are removed after. The caller holds the KB's write lock."""
         self.root.mkdir(parents=True, exist_ok=True)
         prev = self.current()
-        n = int(prev.split("-")[1]) + 1 if prev else 1
-        gen = f"gen-{n:06d}"
-        tmp = self.root / f"{gen}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        vectors.save(tmp / "vectors.faiss")
-        if keywords is not None:
-            keywords.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "keyword": keywords is not None}, indent=2))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        tmp.rename(self.root / gen)
-        ptr_tmp = self.root / "CURRENT.tmp"
-        ptr_tmp.write_text(gen)
-        with open(ptr_tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(ptr_tmp, self.root / "CURRENT")
+        gen = f"gen-{self._next_number():06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{gen}-{os.getpid()}-", dir=self.root))
+        try:
+            tmp.chmod(0o755)
+            vectors.save(tmp / "vectors.faiss")
+            faults.point("publish.temp_partial")
+            if keywords is not None:
+                keywords.save(tmp)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "keyword": keywords is not None}, indent=2))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync_file(f)
+            _fsync_dir(tmp)
+            faults.point("publish.before_rename")
+            tmp.rename(self.root / gen)  # no folder of that name: the number is above every folder's
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _fsync_dir(self.root)
-        for old in self.root.iterdir():  # keep the live and the previous generation
-            if old.is_dir() and old.name not in {gen, prev}:
-                shutil.rmtree(old, ignore_errors=True)
+        faults.point("publish.after_rename")
+        self._point_to(gen)
+        faults.point("publish.after_replace")
+        for old in self._entries_except({gen, prev}):
+            _remove(old)
+            faults.point("publish.cleanup")
         return gen
+
+    def recover(self) -> list[str]:
+        """Remove what a killed writer left: temporary folders and pointer files, generations
+        that CURRENT never named (or no longer names, past the previous one), half-removed ones.
+        The caller holds the KB's write lock. Returns the names removed."""
+        if not self.root.is_dir():
+            return []
+        live = self.current()
+        keep = {live, self._previous(live)}
+        removed = []
+        for p in self._entries_except(keep):
+            _remove(p)
+            removed.append(p.name)
+        if removed:
+            log.info("index of %s: removed %s left by an interrupted write", self.root.parent.name,
+                     ", ".join(sorted(removed)))
+        return removed
+
+    def _point_to(self, gen: str) -> None:
+        """Replace CURRENT atomically with one naming `gen`."""
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{POINTER}.", suffix=".tmp", dir=self.root)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(gen)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.chmod(0o644)
+            faults.point("publish.pointer_written")
+            os.replace(tmp, self.root / POINTER)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+
+    def _next_number(self) -> int:
+        """One above every generation number present, in any folder or file name and in CURRENT."""
+        names = [p.name for p in self.root.iterdir()] + [self.pointer() or ""]
+        return max((int(n) for name in names for n in _NUMBERED.findall(name)), default=0) + 1
+
+    def _previous(self, live: str | None) -> str | None:
+        """The newest whole generation below `live` (kept for readers still loading it)."""
+        if live is None or _gen_number(live) is None:
+            return None
+        below = [p.name for p in self.root.iterdir()
+                 if (n := _gen_number(p.name)) is not None and n < _gen_number(live) and (p / "meta.json").is_file()]
+        return max(below, key=_gen_number, default=None)
+
+    def _entries_except(self, keep: set[str | None]) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.name != POINTER and p.name not in keep)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder or file; a folder is renamed out of the generation names first, so a kill
+    in the middle never leaves a half-removed folder that looks like a generation."""
+    if path.is_dir():
+        trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
+        try:
+            path.rename(trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def desired_entries(store: DocStore, cfg: RetrievalConfig) -> tuple[np.ndarray, list[str], list[str]]:
@@ -121,19 +242,28 @@ def desired_entries(store: DocStore, cfg: RetrievalConfig) -> tuple[np.ndarray, 
 
 
 def sync_index(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: Embedder,
-               progress: bool = False) -> dict:
-    """Bring level 1 in line with the store: embed only new entries, publish a new generation."""
+               progress: bool = False, rebuild: bool = False) -> dict:
+    """Bring level 1 in line with the store: embed only new entries, publish a new generation.
+
+    Holds the KB's write lock (reentrant: callers that already hold it may call this) and first
+    removes what an interrupted write left. `rebuild`: build from scratch with `embedder`, ignoring
+    the live index (even one built with another embedder), and swap it in; the live index keeps
+    answering until then, and stays when the rebuild fails."""
+    with write_lock(kb_dir, cfg.write_lock_timeout_s):
+        IndexDir(kb_dir).recover()
+        return _sync_locked(store, Path(kb_dir), cfg, embedder, progress, rebuild)
+
+
+def _sync_locked(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: Embedder, progress: bool,
+                 rebuild: bool) -> dict:
     t0 = time.perf_counter()
     idir = IndexDir(kb_dir)
     layout = {"levels": list(cfg.levels), "embed_field": cfg.embed_field, "format": INDEX_FORMAT}
     ids, emb_texts, kw_texts = desired_entries(store, cfg)
-    try:
-        live = idir.load(cfg, embedder.model_id)
-    except IndexMismatchError:
-        raise
+    live = None if rebuild else idir.load(cfg, embedder.model_id)
     if live is not None and any(live.meta.get(k) != v for k, v in layout.items()):
         live = None  # another layout (levels/field): rebuild
-    cache = EmbeddingCache(Path(kb_dir) / "embeddings.sqlite", embedder.cache_id("passage"))
+    cache = EmbeddingCache(kb_dir / "embeddings.sqlite", embedder.cache_id("passage"))
     try:
         kind = choose_type(len(ids), cfg.index_type, cfg.flat_max)
         present = live.vectors.ids() if live is not None else np.zeros(0, np.int64)

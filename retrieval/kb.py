@@ -1,11 +1,18 @@
-"""A knowledge base: its store, its two-level index, and the operations on them."""
+"""A knowledge base: its store, its two-level index, and the operations on them.
+
+Writes (ingest, document removal, reindex, deletion) hold the KB's write lock (kb/writelock.py)
+across processes: one writer at a time, the others wait. Reads take no lock: they use the index
+generation CURRENT names and one read snapshot of the store.
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,8 +20,10 @@ import numpy as np
 
 from ingest.pipeline import FileItem, ingest, items_from_paths
 from ingest.store import DocStore
+from kb import faults
 from kb.paths import check_kb_name
 from kb.settings import Settings
+from kb.writelock import write_lock
 from retrieval.embedder import Embedder
 from retrieval.index import IndexDir, LoadedIndex, sync_index
 from retrieval.search import Hit, Reranker, fuse, to_units
@@ -42,9 +51,12 @@ def list_kbs(settings: Settings) -> list[dict]:
     out = []
     home = Path(settings.home)
     if home.is_dir():
-        for d in sorted(p for p in home.iterdir() if (p / "store.sqlite").is_file()):
-            with DocStore.for_kb(d) as store:
-                c = store.counts()
+        for d in sorted(p for p in home.iterdir() if not p.name.startswith(".") and (p / "store.sqlite").is_file()):
+            try:
+                with DocStore.for_kb(d, create=False) as store:
+                    c = store.counts()
+            except FileNotFoundError:  # deleted meanwhile
+                continue
             out.append({"name": d.name, "documents": c["documents"], "chunks": c["chunks"]})
     return out
 
@@ -66,20 +78,39 @@ class KnowledgeBase:
         m, r = self.settings.models, self.settings.retrieval
         return shared_embedder(m.embedder, m.device, r.embed_batch_size)
 
-    def store(self) -> DocStore:
-        return DocStore.for_kb(self.dir)
+    def store(self, create: bool = False) -> DocStore:
+        """The KB's store; NoSuchKB when it was deleted (writers that create it pass `create`)."""
+        try:
+            return DocStore.for_kb(self.dir, create)
+        except FileNotFoundError as e:
+            raise NoSuchKB(f"no knowledge base {self.name!r} under {self.settings.home}") from e
 
     # writes -------------------------------------------------------------------------------------
+    @contextmanager
+    def writing(self, create: bool = False) -> Iterator[None]:
+        """Hold the KB's write lock (between processes and threads; reentrant) for a write.
+        NoSuchKB when the KB is gone (deleted while waiting) unless `create`."""
+        missing = NoSuchKB(f"no knowledge base {self.name!r} under {self.settings.home}")
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(write_lock(self.dir, self.settings.retrieval.write_lock_timeout_s, create))
+            except FileNotFoundError as e:
+                raise missing from e
+            if not create and not (self.dir / "store.sqlite").is_file():
+                raise missing
+            yield
+
     def add_paths(self, paths: Sequence[str | Path], progress: bool = True) -> dict:
         items, missing = items_from_paths(paths)
         return self.add_items(items, missing, progress)
 
     def add_items(self, items: Sequence[FileItem], failed: list[dict] | None = None, progress: bool = True,
                   on_file: Callable[[str, str], None] | None = None) -> dict:
-        """Ingest files, then bring the index up to date."""
-        with self._lock:
+        """Ingest files, then bring the index up to date (under the write lock)."""
+        with self.writing(create=True):
             report = ingest(items, self.name, self.settings, progress=progress, on_file=on_file, failed=failed)
             out = report.to_json()
+            faults.point("kb.before_sync")
             out["index"] = self.sync(progress)
             return out
 
@@ -93,23 +124,40 @@ class KnowledgeBase:
         return next((d for d in self.documents() if d["doc_id"] == doc_id), None)
 
     def remove_document(self, doc_id: str) -> bool:
-        with self._lock:
+        """Delete a document from the store, then from the index (under the write lock)."""
+        with self.writing():
             with self.store() as store:
                 removed = store.delete_document(doc_id)
             if removed:
+                faults.point("kb.after_delete")
                 self.sync(False)
             return removed
 
     def delete(self) -> None:
-        with self._lock:
-            shutil.rmtree(self.dir)
-            self._live = None
+        """Delete the KB: its folder is renamed away in one step (a kill leaves the KB whole or
+        gone, never half), then removed; writers waiting for its lock see it gone."""
+        with self.writing():
+            trash = self.dir.with_name(f".deleted-{self.name}-{secrets.token_hex(4)}")
+            self.dir.rename(trash)
+            with self._lock:
+                self._live = None
+                self._gpu = None
+        shutil.rmtree(trash, ignore_errors=True)
+        for old in self.dir.parent.glob(".deleted-*"):  # left by a delete killed before its rmtree
+            shutil.rmtree(old, ignore_errors=True)
 
-    def sync(self, progress: bool = False) -> dict:
-        with self._lock, self.store() as store:
-            info = sync_index(store, self.dir, self.settings.retrieval, self.embedder, progress)
+    def sync(self, progress: bool = False, rebuild: bool = False) -> dict:
+        """Bring the index in line with the store (see retrieval.index.sync_index)."""
+        with self.writing(), self.store() as store:
+            info = sync_index(store, self.dir, self.settings.retrieval, self.embedder, progress, rebuild)
+        with self._lock:
             self._live = None
-            return info
+        return info
+
+    def reindex(self, progress: bool = False) -> dict:
+        """Rebuild the index from scratch with the configured embedder beside the live one and
+        swap it in; the live index answers until then and stays when the rebuild fails."""
+        return self.sync(progress, rebuild=True)
 
     # reads --------------------------------------------------------------------------------------
     def _index(self) -> LoadedIndex | None:
@@ -144,7 +192,7 @@ class KnowledgeBase:
         vec_index = self._gpu if self._gpu is not None else live.vectors
         vscores, vids = vec_index.search(qv, cfg.candidates)
         results = []
-        with self.store() as store:
+        with self.store() as opened, opened.snapshot() as store:
             for qi, query in enumerate(queries):
                 vec = [(int(i), float(s)) for i, s in zip(vids[qi], vscores[qi]) if i >= 0]
                 kw = live.keywords.search(query, cfg.candidates) if (cfg.hybrid and live.keywords) else []

@@ -156,3 +156,50 @@ def test_reranker_orders_by_cross_encoder_scores(kb, tmp_path, minilm_dir):
     expected = sorted(hits, key=lambda h: -float(ce.predict([("refund", h.text)])[0]))
     assert [h.text for h in hits] == [h.text for h in expected]
     assert all("rerank_score" in h.key_info for h in hits)
+
+
+def test_a_reader_whose_generation_is_removed_while_it_loads_loads_the_new_one(kb, tmp_path, monkeypatch):
+    idir = IndexDir(kb.dir)
+    first = idir.current()
+    orig = FaissIndex.load
+    slowed = []
+
+    def slow_load(path, *args, **kwargs):
+        if not slowed:  # while this reader is on its generation, two publishes replace and remove it
+            slowed.append(path)
+            for i in range(2):
+                doc = {f"x{i}.md": f"# Parking {i}\n\nStaff park on level {i}."}
+                kb.add_items(write_files(tmp_path / f"x{i}", doc), progress=False)
+        return orig(path, *args, **kwargs)
+
+    monkeypatch.setattr(FaissIndex, "load", slow_load)
+    live = idir.load(kb.settings.retrieval)
+    assert slowed[0].parent.name == first and not (idir.root / first).exists()
+    assert live is not None and live.gen == idir.current() != first
+    with kb.store() as store:
+        assert len(live.vectors) == len(store.key_infos())
+
+
+def test_reindex_builds_beside_the_live_index_which_answers_until_the_swap(kb, monkeypatch):
+    from kb.cli import main
+
+    idir = IndexDir(kb.dir)
+    gen = idir.current()
+    before = _view(kb.search("refund", 3))
+    orig = FaissIndex.build
+    during = []
+
+    def failing_build(*args, **kwargs):
+        during.append(_view(KnowledgeBase(kb.settings, "t").search("refund", 3)))
+        raise RuntimeError("out of memory while building")
+
+    monkeypatch.setattr(FaissIndex, "build", failing_build)
+    assert main(["reindex", "--kb", "t", "-q"]) == 1
+    assert during == [before]  # the live index answered while the new one was built
+    assert idir.current() == gen and _view(KnowledgeBase(kb.settings, "t").search("refund", 3)) == before
+    monkeypatch.setattr(FaissIndex, "build", orig)
+    meta_path = idir.root / gen / "meta.json"  # built with another embedder: reindex ignores it
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "embedder": "BAAI/bge-small-zh#0:0"}))
+    assert main(["reindex", "--kb", "t", "-q"]) == 0
+    assert idir.current() not in (None, gen)
+    assert _view(KnowledgeBase(kb.settings, "t").search("refund", 3)) == before

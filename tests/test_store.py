@@ -36,3 +36,26 @@ def test_failed_write_leaves_previous_version(tmp_path):
             s.replace_document(_doc(h="h2"), [Chunk("new", 0)], bad)
         assert s.is_unchanged("d1", "h1")
         assert [c["text"] for c in s.chunks()] == ["chunk 0", "chunk 1"]
+
+
+def test_a_reader_opens_the_store_beside_a_writers_open_transaction(tmp_path):
+    with DocStore.for_kb(tmp_path) as s:
+        _write(s, _doc(), 2)
+    writer = sqlite3.connect(str(tmp_path / "store.sqlite"), timeout=0)
+    writer.execute("BEGIN IMMEDIATE")  # a writer in the middle of a document's transaction
+    writer.execute("DELETE FROM chunks")
+    try:
+        reader = DocStore.for_kb(tmp_path, create=False)
+        reader.conn.execute("PRAGMA busy_timeout = 100")
+        with reader.snapshot():
+            assert reader.counts() == {"documents": 1, "chunks": 2, "key_infos": 3}
+        reader.close()
+    finally:
+        writer.rollback()
+        writer.close()
+
+
+def test_a_reader_never_creates_a_store(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        DocStore.for_kb(tmp_path / "gone", create=False)
+    assert not (tmp_path / "gone").exists()
