@@ -84,9 +84,29 @@ def join_units(a: str, b: str, atomic: bool = False) -> str:
         return b
     if atomic:
         return f"{a}\n{b}"
-    if _CJK.match(a[-1]) or _CJK.match(b[0]) or a[-1] in "。！？；":
-        return a + b
-    return f"{a} {b}"
+    return a + separator(a, b) + b
+
+
+def separator(a: str, b: str) -> str:
+    """What goes between text `a` and text `b`: nothing after CJK or CJK punctuation, else a space."""
+    return "" if _CJK.match(a[-1]) or _CJK.match(b[0]) or a[-1] in "。！？；" else " "
+
+
+def section_text(units: Sequence[Unit]) -> str:
+    """The units joined as `join_units` joins two (atomic units on their own paragraph), in one
+    pass: joining them one at a time copies the text so far for every unit (quadratic on a huge
+    section)."""
+    parts: list[str] = []
+    last = ""
+    for u in units:
+        text = u.text.strip() if u.atomic else u.text
+        if not text:
+            continue
+        if last:
+            parts.append("\n\n" if u.atomic else separator(last, text))
+        parts.append(text)
+        last = text
+    return "".join(parts).strip()
 
 
 class Chunker(Protocol):
@@ -157,10 +177,7 @@ class FixedChunker:
                 else:
                     sections.append([u])
             for sec in sections:
-                text = ""
-                for u in sec:
-                    text = join_units(text, u.text, u.atomic) if not u.atomic else f"{text}\n\n{u.text}".strip()
-                for piece in self.splitter.split_text(text):
+                for piece in self.splitter.split_text(section_text(sec)):
                     c = Chunk(piece.strip(), len(chunks), sec[0].title_path, sec[0].page)
                     c.sentences = split_sentences(c.text)
                     chunks.append(c)

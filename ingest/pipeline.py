@@ -13,9 +13,10 @@ from pathlib import Path
 from ingest.chunking import FixedChunker, NSPChunker, to_units
 from ingest.clean import clean_blocks
 from ingest.keyinfo import build_extractor
-from ingest.loaders import ParseError, discover, parse_file
+from ingest.loaders import ParseError, discover, parse_document
 from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head, train_pair_head
 from ingest.nsp_cross import train_cross_nsp
+from ingest.sandbox import Limits, SandboxWorker
 from ingest.sentences import split_sentences
 from ingest.store import DocStore
 from ingest.types import ParsedDocument, Unit
@@ -42,6 +43,8 @@ class IngestReport:
     files: int = 0
     ingested: int = 0
     skipped: int = 0
+    skipped_doc_ids: list[str] = field(default_factory=list)
+    """The documents that were already in the KB unchanged (an identical re-upload)."""
     failed: list[dict] = field(default_factory=list)
     chunks: int = 0
     key_infos: int = 0
@@ -80,17 +83,39 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def parse_item(item: FileItem, settings: Settings) -> ParsedDocument:
-    """Parse and clean one file (raises ParseError)."""
-    blocks = parse_file(item.path, settings.parse.max_file_mb, settings.parse.pdf_strategy,
-                        settings.parse.languages)
-    c = settings.clean
-    blocks = clean_blocks(blocks, c.drop_repeated_headers, c.repeat_min_pages, c.min_chars)
-    if not blocks:
-        raise ParseError("no text left after cleaning")
-    title = next((b.text for b in blocks if b.kind == "title"), "") or item.path.stem
-    return ParsedDocument(str(item.path), item.source, item.doc_id, file_hash(item.path), blocks,
-                          title[:200], item.path.stat().st_size)
+def parse_item(item: FileItem, settings: Settings, content_hash: str | None = None) -> ParsedDocument:
+    """Parse and clean one file in this process, without limits (raises ParseError)."""
+    return parse_document(item.path, item.source, item.doc_id, content_hash or file_hash(item.path),
+                          settings.parse, settings.clean)
+
+
+class FileParser:
+    """Parses files as `settings.parse` says: in a sandboxed worker process under the time and
+    memory limits (`isolate`, the default; one worker serves the batch) or in this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        p = settings.parse
+        self.settings = settings
+        self.worker = SandboxWorker(Limits(p.timeout_s, p.max_memory_mb)) if p.isolate else None
+
+    def __enter__(self) -> FileParser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def __call__(self, item: FileItem, content_hash: str | None = None) -> ParsedDocument:
+        """The parsed, cleaned document (raises ParseError with the reason)."""
+        content_hash = content_hash or file_hash(item.path)
+        if self.worker is None:
+            return parse_item(item, self.settings, content_hash)
+        s = self.settings
+        return self.worker.call(parse_document, item.path, item.source, item.doc_id, content_hash,
+                                s.parse, s.clean)
 
 
 def nsp_dir(settings: Settings, kb: str) -> Path:
@@ -191,15 +216,17 @@ def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: 
     report = IngestReport(kb=kb, files=len(items) + len(failed or []), failed=list(failed or []))
     notify = on_file or (lambda path, status: None)
     kb_dir = settings.kb_dir(kb)
-    with DocStore.for_kb(kb_dir) as store:
+    with DocStore.for_kb(kb_dir) as store, FileParser(settings) as parse:
         parsed: list[ParsedDocument] = []
         for item in tqdm(items, desc=f"parse [{kb}]", disable=not progress, unit="file"):
             try:
-                if store.is_unchanged(item.doc_id, file_hash(item.path)):
+                content_hash = file_hash(item.path)
+                if store.is_unchanged(item.doc_id, content_hash):
                     report.skipped += 1
+                    report.skipped_doc_ids.append(item.doc_id)
                     notify(item.source, "skipped")
                     continue
-                parsed.append(parse_item(item, settings))
+                parsed.append(parse(item, content_hash))
                 notify(item.source, "parsed")
             except ParseError as e:
                 report.failed.append({"path": str(item.path), "error": str(e)})

@@ -1,6 +1,9 @@
+import zipfile
+
 import pytest
 
-from ingest.loaders import ParseError, parse_file, read_text, table_html_to_text
+from ingest.loaders import (ParseError, ZipLimits, parse_file, read_text, table_html_to_text,
+                             wrap_long_lines)
 from tests.conftest import SAMPLES
 
 
@@ -21,7 +24,7 @@ def test_corrupt_and_unknown_files(tmp_path):
         parse_file(bad_pdf)
     bad_docx = tmp_path / "broken.docx"
     bad_docx.write_bytes(b"this is not a zip file")
-    with pytest.raises(ParseError, match="corrupt DOCX"):
+    with pytest.raises(ParseError, match="not a valid DOCX: no zip header"):
         parse_file(bad_docx)
     odd = tmp_path / "thing.xyz"
     odd.write_text("hello")
@@ -82,3 +85,64 @@ def test_chinese_prose_is_not_taken_for_a_title(tmp_path):
     f.write_text(f"泡泡战士\n\n{body}\n", encoding="utf-8")
     blocks = parse_file(f)
     assert body in [b.text for b in blocks if b.kind == "text"]
+
+
+def _zip_with(path, name: str, size_mb: int, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        with z.open(name, "w", force_zip64=True) as fh:
+            for _ in range(size_mb):
+                fh.write(b"\0" * 2**20)
+    return path
+
+
+def test_zip_bombs_and_damaged_zips_fail_before_unpacking(tmp_path):
+    bomb = _zip_with(tmp_path / "bomb.xlsx", "xl/workbook.xml", 64)
+    with pytest.raises(ParseError, match=r"over the limit parse.max_unzipped_mb=32 \(a zip bomb\?\)"):
+        parse_file(bomb, limits=ZipLimits(max_unzipped_mb=32))
+    with pytest.raises(ParseError, match=r"member 'xl/workbook.xml' expands [\d,]+:1 .*parse.max_zip_ratio=100"):
+        parse_file(bomb)
+    good = (SAMPLES / "handbook-1p.docx").read_bytes()
+    cut = tmp_path / "cut.docx"
+    cut.write_bytes(good[: len(good) * 2 // 3])
+    with pytest.raises(ParseError, match=r"not a valid DOCX \(damaged or truncated zip"):
+        parse_file(cut)
+
+
+def test_the_content_decides_the_format(tmp_path):
+    pdf_as_docx = tmp_path / "memo.docx"
+    pdf_as_docx.write_bytes((SAMPLES / "fake-memo.pdf").read_bytes())
+    assert any("bottles of water" in b.text for b in parse_file(pdf_as_docx))
+    docx_as_xlsx = tmp_path / "handbook.xlsx"
+    docx_as_xlsx.write_bytes((SAMPLES / "handbook-1p.docx").read_bytes())
+    assert parse_file(docx_as_xlsx)
+    png = tmp_path / "scan.pdf"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(ParseError, match="the file is a PNG image .*, not a PDF"):
+        parse_file(png)
+    zipped = tmp_path / "notes.txt"
+    _zip_with(zipped, "a.bin", 1)
+    with pytest.raises(ParseError, match=r"the file is a zip archive, not text \(.txt\)"):
+        parse_file(zipped)
+
+
+def test_bad_text_gets_specific_reasons(tmp_path):
+    cases = {
+        "u8.txt": ("héllo wörld. ".encode() * 50 + b"\xff\xfe\x80", "invalid UTF-8 text: 3 byte"),
+        "u16.txt": (b"\xff\xfe" + "hello".encode("utf-16-le") + b"\x00\xd8A", "invalid UTF-16 text"),
+        "bin.txt": (bytes(range(256)) * 4, "binary data, not text: NUL bytes"),
+        "deep.html": (("<div>" * 5000 + "deep text" + "</div>" * 5000).encode(), "nested more than 256"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ParseError, match=reason):
+            parse_file(tmp_path / name)
+
+
+def test_a_huge_single_line_is_wrapped_not_quadratic(tmp_path):
+    assert wrap_long_lines("ab cd ef", 5) == "ab\n\ncd ef"
+    assert wrap_long_lines("x" * 12, 5) == "xxxxx\n\nxxxxx\n\nxx"
+    line = tmp_path / "line.txt"
+    line.write_text("word " * 60_000)  # 300,000 characters: minutes for the text partitioner unwrapped
+    blocks = parse_file(line, max_line_chars=10_000)
+    assert len(blocks) == 30 and max(len(b.text) for b in blocks) <= 10_000
