@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 _KB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KB_NAME_PATTERN = _KB_NAME.pattern
+"""The regular expression of a valid KB name (the HTTP API's schema shows it)."""
 
 
 class BadKBName(ValueError):

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from kb.settings import ConfigError, Settings
 
+NO_KEYS = ('no API keys configured: set serve.api_keys in the config or KB_API_KEYS '
+           '(JSON, e.g. {"my-key": ["*:rw"]})')
+"""Why the API and the staff app refuse to start without keys."""
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -52,6 +56,14 @@ class KeyRing:
                 raise ConfigError('KB_API_KEYS must be a JSON object {"KEY": ["kb1", "kb2:rw", "*"]}')
             return cls(keys)
         return cls(settings.serve.api_keys)
+
+    @classmethod
+    def required(cls, settings: Settings) -> KeyRing:
+        """The configured keys; ConfigError naming serve.api_keys / KB_API_KEYS when there are none."""
+        keys = cls.from_settings(settings)
+        if not len(keys):
+            raise ConfigError(NO_KEYS)
+        return keys
 
     def __len__(self) -> int:
         return len(self._grants)

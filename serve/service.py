@@ -12,8 +12,8 @@ from kb.settings import Settings
 from retrieval.kb import KnowledgeBase, NoSuchKB, list_kbs
 from serve.chain import AnswerChain
 from serve.compliance import ReplyLibrary
-from serve.llm import LLM, build_llm
-from serve.uploads import remove_upload, save_upload
+from serve.llm import LLM, OpenAICompatibleLLM, build_llm, pick_backend
+from serve.uploads import BadUpload, NoSuchDocument, SavedUpload, remove_upload, save_upload
 
 
 class Service:
@@ -58,16 +58,76 @@ class Service:
                 self._chains[name] = ch
             return ch
 
-    def upload(self, name: str, files: list[tuple[str | None, BinaryIO]], on_file=None) -> dict:
-        """Save and ingest uploaded files into KB `name` (created if new); the `kb ingest` JSON."""
+    @property
+    def llm_kind(self) -> str:
+        """The answer backend, "local", "openai" or "extractive", without loading a model."""
+        llm = self.__dict__.get("llm", self._llm)
+        if isinstance(llm, str):
+            backend = pick_backend(self.settings)
+            return backend if backend in ("local", "openai") else "extractive"
+        if llm is None:
+            return "extractive"
+        return "openai" if isinstance(llm, OpenAICompatibleLLM) else "local"
+
+    def upload(self, name: str, files: list[tuple[str | None, BinaryIO]], on_file=None,
+               replace: str | None = None) -> dict:
+        """Save and ingest uploaded files into KB `name` (created if new); the `kb ingest` JSON.
+
+        Documents are identified by content (an identical re-upload is skipped); a file that fails
+        to ingest is not kept and leaves every other document and file as it was. `replace` (a
+        doc_id, with exactly one file) removes that document and its file once the new one is in
+        the KB (`replaced` in the result); when the new one fails, the old one stays.
+        """
+        if replace is not None:
+            self.check_replace(name, replace, len(files))
         kb = self.kb(name, create=True)
-        limit = int(self.settings.serve.max_upload_mb * 2**20)
-        items = [save_upload(kb.dir, fname, data, limit) for fname, data in files]
-        out = kb.add_items(items, progress=False, on_file=on_file)
-        for f in out["failed"]:  # an unreadable upload is not kept; callers see its name, not a server path
-            remove_upload(kb.dir, f["path"])
-            f["path"] = Path(f["path"]).name
+        saved = self.save_all(kb.dir, files)
+        try:
+            out = kb.add_items([s.item for s in saved], progress=False, on_file=on_file)
+        except BaseException:
+            self.discard(kb, saved)
+            raise
+        failed = {f["path"] for f in out["failed"]}
+        self.discard(kb, [s for s in saved if str(s.item.path) in failed])
+        for f in out["failed"]:  # callers see the file's name, never a server path
+            f["path"], f["error"] = Path(f["path"]).name, without_paths(f["error"], f["path"], kb.dir)
+        if replace is not None and not failed and saved[0].item.doc_id != replace \
+                and kb.document(saved[0].item.doc_id) is not None:
+            self.remove_document(name, replace)
+            out["replaced"] = replace
         return out
+
+    def check_replace(self, name: str, doc_id: str, n_files: int) -> None:
+        """BadUpload unless one file replaces; NoSuchDocument unless KB `name` has `doc_id`."""
+        if n_files != 1:
+            raise BadUpload(f"'replace' takes exactly one file ({n_files} sent)")
+        try:
+            found = self.kb(name).document(doc_id) is not None
+        except NoSuchKB:
+            found = False
+        if not found:
+            raise NoSuchDocument(f"no document {doc_id!r} in knowledge base {name!r} to replace")
+
+    def save_all(self, kb_dir: Path, files: list[tuple[str | None, BinaryIO]]) -> list[SavedUpload]:
+        """Store every upload, or none: a refused one (too large, bad name) removes those stored before it."""
+        limit = int(self.settings.serve.max_upload_mb * 2**20)
+        saved: list[SavedUpload] = []
+        try:
+            for fname, data in files:
+                saved.append(save_upload(kb_dir, fname, data, limit))
+        except BaseException:
+            for s in saved:
+                if s.new:
+                    remove_upload(kb_dir, str(s.item.path))
+            raise
+        return saved
+
+    @staticmethod
+    def discard(kb: KnowledgeBase, saved: list[SavedUpload]) -> None:
+        """Remove the files this upload added that did not become documents."""
+        for s in saved:
+            if s.new and kb.document(s.item.doc_id) is None:
+                remove_upload(kb.dir, str(s.item.path))
 
     def remove_document(self, name: str, doc_id: str) -> bool:
         kb = self.kb(name)
@@ -79,9 +139,13 @@ class Service:
 
     def delete_kb(self, name: str) -> None:
         kb = self.kb(name)
+        kb.delete()  # waits for the KB's write lock: not while holding the service's own lock
         with self._lock:
-            kb.delete()
             self._kbs.pop(name, None)
             self._chains.pop(name, None)
 
+
+def without_paths(message: str, path: str, kb_dir: Path) -> str:
+    """`message` with the upload's server path shown as its file name and the KB folder removed."""
+    return message.replace(str(path), Path(path).name).replace(str(kb_dir), "<kb>")
 
