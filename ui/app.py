@@ -1,23 +1,63 @@
 """Streamlit app for staff: ask questions with streamed, cited answers; manage knowledge bases.
 
-Run with `kb ui` (or `streamlit run ui/app.py -- --config FILE`).
+Run with `kb ui` (or `streamlit run ui/app.py -- --config FILE`). Staff log in with an API key from
+`serve.api_keys` / KB_API_KEYS: the page lists only the knowledge bases the key may read and offers
+upload, delete and new knowledge bases only where it may write; every action checks again.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
 import sys
+import time
+from collections.abc import Collection
 
 import streamlit as st
 
 import kb  # noqa: F401  (offline environment)
-from kb.settings import load_settings
+from kb.paths import check_kb_name
+from kb.settings import ConfigError, load_settings
+from serve.auth import Grant, KeyRing
 from serve.service import Service
 
+log = logging.getLogger("ui.app")
+# (no bare strings at module level: streamlit's magic would show them on the page)
+LOGIN_DELAY_S = 1.0  # pause after a failed login, doubled for each further one in the session...
+LOGIN_DELAY_MAX_S = 8.0  # ...up to this
 
+
+# what a key may see and do (plain functions, tested without a browser) ----------------------------
+def visible_kbs(grant: Grant, names: Collection[str]) -> list[str]:
+    """The knowledge bases among `names` that the key may read, in their order."""
+    return [n for n in names if grant.can_read(n)]
+
+
+def may_create(grant: Grant, existing: Collection[str]) -> bool:
+    """Whether to offer a new knowledge base: the key may write some name that does not exist yet."""
+    return "*" in grant.write or any(w not in existing for w in grant.write)
+
+
+def authorize(grant: Grant | None, name: str, write: bool = False) -> str:
+    """`name` if it is a valid KB name (else BadKBName) that the key may read, or with `write`
+    change (else PermissionError); checked again right before every action."""
+    if grant is None:
+        raise PermissionError("not logged in")
+    check_kb_name(name)
+    if not (grant.can_write(name) if write else grant.can_read(name)):
+        raise PermissionError(f"this key may not {'change' if write else 'read'} knowledge base {name!r}")
+    return name
+
+
+def login_delay(failures: int) -> float:
+    """Seconds to wait after the session's `failures`-th failed login."""
+    return min(LOGIN_DELAY_S * 2 ** max(failures - 1, 0), LOGIN_DELAY_MAX_S)
+
+
+# the page ------------------------------------------------------------------------------------------
 def _config_path() -> str | None:
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--config")
     return p.parse_known_args(sys.argv[1:])[0].config
 
@@ -27,13 +67,68 @@ def service(config: str | None) -> Service:
     return Service(load_settings(config))
 
 
-def sidebar(svc: Service) -> str | None:
+@st.cache_resource(show_spinner=False)
+def keyring(config: str | None) -> KeyRing:
+    """The API's keys (ConfigError when there are none: the app does not run without them)."""
+    return KeyRing.required(load_settings(config))
+
+
+def allowed(grant: Grant, name: str, write: bool = False) -> bool:
+    """Whether the key may do it now; shows why not."""
+    try:
+        authorize(grant, name, write)
+    except (PermissionError, ValueError) as e:
+        st.error(str(e))
+        return False
+    return True
+
+
+def login(keys: KeyRing) -> Grant | None:
+    """The session's grant; or the login form (and None) while the session has no valid key."""
+    grant = keys.grant(st.session_state.get("api_key"))
+    if grant is not None:
+        return grant
+    st.session_state.pop("api_key", None)
+    st.title("Knowledge base")
+    with st.form("login", clear_on_submit=True):
+        key = st.text_input("API key", type="password")
+        submitted = st.form_submit_button("Log in", type="primary")
+    if not submitted:
+        return None
+    grant = keys.grant(key)
+    if grant is None:
+        failures = st.session_state["failed_logins"] = st.session_state.get("failed_logins", 0) + 1
+        log.warning("failed UI login from %s (%d in this session)", st.context.ip_address or "localhost", failures)
+        time.sleep(login_delay(failures))
+        st.error("Invalid API key.")
+        return None
+    st.session_state.api_key = key
+    st.session_state.failed_logins = 0
+    st.rerun()
+
+
+def logout() -> None:
+    st.session_state.clear()
+
+
+def sidebar(svc: Service, grant: Grant) -> str | None:
     st.sidebar.title("Knowledge base")
-    names = [k["name"] for k in svc.kbs()]
-    new = st.sidebar.text_input("New knowledge base", placeholder="name, then upload documents")
+    st.sidebar.button("Log out", on_click=logout)
+    existing = [k["name"] for k in svc.kbs()]
+    names = visible_kbs(grant, existing)
+    new = ""
+    if may_create(grant, existing):
+        new = st.sidebar.text_input("New knowledge base", placeholder="name, then upload documents")
+        if new and new not in names:
+            try:
+                authorize(grant, new, write=True)
+            except (PermissionError, ValueError) as e:
+                st.sidebar.error(str(e))
+                new = ""
     options = names + ([new] if new and new not in names else [])
     if not options:
-        st.sidebar.info("No knowledge base yet: type a name above and upload documents.")
+        st.sidebar.info("No knowledge base yet: type a name above and upload documents." if may_create(grant, existing)
+                        else "This key may not read any knowledge base.")
         return None
     default = options.index(st.session_state.get("kb", options[-1] if new else options[0])) \
         if st.session_state.get("kb") in options else (len(options) - 1 if new else 0)
@@ -45,9 +140,11 @@ def sidebar(svc: Service) -> str | None:
     return name
 
 
-def documents_tab(svc: Service, name: str) -> None:
-    ups = st.file_uploader("Upload documents", accept_multiple_files=True, key=f"up_{name}")
-    if ups and st.button(f"Ingest {len(ups)} file(s)", type="primary"):
+def documents_tab(svc: Service, name: str, grant: Grant) -> None:
+    write = grant.can_write(name)
+    ups = st.file_uploader("Upload documents", accept_multiple_files=True, key=f"up_{name}") if write else None
+    replace = replace_choice(svc, name, ups[0].name) if ups and len(ups) == 1 else None
+    if ups and st.button(f"Ingest {len(ups)} file(s)", type="primary") and allowed(grant, name, write=True):
         bar = st.progress(0.0, text="starting…")
         done: list[str] = []
 
@@ -58,8 +155,9 @@ def documents_tab(svc: Service, name: str) -> None:
 
         with st.status("Ingesting…", expanded=True) as box:
             try:
-                out = svc.upload(name, [(u.name, io.BytesIO(u.getvalue())) for u in ups], on_file=on_file)
-            except ValueError as e:  # too large, bad name
+                out = svc.upload(name, [(u.name, io.BytesIO(u.getvalue())) for u in ups], on_file=on_file,
+                                 replace=replace)
+            except (ValueError, LookupError) as e:  # too large, bad name, the replaced document is gone
                 box.update(label=str(e), state="error")
                 return
             bar.progress(1.0, text="done")
@@ -75,13 +173,28 @@ def documents_tab(svc: Service, name: str) -> None:
         return
     st.dataframe([{k: d[k] for k in ("source", "title", "n_chunks", "doc_id")} for d in docs],
                  use_container_width=True, hide_index=True)
-    if docs:
+    if docs and write:
         labels = {f"{d['source']} ({d['doc_id']})": d["doc_id"] for d in docs}
         pick = st.selectbox("Document", list(labels), key=f"del_{name}")
-        if st.button("Delete document"):
+        if st.button("Delete document") and allowed(grant, name, write=True):
             svc.remove_document(name, labels[pick])
             st.success(f"deleted {pick}")
             st.rerun()
+
+
+def replace_choice(svc: Service, name: str, filename: str) -> str | None:
+    """The document a single upload is a new version of (None: a new document; a document of the
+    same file name is offered first). Documents are identified by content, so an edited file is
+    otherwise a second document beside the old one."""
+    try:
+        docs = svc.kb(name).documents()
+    except LookupError:
+        return None
+    labels = {"(a new document)": None} | {f"{d['source']} ({d['doc_id']})": d["doc_id"] for d in docs}
+    same = next((k for k, v in labels.items() if v and k.startswith(f"{filename} (")), None)
+    pick = st.selectbox("New version of", list(labels), index=list(labels).index(same) if same else 0,
+                        key=f"replace_{name}")
+    return labels[pick]
 
 
 def show_sources(result: dict) -> None:
@@ -92,7 +205,7 @@ def show_sources(result: dict) -> None:
             st.write(h["text"])
 
 
-def chat_tab(svc: Service, name: str) -> None:
+def chat_tab(svc: Service, name: str, grant: Grant) -> None:
     msgs = st.session_state.setdefault("messages", [])
     for m in msgs:
         with st.chat_message(m["role"]):
@@ -100,7 +213,7 @@ def chat_tab(svc: Service, name: str) -> None:
             if m["role"] == "assistant":
                 show_sources(m["result"])
     question = st.chat_input("Ask a question about the documents")
-    if not question:
+    if not question or not allowed(grant, name):
         return
     with st.chat_message("user"):
         st.markdown(question)
@@ -131,17 +244,29 @@ def chat_tab(svc: Service, name: str) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="Knowledge base", layout="wide")
-    svc = service(_config_path())
-    name = sidebar(svc)
+    config = _config_path()
+    try:
+        keys = keyring(config)
+    except ConfigError as e:
+        st.error(f"The app cannot start: {e}")
+        st.stop()
+    grant = login(keys)
+    if grant is None:
+        return
+    svc = service(config)
+    name = sidebar(svc, grant)
     if name is None:
         st.title("Knowledge base")
+        return
+    if not allowed(grant, name):
         return
     st.title(name)
     chat, docs = st.tabs(["Ask", "Documents"])
     with docs:
-        documents_tab(svc, name)
+        documents_tab(svc, name, grant)
     with chat:
-        chat_tab(svc, name)
+        chat_tab(svc, name, grant)
 
 
-main()
+if __name__ == "__main__":  # streamlit runs the script as __main__; tests import its functions
+    main()
