@@ -21,6 +21,7 @@ import yaml
 from ingest.nsp import terms
 from ingest.sentences import is_chinese
 from kb.settings import REPO_ROOT, ComplianceConfig
+from serve.injection import repeats
 
 SIMILARITY_KIND = "query"
 """An answer and an approved reply are compared like with like (a symmetric task), so both are
@@ -164,7 +165,9 @@ class Compliance:
         return None
 
     def check(self, question: str, answer: str, context: list[str], confidence: float, *,
-              refused: bool, extractive: bool, stage: str | None = None) -> Verdict:
+              refused: bool, extractive: bool, stage: str | None = None, instructions: str = "") -> Verdict:
+        """The verdict on a whole reply; `instructions` is the system prompt, which a reply must not
+        repeat (a prompt-injection symptom)."""
         lang = "zh" if is_chinese(question) else "en"
         early = self.precheck(question, confidence, stage) or self.sensitive(question, answer, stage)
         if early is not None:
@@ -172,6 +175,8 @@ class Compliance:
         fallback = lambda reason: Verdict(True, reason, self.library.pick("fallback", stage, lang))  # noqa: E731
         if refused:
             return fallback("the retrieved context does not contain the answer")
+        if instructions and repeats(answer, instructions):
+            return fallback("the answer repeats the assistant's instructions")
         if not extractive:
             ctx_terms = set().union(*(terms(c) for c in context)) if context else set()
             grounding = term_share(answer, ctx_terms)

@@ -235,3 +235,11 @@ def test_kb_ask_stream_prints_pieces_and_json_stays_one_document(settings, kb, c
                     "--config", str(cfg)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["answer"] == "".join(GROUNDED) and "internal" not in doc
+
+
+def test_a_live_stream_citing_a_passage_the_prompt_did_not_have_is_replaced(settings, kb, library):
+    llm = PiecesLLM(["Refunds are paid to the original card ", "within five working days [1] [7]."])
+    sent, final = _run(AnswerChain(settings, kb, llm=llm, library=library), mode="live")
+    assert "[7]" in "".join(sent)  # live: the model's text went out as it came
+    assert final["replace"] and not final["fallback"]
+    assert final["answer"] == "Refunds are paid to the original card within five working days [1]."
