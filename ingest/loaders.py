@@ -122,6 +122,20 @@ _OOXML_PART = {"word/document.xml": ".docx", "xl/workbook.xml": ".xlsx", "ppt/pr
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 
 
+WEAK_SIGNATURES = {"bmp", "exe", "mp3", "swf", "ps", "bz2", "ico", "cur", "dcm", "lz", "elf"}
+"""Formats `filetype` knows by two or three bytes that ordinary text may start with ("BMI,weight"
+in a CSV is "BM", a bitmap; "MZ Holdings" is "MZ", an executable): taken for that format only
+when the bytes are not text."""
+
+
+def _mostly_text(head: bytes) -> bool:
+    """Whether `head` decodes as UTF-8 (a cut character at the end allowed) without control bytes."""
+    text = head.decode("utf-8", errors="ignore")
+    if len(text.encode("utf-8")) < len(head) - 3:
+        return False
+    return not any(ord(ch) < 32 and ch not in "\t\n\r\f" for ch in text)
+
+
 def sniff(head: bytes) -> tuple[str, str] | None:
     """(extension, description) of the format `head` (a file's first bytes) starts with, or None."""
     if head.startswith(b"%PDF-"):
@@ -133,7 +147,7 @@ def sniff(head: bytes) -> tuple[str, str] | None:
     import filetype
 
     kind = filetype.guess(head)
-    if kind is None:
+    if kind is None or kind.extension in WEAK_SIGNATURES and _mostly_text(head):
         return None
     article = "an" if kind.extension[0] in "aeiou" else "a"
     what = {"image": "image", "video": "video", "audio": "audio file"}.get(kind.mime.split("/")[0], "file")
@@ -259,6 +273,24 @@ def check_html_depth(text: str) -> None:
                          "cannot read what lies deeper (flatten the markup)")
 
 
+NUL = b"\x00"
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """`raw` decoded as UTF-16 without a byte-order mark, when its NUL bytes sit at alternate
+    positions (ASCII-range text) and it decodes cleanly; else None."""
+    if len(raw) % 2:
+        return None
+    for enc, zeros in (("utf-16-le", raw[1::2]), ("utf-16-be", raw[0::2])):
+        if zeros.count(0) >= 0.3 * len(zeros):
+            try:
+                text = raw.decode(enc)
+            except UnicodeDecodeError:
+                return None
+            return None if "\x00" in text else text
+    return None
+
+
 def read_text(path: Path) -> str:
     """Decode a text file whatever its encoding (BOMs, UTF-16, cp1252, GBK, ...); binary data and
     damaged UTF-8/UTF-16 are a ParseError."""
@@ -271,10 +303,16 @@ def read_text(path: Path) -> str:
                 raise ParseError(f"invalid {enc.upper().replace('-SIG', '')} text (it starts with a "
                                  f"{enc.upper().replace('-SIG', '')} byte-order mark): damaged or "
                                  f"truncated at byte {e.start}") from e
+    if b"\x00" in raw and (utf16 := _utf16_without_bom(raw)) is not None:
+        return utf16
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         first_bad = e.start
+    else:
+        if "\x00" in text:
+            raise ParseError(f"binary data, not text: NUL bytes (first at byte {raw.find(NUL)})")
+        return text
     decoded = raw.decode("utf-8", errors="replace")
     bad = decoded.count("\ufffd")
     good = sum(1 for ch in decoded if ord(ch) > 127) - bad

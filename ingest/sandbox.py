@@ -158,18 +158,22 @@ def crash_reason(exitcode: int | None, limits: Limits) -> str:
     return f"the parser process exited unexpectedly (exit code {exitcode})"
 
 
+_STARTING = threading.Lock()
+
+
 @contextmanager
 def _main_hidden() -> Iterator[None]:
     """Start processes without the caller's `__main__`: multiprocessing would import the script
     that called us again in the worker (running an unguarded script's ingest a second time); the
     worker needs only this module."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
+    with _STARTING:  # threads starting workers at once must not swap each other's __main__
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
 
 
 class SandboxWorker:

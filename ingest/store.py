@@ -91,7 +91,7 @@ class DocStore:
             with self.conn:
                 self.conn.executescript(_SCHEMA)
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
 
     def _has_schema(self) -> bool:
         try:

@@ -126,6 +126,21 @@ def test_the_content_decides_the_format(tmp_path):
         parse_file(zipped)
 
 
+def test_text_starting_like_a_short_signature_or_in_utf16_without_bom_is_text(tmp_path):
+    files = {"health.csv": b"BMI,weight,height\n22,70,180\n",  # "BM": a bitmap's two bytes
+             "mz.md": "MZ Holdings: staff travel in economy class.".encode(),  # "MZ": an executable's
+             "u16.txt": "Employees get 15 days of leave. 员工享有十五天年假。".encode("utf-16-le")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    assert "BMI" in read_text(tmp_path / "health.csv") and "MZ Holdings" in read_text(tmp_path / "mz.md")
+    assert read_text(tmp_path / "u16.txt") == "Employees get 15 days of leave. 员工享有十五天年假。"
+    assert any("MZ Holdings" in b.text for b in parse_file(tmp_path / "mz.md"))
+    bmp = tmp_path / "scan.txt"
+    bmp.write_bytes(b"BM" + bytes(range(256)) * 4)
+    with pytest.raises(ParseError, match="the file is a BMP image"):
+        parse_file(bmp)
+
+
 def test_bad_text_gets_specific_reasons(tmp_path):
     cases = {
         "u8.txt": ("héllo wörld. ".encode() * 50 + b"\xff\xfe\x80", "invalid UTF-8 text: 3 byte"),
