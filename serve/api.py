@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kb.paths import KB_NAME_PATTERN, BadKBName, check_kb_name
 from kb.settings import ConfigError, Settings
+from kb.writelock import WriteLockTimeout
 from retrieval.kb import NoSuchKB
 from serve.auth import NO_KEYS, Grant, KeyRing
 from serve.chain import public
@@ -282,6 +283,13 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
         if e.status_code == 405:  # every method of the path, not only those of the first route that matched it
             headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return JSONResponse(error_body(code, str(e.detail)[:300]), status_code=e.status_code, headers=headers)
+
+    @app.exception_handler(WriteLockTimeout)
+    async def _busy(request: Request, e: WriteLockTimeout) -> JSONResponse:  # no lock-file path in the body
+        log.warning("write lock busy: %s", e)
+        kb = request.path_params.get("kb", "")
+        return JSONResponse(error_body("busy", f"knowledge base {kb!r} is being written by another process; "
+                                               "try again later"), status_code=503, headers={"Retry-After": "30"})
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:  # a backstop: RequestIdMiddleware answers first

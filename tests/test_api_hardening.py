@@ -270,3 +270,13 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_
     out = fuzz(server, "admin", max_examples=8, seed=12, workdir=tmp_path)
     assert out["cases"] > 100, out
     assert out["failures"] == [], json.dumps(out["failures"], indent=1)[:4000]
+
+
+def test_a_write_while_another_writer_holds_the_kb_is_a_503_without_paths(settings, kb):
+    from kb.writelock import write_lock
+
+    settings.retrieval.write_lock_timeout_s = 0.5
+    with serving(create_app(settings, keys=KeyRing(KEYS))) as base, write_lock(kb.dir, 5):
+        r = upload(base, "late.txt", b"The library closes at eight in the evening on weekdays.")
+        assert r.status_code == 503 and r.headers["retry-after"] == "30"
+        assert r.json()["error"]["code"] == "busy" and str(settings.home) not in r.text
