@@ -103,6 +103,7 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
     from tqdm.auto import tqdm
 
     from serve.chain import AnswerChain
+    from serve.injection import quote
 
     c = settings.finetune
     rng = random.Random(c.seed)
@@ -139,7 +140,8 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
         ctx = _with_positive(hits, settings.answer.k, qa, kb)
         n = next(i for i, h in enumerate(ctx) if holds_passage(h, qa)) + 1
         shown = chain.context(ctx)[n - 1]
-        answer = cited_answer(qa.question, answer_clause(shown, qa.span) if qa.span in shown else qa.answer, n)
+        span = quote(qa.span)  # as the prompt shows passages (serve.injection.quote)
+        answer = cited_answer(qa.question, answer_clause(shown, span) if span and span in shown else quote(qa.answer), n)
         sft.append([*chain.prompt(qa.question, ctx), {"role": "assistant", "content": answer}])
         if negs and rng.random() < c.refusal_share:
             wrong = [h for h in hits if h.text in negs][: settings.answer.k]
