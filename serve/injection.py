@@ -1,8 +1,8 @@
 """Documents are data, never instructions: what the answer prompt does to passages first.
 
-A passage goes into the prompt as one line of quoted text: chat-template control tokens and line
-breaks are removed (a passage cannot open a new message or a new numbered passage), bracketed
-numbers are removed (a passage cannot forge a citation), and sentences that address the assistant
+A passage goes into the prompt as quoted text: chat-template control tokens are removed (a passage
+cannot open a new message), bracketed numbers become (n) (a passage cannot open a numbered passage
+or forge a citation), and sentences that address the assistant
 with instructions ("ignore the instructions above…", "you are now…", "reveal your system
 prompt…", a `system:` line; the same in Chinese) are left out, so the model never reads them.
 Source names are reduced to a short single line. The system prompt says the passages are data.
@@ -59,18 +59,26 @@ def is_instruction(sentence: str) -> bool:
     return bool(INSTRUCTION.search(normalize(sentence)))
 
 
-def quoted_sentences(text: str) -> list[str]:
-    """The sentences of `text` that may go into the prompt, each on one line, without control
-    tokens, citation marks or instructions."""
-    out = []
-    lines = CONTROL_TOKENS.sub("\n", INVISIBLE.sub(" ", strip_format(text))).splitlines()
-    for sent in (s for line in lines for s in split_sentences(line) for s in _finer(s)):
-        if is_instruction(sent):
-            continue
-        sent = re.sub(r"\s+([.,;:!?。，；：！？])", r"\1", " ".join(CITATION_MARK.sub(_parenthesize, sent).split()))
-        if sent:
-            out.append(sent)
+def quoted_lines(text: str) -> list[list[str]]:
+    """The lines of `text` as lists of the sentences that may go into the prompt (without control
+    tokens, citation marks or instructions); an empty list is a blank line."""
+    out: list[list[str]] = []
+    for line in CONTROL_TOKENS.sub("\n", INVISIBLE.sub(" ", strip_format(text))).splitlines():
+        kept = []
+        for sent in (s for s in split_sentences(line) for s in _finer(s)):
+            if is_instruction(sent):
+                continue
+            sent = re.sub(r"\s+([.,;:!?。，；：！？])", r"\1", " ".join(CITATION_MARK.sub(_parenthesize, sent).split()))
+            if sent:
+                kept.append(sent)
+        if kept or not line.strip():
+            out.append(kept)
     return out
+
+
+def quoted_sentences(text: str) -> list[str]:
+    """The sentences of `text` that may go into the prompt (`quoted_lines`, flattened)."""
+    return [s for line in quoted_lines(text) for s in line]
 
 
 def _parenthesize(mark: re.Match) -> str:
@@ -87,8 +95,10 @@ def _finer(sentence: str) -> list[str]:
 
 
 def quote(text: str) -> str:
-    """`text` as a passage for the prompt: one line of its `quoted_sentences`."""
-    return re.sub(r"([。！？；])\s+", r"\1", " ".join(quoted_sentences(text)))
+    """`text` as a passage for the prompt: its `quoted_lines` (paragraph breaks kept, which the
+    model reads; a line can no longer open a numbered passage, a citation or a chat turn)."""
+    lines = [re.sub(r"([。！？；])\s+", r"\1", " ".join(line)) for line in quoted_lines(text)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def clean_source(name: str, max_chars: int = 80) -> str:
