@@ -53,3 +53,30 @@ def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
     line = lambda vals: "  ".join(f"{v!s:>{w}}" for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols)] + [line([r.get(c, "") for c in cols]) for r in rows])
+
+
+def free_port() -> int:
+    """A free TCP port on localhost."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base: str, proc, timeout_s: float, log: Path) -> None:
+    """Poll `base`/healthz until it answers 200; SystemExit (pointing at `log`) when `proc` exits
+    or `timeout_s` passes first (the process is killed then)."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise SystemExit(f"server did not start; see {log}")
+        time.sleep(0.5)

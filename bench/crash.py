@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -345,25 +344,15 @@ def start_server(cfg: Path, home: Path, name: str) -> tuple[subprocess.Popen, st
     """`kb serve` in its own process with a key for KB `name`; (process, base URL) once it answers."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bench.common import free_port, wait_until_healthy
+
+    port = free_port()
     env = proc_env(home, KB_API_KEYS=json.dumps({KEY: [name]}))
     log = open(home / "serve.log", "wb")
     srv = subprocess.Popen(kb_cmd(cfg, "serve", "--port", str(port)), env=env, cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if srv.poll() is not None or time.time() > deadline:
-            srv.kill()
-            raise SystemExit(f"server did not start; see {home / 'serve.log'}")
-        time.sleep(0.5)
+    wait_until_healthy(base, srv, 300, home / "serve.log")
     httpx.post(f"{base}/v1/search", json={"kb": name, "query": "warm up", "k": 1},
                headers={"Authorization": f"Bearer {KEY}"}, timeout=300).raise_for_status()
     return srv, base

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench.common import table, write_result  # noqa: E402
+from bench.common import free_port, table, wait_until_healthy, write_result  # noqa: E402
 
 QUESTIONS = [
     "How many bottles of water were delivered?",
@@ -36,12 +35,6 @@ QUESTIONS = [
     "Which team won the Stanley Cup?",
 ]
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_kb(home: Path, kb: str) -> None:
@@ -118,16 +111,7 @@ def main() -> None:
     try:
         import httpx
 
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if srv.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start; see {home / 'serve.log'}")
-            time.sleep(0.5)
+        wait_until_healthy(base, srv, 120, home / "serve.log")
         # warm up: load the KB, index and models once
         httpx.post(f"{base}/v1/ask", json={"kb": args.kb, "question": QUESTIONS[0]},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=120).raise_for_status()
