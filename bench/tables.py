@@ -1,44 +1,326 @@
-"""Print the benchmark results under bench/results/ as Markdown tables (for the README).
+"""Regenerate the README's tables of measured figures from the result files under bench/results/.
 
-    python bench/tables.py
+    python bench/tables.py            # print every table
+    python bench/tables.py --write    # replace each marked table in README.md with its regeneration
+    python bench/tables.py --check    # exit 1, naming each README table that differs from its files
+
+A table in README.md is marked by a line `<!-- table: NAME -->` before it and `<!-- /table -->`
+after it; NAME is a key of `TABLES`. To add one, write a function that returns the Markdown table
+from `load(...)`ed result files, decorate it with `@table("NAME")` and mark the README. Row labels
+may be literal; every figure must come from a file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
+from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+TABLES: dict[str, Callable[[], str]] = {}
+
+BLOCK = re.compile(r"^<!-- table: (?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table -->$", re.M | re.S)
+OPEN = re.compile(r"^<!-- table: ([\w-]+) -->$", re.M)
+CLOSE = re.compile(r"^<!-- /table -->$", re.M)
+
+
+class MissingResult(Exception):
+    """A table needs a result file that is not under bench/results/."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"result file bench/results/{name}.json is missing")
+        self.name = name
+
+
+def table(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    """Register a function returning the Markdown table marked `name` in the README."""
+
+    def register(fn: Callable[[], str]) -> Callable[[], str]:
+        TABLES[name] = fn
+        return fn
+
+    return register
+
+
+def load(name: str) -> dict:
+    """The result file bench/results/`name`.json; MissingResult when it is not there."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise MissingResult(name)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def num(x: float, digits: int = 3) -> str:
+    """`x` rounded half up (as the figure is written, not its binary value) to `digits` decimals."""
+    q = Decimal(repr(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{q:,}" if digits == 0 else f"{q}"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A share as a percentage, rounded half up."""
+    q = (Decimal(repr(x)) * 100).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{q}%"
+
+
+def bold(cell: str) -> str:
+    """A Markdown cell in bold."""
+    return f"**{cell}**"
 
 
 def md(rows: list[list], head: list[str]) -> str:
+    """A Markdown table of `rows` under `head`."""
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
+def device(d: dict) -> str:
+    """The device of a result file without its CPU-core count suffix."""
+    return d["device"].split(" (")[0]
+
+
+@table("retrieval_cmrc")
+def retrieval_cmrc_table() -> str:
+    """CMRC retrieval by embedder and search (retrieval_cmrc_{vec_minilm,vec_e5,hybrid_e5}.json)."""
+    runs = [("retrieval_cmrc_vec_minilm", "MiniLM (English; the old default), vector only", False),
+            ("retrieval_cmrc_vec_e5", "**e5-small (the default)**, vector only", False),
+            ("retrieval_cmrc_hybrid_e5", "**e5-small, hybrid with BM25 (the default)**", True)]
+    rows = []
+    for name, label, strong in runs:
+        d = load(name)
+        figures = [num(d[m]) for m in ("recall@1", "recall@5", "mrr", "ndcg@5", "recall@5_strict")]
+        rows.append([label, *(bold(f) if strong else f for f in figures), num(d["queries_per_s"], 1)])
+    return md(rows, ["embedder, search", "recall@1", "recall@5", "MRR", "nDCG@5",
+                     "recall@5, hit from the gold paragraph", "queries/s (2 cores)"])
+
+
+SEGMENT_METHODS = {"nsp cross-encoder": "nsp cross-encoder (`nsp-e5`)", "nsp pair head": "nsp pair head (e5-small)",
+                   "fixed (RecursiveCharacterTextSplitter)": "fixed, RecursiveCharacterTextSplitter"}
+SEGMENT_SOURCES = {"tuned on the train split": " (tuned)", "chunking.threshold": " (config)"}
+
+
+@table("segmentation_cmrc")
+def segmentation_cmrc_table() -> str:
+    """Topic segmentation of held-out CMRC documents by chunker; the best Pk, WindowDiff and F1 in bold."""
+    methods = load("segmentation_cmrc")["methods"]
+    best = {"pk": min(m["pk"] for m in methods), "windowdiff": min(m["windowdiff"] for m in methods),
+            "f1": max(m["f1"] for m in methods)}
+    rows = []
+    for m in methods:
+        cells = [num(m[k]) if m[k] != best.get(k) else bold(num(m[k]))
+                 for k in ("pk", "windowdiff", "precision", "recall", "f1")]
+        setting = m["setting"] + SEGMENT_SOURCES.get(m["source"], "")
+        rows.append([SEGMENT_METHODS[m["method"]], setting, *cells, num(m["mean_chunk_chars"], 0)])
+    return md(rows, ["method", "setting", "Pk", "WindowDiff", "boundary P", "R", "F1", "mean chunk chars"])
+
+
+@table("rerank_cmrc")
+def rerank_cmrc_table() -> str:
+    """Retrieval with and without the reranker on 200 held-out CMRC questions; the default row in bold."""
+    runs = [("rerank_cmrc_off", "hybrid (BM25 + e5), no reranker"),
+            ("rerank_cmrc_on10", "hybrid + `rerank-e5`, 10 candidates"),
+            ("rerank_cmrc_on20", "hybrid + `rerank-e5`, 20 candidates"),
+            ("rerank_cmrc_vec_off", "vector only (e5), no reranker"),
+            ("rerank_cmrc_vec_on10", "vector only + `rerank-e5`, 10 candidates")]
+    rows, ns = [], set()
+    for i, (name, label) in enumerate(runs):
+        d = load(name)
+        ns.add(d["n"])
+        figures = [num(d[m]) for m in ("recall@1", "recall@5", "mrr")]
+        rows.append([label, *(bold(f) if i == 0 else f for f in figures), num(1000 / d["queries_per_s"], 0)])
+    n = "/".join(f"{x:,}" for x in sorted(ns))
+    return md(rows, [f"retrieval (n = {n} held-out questions)", "recall@1", "recall@5", "MRR",
+                     "ms per query (2 cores)"])
+
+
+@table("injection")
+def injection_table() -> str:
+    """Attacked documents answered with quoting on and off (injection.json)."""
+    d = load("injection")
+    rows = []
+    for subset, label in (("attacks", "the filter's own"), ("heldout", "held out")):
+        for mode, quoting in (("quoted", "on (default)"), ("raw", "off")):
+            s = d[mode]["by_set"][subset]
+            rows.append([f"{label} ({s['n']})", quoting, f"{s['steered_answers']} of {s['n']}",
+                         f"{s['answered']} of {s['n']}"])
+    return md(rows, ["attacks", "quoting", "answers carrying the attacker's payload", "answered"])
+
+
+@table("confidence")
+def confidence_table() -> str:
+    """Fallback rates at the old and the calibrated confidence threshold (confidence_cmrc.json)."""
+    ev = load("confidence_cmrc")["evaluation"]
+    rows = []
+    for key, label, strong in (("at_configured", "(the old MiniLM-era value)", False),
+                               ("at_chosen", "(calibrated, the default)", True)):
+        r = ev[key]
+        cells = [f"{num(r['threshold'], 2)} {label}", pct(r["false_fallback_rate"]),
+                 pct(r["unanswerable_fallback_rate"])]
+        rows.append([bold(c) for c in cells] if strong else cells)
+    return md(rows, ["threshold", "false fallbacks (answerable, passage in the KB)",
+                     "fallbacks on questions about documents not in the KB"])
+
+
+LATENCY_VARIANTS = {"default": "default (bf16, system-prompt cache, k=3, 1,000 chars)",
+                    "no_prefix_cache": "without the system-prompt cache", "fp32": "fp32 instead of bf16",
+                    "int8": "`llm.quantize: int8`", "context_600": "600 characters of context"}
+
+
+@table("answer_latency")
+def answer_latency_table() -> str:
+    """Answer latency of each variant of the local LLM on the CPU (answer_latency_cpu.json)."""
+    rows = []
+    for s in load("answer_latency_cpu")["summary"]:
+        rows.append([LATENCY_VARIANTS[s["variant"]], num(s["p50_s"], 2), num(s["p95_s"], 2), num(s["ttft_p50_s"], 2),
+                     num(s["ttft_p95_s"], 2), num(s["model_ttft_p50_s"], 2), num(s["prompt_tokens_mean"], 0),
+                     num(s["new_tokens_mean"], 1), num(s["answer_has_gold"], 2)])
+    return md(rows, ["variant", "p50 s", "p95 s", "TTFT p50", "TTFT p95", "model TTFT p50", "prompt tokens",
+                     "new tokens", "answer holds gold"])
+
+
+@table("load_cpu")
+def load_cpu_table() -> str:
+    """Latency percentiles under 50 concurrent clients (load_cpu.json)."""
+    d = load("load_cpu")
+    rows = [[part, f"{d[part]['n']}", num(d[part]["p50_ms"], 1), num(d[part]["p95_ms"], 1), num(d[part]["p99_ms"], 1)]
+            for part in ("all", "ask", "chat_stream")]
+    return md(rows, ["requests", "n", "p50 ms", "p95 ms", "p99 ms"])
+
+
+@table("generate_gpu")
+def generate_gpu_table() -> str:
+    """Generation speed on the GPU against the memory-bandwidth bound (generate_gpu.json)."""
+    rows = []
+    for r in load("generate_gpu")["runs"]:
+        s, p = r["setting"], r["project"]
+        rows.append([s["shape"], s["mode"], s["prompt_tokens"], num(p["ttft_ms"], 2), num(p["tokens_per_s"], 1),
+                     num(r["bound"]["tokens_per_s"], 1), pct(p["share_of_bandwidth_bound"], 0),
+                     num(p["peak_mem_gib"], 2)])
+    return md(rows, ["shape", "KV cache", "prompt tokens", "time to first token ms", "decode tokens/s",
+                     "bound tokens/s", "share of bound", "peak GiB"])
+
+
+@table("finetune_gpu")
+def finetune_gpu_table() -> str:
+    """Fine-tuning speed and memory, the project's trainer vs plain Trainer + peft (finetune_gpu_*.json)."""
+    rows = []
+    for name in ("finetune_gpu_0.5b", "finetune_gpu_7b"):
+        for r in load(name)["runs"]:
+            s, p, b = r["setting"], r["project"], r["baseline"]
+            width = f"{s['batch_rows']} x {s['max_length']}"
+            width += ", checkpointing" if s["gradient_checkpointing"] else ""
+            rows.append([s["shape"][:-1] + s["shape"][-1].upper(), s["lengths"], width, num(p["tokens_per_s"], 0),
+                         num(b["tokens_per_s"], 0), f"{num(r['speedup'], 2)}x", num(p["peak_mem_gib"], 1),
+                         num(b["peak_mem_gib"], 1), f"{pct(p['mfu'])} / {pct(b['mfu'])}"])
+    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s", "baseline tokens/s", "speed-up",
+                     "project GiB", "baseline GiB", "MFU project / baseline"])
+
+
+DIST_RUNS = {"ddp_lora": ("DDP", "LoRA", " (includes compiling the layers)"), "zero2_lora": ("ZeRO-2", "LoRA", ""),
+             "zero3_lora": ("ZeRO-3", "LoRA", ""), "zero3_full": ("ZeRO-3", "full", "")}
+
+
+@table("finetune_dist")
+def finetune_dist_table() -> str:
+    """Fine-tuning on 2 GPUs: DDP, ZeRO-2, ZeRO-3 (finetune_dist_gpu.json)."""
+    runs = load("finetune_dist_gpu")["runs"]
+    rows = []
+    for r in runs:
+        run, method, note = DIST_RUNS[r["setting"]]
+        rows.append([run, method, num(r["tokens_per_s"], 0) + note, num(r["peak_mem_gib_per_gpu"], 1),
+                     num(r["train_loss"], 3)])
+    steps = {r["steps"] for r in runs}
+    return md(rows, ["run", "method", "tokens/s, both GPUs, whole run", "peak GiB per GPU",
+                     f"loss after {'/'.join(map(str, sorted(steps)))} steps"])
+
+
+@table("embed_ft")
+def embed_ft_table() -> str:
+    """CMRC retrieval before and after fine-tuning MiniLM (embed_ft_cmrc_*.json, retrieval_cmrc_default.json)."""
+    runs = [("embed_ft_cmrc_vec_before", "vector only, packaged MiniLM"),
+            ("embed_ft_cmrc_vec_after", "vector only, fine-tuned MiniLM"),
+            ("retrieval_cmrc_default", "hybrid (default), packaged MiniLM"),
+            ("embed_ft_cmrc_hyb_after", "hybrid (default), fine-tuned MiniLM")]
+    rows, ns = [], set()
+    for name, label in runs:
+        d = load(name)
+        ns.add(d["n"])
+        rows.append([label, num(d["recall@1"]), num(d["recall@5"]), num(d["mrr"])])
+    n = "/".join(f"{x:,}" for x in sorted(ns))
+    return md(rows, [f"retrieval on the CMRC KB (n = {n} held-out questions)", "recall@1", "recall@5", "MRR"])
+
+
+LOOP_RUNS = [("extractive", "extractive (no LLM)", None), ("base", "packaged Qwen2.5-0.5B, no adapter", "base"),
+             ("adapter", "+ the project's answer adapter (default)", "adapter"),
+             ("kb_lora", "+ a LoRA trained on this KB", "kb_lora")]
+
+
+def loop_cmmlu(run: str | None) -> str:
+    """The CMMLU cell of a loop row: accuracy and n, or why there is none."""
+    if run is None:
+        return "– (no LLM)"
+    path = RESULTS / f"loop_cmmlu_{run}.json"
+    if not path.is_file():
+        return "not run"
+    d = load(f"loop_cmmlu_{run}")
+    return f"{num(d['accuracy'])} (n={d['n']})"
+
+
+LOOP_PER_QUESTION = {"exact_match": "exact_match", "f1": "f1", "contains_answer": "contains_answer",
+                     "refusal_rate": "refused", "false_fallback_rate": "fallback"}
+
+
+def answerable_mean(d: dict, key: str) -> float:
+    """A `kb eval open` rate over the answerable questions, from the unrounded per-question rows (the
+    summary keeps 4 decimals, so rounding it again to 3 could round twice); ValueError if they disagree."""
+    rows = [q for q in d["per_question"] if q.get("in_kb", True)]
+    value = sum(q[LOOP_PER_QUESTION[key]] for q in rows) / len(rows)
+    if abs(value - d[key]) > 5e-5:
+        raise ValueError(f"{key}: per-question mean {value:.5f} disagrees with the summary {d[key]}")
+    return value
+
+
+@table("loop")
+def loop_table() -> str:
+    """The loop's four answerers on the same KB and questions (loop_open_*.json, loop_cmmlu_*.json)."""
+    rows = []
+    for run, label, cmmlu in LOOP_RUNS:
+        d = load(f"loop_open_{run}")
+        figures = [num(answerable_mean(d, k)) for k in ("exact_match", "f1", "contains_answer")]
+        figures += [num(d["citation_rate"])]
+        figures += [num(answerable_mean(d, k)) for k in ("refusal_rate", "false_fallback_rate")]
+        figures += [num(d["unanswerable_fallback_rate"])]
+        rows.append([label, *figures, num(d["latency_p50_s"], 2), loop_cmmlu(cmmlu)])
+    return md(rows, ["answerer", "EM", "F1", "contains answer", "cites `[n]` (answered)", "refusal",
+                     "false fallback", "fallback, not in KB", "p50 s/answer", "CMMLU loglik acc."])
+
+
+@table("search")
 def search_table() -> str:
+    """Vector search build time, QPS and recall by index (search_cpu.json, search_gpu.json)."""
     rows = []
     for name in ("search_cpu", "search_gpu"):
-        f = RESULTS / f"{name}.json"
-        if not f.is_file():
-            continue
-        d = json.loads(f.read_text())
+        d = load(name)
         for r in d["runs"]:
             s, p = r["setting"], r["project"]
             rows.append([f"{s['vectors']:,}", s["index"], s["backend"], p["build_s"], f"{p['qps_batch1']:,.0f}",
-                         f"{p['qps_batch64']:,.0f}", p["recall@10"], d["device"].split(" (")[0]])
+                         f"{p['qps_batch64']:,.0f}", p["recall@10"], device(d)])
     return md(rows, ["vectors", "index", "backend", "build s", "QPS batch 1", "QPS batch 64", "recall@10", "device"])
 
 
+@table("ingest")
 def ingest_table() -> str:
+    """Ingestion rates by stage, batched and one at a time (ingest_cpu.json, ingest_gpu.json)."""
     rows = []
     for name in ("ingest_cpu", "ingest_gpu"):
-        f = RESULTS / f"{name}.json"
-        if not f.is_file():
-            continue
-        d = json.loads(f.read_text())
-        dev = d["device"].split(" (")[0]
+        d = load(name)
+        dev = device(d)
         for r in d["runs"]:
             s, p, b = r["setting"], r["project"], r.get("baseline", {})
             if s["part"] == "pipeline":
@@ -54,7 +336,92 @@ def ingest_table() -> str:
     return md(rows, ["stage", "model shape", "batch", "batched", "one at a time", "device"])
 
 
+def blocks(text: str) -> dict[str, str]:
+    """NAME -> body (without surrounding blank lines) of each marked table of a README text."""
+    return {m["name"]: m["body"].strip("\n") for m in BLOCK.finditer(text)}
+
+
+def marker_problems(text: str) -> list[str]:
+    """Unbalanced, nested or repeated markers, and marked names that no function generates."""
+    problems = []
+    opens, closes = OPEN.findall(text), CLOSE.findall(text)
+    found = [m["name"] for m in BLOCK.finditer(text)]
+    if len(opens) != len(found) or len(closes) != len(found):
+        problems.append(f"markers: {len(opens)} '<!-- table: NAME -->' and {len(closes)} '<!-- /table -->' lines, "
+                        f"{len(found)} well-formed blocks")
+    problems += [f"{name}: marked more than once" for name in sorted({n for n in found if found.count(n) > 1})]
+    problems += [f"{name}: marked in the README but no function generates it" for name in found if name not in TABLES]
+    return problems
+
+
+def check(text: str, tables: dict[str, Callable[[], str]] | None = None) -> list[str]:
+    """Every way a README text disagrees with the result files; empty when all tables match."""
+    tables = TABLES if tables is None else tables
+    marked = blocks(text)
+    problems = marker_problems(text)
+    for name, fn in tables.items():
+        try:
+            fresh = fn().strip("\n")
+        except MissingResult as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if name not in marked:
+            problems.append(f"{name}: not marked in the README (<!-- table: {name} --> ... <!-- /table -->)")
+        elif marked[name] != fresh:
+            problems.append(f"{name}: the README's table differs from its result files "
+                            "(python bench/tables.py --write)")
+    return problems
+
+
+def write(text: str, tables: dict[str, Callable[[], str]] | None = None) -> str:
+    """The README text with each marked table's body replaced by its regeneration (kept as it is
+    where its result file is missing or no function generates it: `check` reports those)."""
+    tables = TABLES if tables is None else tables
+
+    def fresh(m: re.Match) -> str:
+        body = m["body"].strip("\n")
+        if m["name"] in tables:
+            try:
+                body = tables[m["name"]]().strip("\n")
+            except MissingResult:
+                pass
+        return f"<!-- table: {m['name']} -->\n{body}\n<!-- /table -->"
+
+    return BLOCK.sub(fresh, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print, write or check the tables; the exit status (1 when a table disagrees with its files)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="replace the marked tables in README.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a README table differs from its files")
+    ap.add_argument("--readme", type=Path, default=README)
+    args = ap.parse_args(argv)
+    if args.check:
+        problems = check(args.readme.read_text(encoding="utf-8"))
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{len(TABLES)} tables checked, {len(problems)} problems", file=sys.stderr)
+        return 1 if problems else 0
+    if args.write:
+        text = args.readme.read_text(encoding="utf-8")
+        new = write(text)
+        if new != text:
+            args.readme.write_text(new, encoding="utf-8")
+        problems = check(new)
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
+    for name, fn in TABLES.items():
+        print(f"<!-- table: {name} -->")
+        try:
+            print(fn())
+        except MissingResult as e:
+            print(f"({e})")
+        print("<!-- /table -->\n")
+    return 0
+
+
 if __name__ == "__main__":
-    print(ingest_table())
-    print()
-    print(search_table())
+    sys.exit(main())
