@@ -104,7 +104,7 @@ def resolved(settings) -> dict:
     """The configuration that matters here, as the processes resolve it."""
     m, r = settings.models, settings.retrieval
     return {"embedder": m.embedder, "llm": m.llm, "nsp": m.nsp, "device": m.device,
-            "chunking": settings.chunking.method, "hybrid": r.hybrid, "levels": list(r.levels),
+            "chunking": settings.chunking.method, "search": r.search, "levels": list(r.levels),
             "index_type": r.index_type, "write_lock_timeout_s": r.write_lock_timeout_s}
 
 

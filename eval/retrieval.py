@@ -1,8 +1,17 @@
-"""Retrieval quality: recall@k, MRR and nDCG@k of a knowledge base on a question set.
+"""Retrieval quality: recall@k, MRR and nDCG@k of a knowledge base on a question set, and what
+the returned context is made of.
 
 A hit is relevant when its raw text contains one of the question's gold answers or its gold
-context (DESIGN.md). `recall@k_strict` also asks that the hit come from the gold context, so a
-short answer that happens to occur in an unrelated passage does not count.
+context (DESIGN.md). For questions with a gold context (`eval.context`): `recall@k_strict` asks
+that the answer lie in the part of a hit that comes from the gold paragraph (a short answer that
+occurs in an unrelated passage does not count); `context_precision@k` is the share of the top-k
+hits' characters that come from the gold paragraph and `chars@k` their length.
+`answer_in_budget` asks the same of a fixed number of characters: the hits in rank order (up to
+`fill_hits` of them) joined and cut at `budget` (`answer.max_context_chars` by default), so every
+configuration hands over the same amount of text and returning whole documents is not rewarded;
+`context_precision_budget` is that text's share from the gold paragraph. `answer_to_llm` and
+`chars_to_llm` describe what the answer chain itself hands the LLM: its first `answer.k` hits cut
+to the budget.
 """
 
 from __future__ import annotations
@@ -11,27 +20,16 @@ import math
 import time
 from collections.abc import Sequence
 
+from eval.context import norm, score_texts
 from eval.data import Question
 from eval.report import figure_png, html_table, img, write_html
 
 
-def _norm(s: str) -> str:
-    return "".join(s.split()).lower()
-
-
 def relevant(text: str, q: Question) -> bool:
-    t = _norm(text)
-    if any(_norm(a) and _norm(a) in t for a in q.answers):
+    t = norm(text)
+    if any(norm(a) and norm(a) in t for a in q.answers):
         return True
-    return bool(q.context) and _norm(q.context) in t
-
-
-def from_context(text: str, q: Question) -> bool:
-    """The hit's text is part of the gold context (or contains it)."""
-    if not q.context:
-        return True
-    t, c = _norm(text).rstrip("…"), _norm(q.context)
-    return t in c or c in t or (len(t) > 20 and t[: len(t) // 2] in c)
+    return bool(q.context) and norm(q.context) in t
 
 
 def metrics(rels: Sequence[Sequence[bool]], k: int) -> dict:
@@ -48,21 +46,39 @@ def metrics(rels: Sequence[Sequence[bool]], k: int) -> dict:
 
 
 def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int = 64,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, budget: int | None = None, fill_hits: int = 20) -> dict:
     from tqdm.auto import tqdm
 
-    rels, strict, per_q = [], [], []
+    from serve.chain import clip_context
+
+    budget = kb.settings.answer.max_context_chars if budget is None else budget
+    n_llm = kb.settings.answer.k
+    rels, per_q, ctx = [], [], []
     t0 = time.perf_counter()
     for s in tqdm(range(0, len(questions), batch), desc="eval retrieval", disable=not progress, unit="batch"):
         qs = questions[s : s + batch]
-        for q, hits in zip(qs, kb.search_many([q.question for q in qs], k)):
+        for q, found in zip(qs, kb.search_many([q.question for q in qs], max(k, fill_hits))):
+            hits = found[:k]
             r = [relevant(h.text, q) for h in hits]
             rels.append(r)
-            strict.append([x and from_context(h.text, q) for x, h in zip(r, hits)])
-            per_q.append({"id": q.id, "question": q.question, "rank": next((i + 1 for i, x in enumerate(r) if x), None)})
+            row = {"id": q.id, "question": q.question, "rank": next((i + 1 for i, x in enumerate(r) if x), None)}
+            if q.context:
+                top = score_texts([h.text for h in hits], q.context, q.answers)
+                cut = score_texts([t for t in clip_context(found, budget) if t], q.context, q.answers)
+                llm = score_texts([t for t in clip_context(found[:n_llm], budget) if t], q.context, q.answers)
+                row.update(strict=top.answer_in, precision=round(top.precision, 4), chars=top.chars,
+                           answer_in_budget=cut.answer_in, precision_budget=round(cut.precision, 4),
+                           chars_in_budget=cut.chars, answer_to_llm=llm.answer_in, chars_to_llm=llm.chars)
+                ctx.append(row)
+            per_q.append(row)
     seconds = time.perf_counter() - t0
     out = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics(rels, k).items()}
-    out[f"recall@{k}_strict"] = round(sum(any(r) for r in strict) / len(strict), 4)
+    mean = lambda key: round(sum(float(r[key]) for r in ctx) / len(ctx), 4) if ctx else None  # noqa: E731
+    out.update({f"recall@{k}_strict": mean("strict"), f"context_precision@{k}": mean("precision"),
+                f"chars@{k}": mean("chars"), "budget": budget, "llm_hits": n_llm, "answer_in_budget": mean("answer_in_budget"),
+                "context_precision_budget": mean("precision_budget"), "chars_in_budget": mean("chars_in_budget"),
+                "answer_to_llm": mean("answer_to_llm"), "chars_to_llm": mean("chars_to_llm"), "fill_hits": fill_hits,
+                "n_with_context": len(ctx)})
     out["k"] = k
     out["kb"] = kb.name
     out["queries_per_s"] = round(len(questions) / seconds, 2)

@@ -1,4 +1,4 @@
-"""Cut documents into chunks: semantic (BERT next-sentence prediction) or fixed-size.
+"""Cut documents into chunks: semantic (BERT next-sentence prediction), fixed-size or one per sentence.
 
 Both chunkers see the same units: sentences of text blocks, and whole tables, code blocks and
 lists. A title starts a new section; chunks never cross a section.
@@ -183,6 +183,14 @@ class FixedChunker:
                     chunks.append(c)
             out.append(chunks)
         return out
+
+
+class SentenceChunker:
+    """Every unit its own chunk (a sentence, or a whole table, list or code block): the finest
+    baseline, with no model."""
+
+    def chunk_many(self, docs: Sequence[list[Unit]]) -> list[list[Chunk]]:
+        return [[_make_chunk([u], k) for k, u in enumerate(units)] for units in docs]
 
 
 def _make_chunk(group: list[Unit], ord_: int) -> Chunk:

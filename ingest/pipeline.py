@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ingest.chunking import FixedChunker, NSPChunker, to_units
+from ingest.chunking import FixedChunker, NSPChunker, SentenceChunker, to_units
 from ingest.clean import clean_blocks
 from ingest.keyinfo import build_extractor
 from ingest.loaders import ParseError, discover, parse_document
@@ -262,6 +262,8 @@ def _chunker(settings: Settings, kb: str, store: DocStore, units: list[list[Unit
     c = settings.chunking
     if c.method == "fixed":
         return FixedChunker(c.fixed_size, c.fixed_overlap), "fixed", None
+    if c.method == "sentence":
+        return SentenceChunker(), "sentence", None
     scorer = load_scorer(settings, kb)
     trained = None
     if scorer is None:

@@ -194,7 +194,10 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
     k = args.k
     return _run_eval(args, settings, run, write_report, lambda r: (
         f"n={r['n']}  recall@1={r['recall@1']:.3f}  recall@{k}={r[f'recall@{k}']:.3f}  mrr={r['mrr']:.3f}  "
-        f"ndcg@{k}={r[f'ndcg@{k}']:.3f}"), "Retrieval evaluation")
+        f"ndcg@{k}={r[f'ndcg@{k}']:.3f}"
+        + (f"  recall@{k}_strict={r[f'recall@{k}_strict']:.3f}  context_precision@{k}={r[f'context_precision@{k}']:.3f}"
+           f"  answer_in_budget={r['answer_in_budget']:.3f}  chars_in_budget={r['chars_in_budget']:.0f}"
+           if r.get("n_with_context") else "")), "Retrieval evaluation")
 
 
 def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,12 +215,33 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
 
     return _run_eval(args, settings, run, write_report, lambda r: (
         f"n={r['n']}  exact_match={r['exact_match']:.3f}  f1={r['f1']:.3f}  rouge_l={r['rouge_l']:.3f}  "
-        f"contains_answer={r['contains_answer']:.3f}  supported={r['supported_rate']:.3f}  "
+        f"contains_answer={r['contains_answer']:.3f}  faithfulness={r['faithfulness']:.3f}  "
+        f"citation_correct={r['citation_correct']:.3f}  "
         f"cites={r['citation_rate']:.3f}  refusal={r['refusal_rate']:.3f}  false_fallback={r['false_fallback_rate']:.3f}"
         + (f"  unanswerable_fallback={r['unanswerable_fallback_rate']:.3f} (n={r['n_not_in_kb']})"
            if r.get("unanswerable_fallback_rate") is not None else "")
         + f"  p50={r['latency_p50_s']:.3f}s" + (f"  judge={r['judge']}" if "judge" in r else "")),
         "Open-ended answer evaluation")
+
+
+def cmd_eval_ablate(args: argparse.Namespace, settings: Settings) -> int:
+    from eval.ablate import CORPORA, FACTORS, run_ablation
+    from eval.ablate_report import markdown, write_report
+
+    corpora = [c for c in args.corpora.split(",") if c]
+    factors = [f for f in (args.factors or "").split(",") if f]
+    if bad := [c for c in corpora if c not in CORPORA] + [f for f in factors if f not in FACTORS]:
+        raise UsageError(f"unknown corpus or factor {bad}: corpora {', '.join(CORPORA)}; factors {', '.join(FACTORS)}")
+    try:
+        result = run_ablation(args.file, args.work, config=args.config, corpora=corpora,
+                              splits=tuple(args.splits.split(",")), factors=factors or None, k=args.k,
+                              limit=args.limit, progress=not args.quiet, say=log.info)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    if args.report:
+        write_report(result, args.report)
+    _emit(args, result, markdown)
+    return 0
 
 
 def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
@@ -505,6 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="SQuAD-style JSON or JSONL {question, answers, context?}")
     s.add_argument("--kb")
     s.set_defaults(func=cmd_eval_open)
+
+    s = evsub.add_parser("ablate", parents=[common],
+                         help="retrieval ablation, one factor at a time (chunking, index levels, search, reranker) "
+                              "on a QA corpus's paragraphs and on long multi-topic documents built from them")
+    s.add_argument("file", help="SQuAD-style JSON (CMRC 2018)")
+    s.add_argument("--work", default="work/ablate", help="folder for the corpora and their KBs (reused when present)")
+    s.add_argument("--corpora", default="paragraphs,long", help="comma-separated: paragraphs,long")
+    s.add_argument("--factors", help="only these factors (comma-separated: chunking,index,search,rerank)")
+    s.add_argument("--splits", default="kb", help="the splits whose paragraphs make the KB and whose questions are asked")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--limit", type=int, help="only the first N questions of each corpus")
+    s.add_argument("--report", help="write a self-contained HTML report (and a JSON beside it)")
+    s.set_defaults(func=cmd_eval_ablate)
 
     s = evsub.add_parser("segmentation", parents=[common],
                          help="topic segmentation (Pk, WindowDiff, boundary F1) of the NSP chunkers and the fixed splitter")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,10 @@ class CleanConfig(BaseModel):
 
 
 class ChunkingConfig(BaseModel):
-    method: Literal["nsp", "fixed"] = "nsp"
+    method: Literal["nsp", "fixed", "sentence"] = "nsp"
+    """nsp: merge adjacent units while the NSP model says the next continues the last; fixed:
+    langchain's RecursiveCharacterTextSplitter (`fixed_size`, `fixed_overlap`); sentence: every unit
+    (a sentence, or a whole table/list/code block) is its own chunk."""
     threshold: float = 0.6
     """Merge the next unit while P(continues) >= threshold. A trained head sees balanced pairs, so
     0.5 means no evidence either way; merging asks for some evidence of continuity."""
@@ -126,8 +129,11 @@ class RetrievalConfig(BaseModel):
     """Key-information levels embedded into level 1 of the index."""
     embed_field: Literal["key_text", "raw_text"] = "key_text"
     """key_text: embed key information (two-level); raw_text: embed the raw chunk (single level)."""
-    hybrid: bool = True
-    """Fuse BM25 keyword search (jieba tokens for Chinese) with the vector results."""
+    search: Literal["hybrid", "vector", "keyword"] = "hybrid"
+    """hybrid: fuse BM25 keyword search (jieba tokens for Chinese) with the vector results;
+    vector: embeddings only; keyword: BM25 only."""
+    hybrid: bool | None = None
+    """Deprecated spelling kept for old configs: `false` means `search: vector`."""
     fusion: Literal["rrf", "zscore", "weighted"] = "zscore"
     rrf_k: int = 60
     coverage_weighting: bool = True
@@ -153,6 +159,17 @@ class RetrievalConfig(BaseModel):
     embed_batch_size: int = 64
     write_lock_timeout_s: float = 600.0
     """How long a writer of a KB (ingest, delete, reindex) waits for another process writing it."""
+
+    @model_validator(mode="after")
+    def _legacy_hybrid(self) -> RetrievalConfig:
+        if self.hybrid is False and self.search == "hybrid":
+            self.search = "vector"
+        return self
+
+    @property
+    def uses_keywords(self) -> bool:
+        """Whether the index needs its BM25 side (hybrid or keyword search)."""
+        return self.search != "vector"
 
 
 class GenerationConfig(BaseModel):
@@ -248,6 +265,10 @@ class EvalConfig(BaseModel):
     judge_openai_base_url: str | None = None
     judge_openai_model: str = "default"
     judge_api_key_env: str = "OPENAI_API_KEY"
+    ablate_nsp: str = "model:nsp-e5"
+    """`kb eval ablate`: the NSP cross-encoder of the `chunking=nsp-cross` row."""
+    ablate_reranker: str = "model:rerank-e5"
+    """`kb eval ablate`: the reranker of the `rerank=on` row."""
 
 
 class LoRASettings(BaseModel):
@@ -407,6 +428,26 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
     set_models_dir(settings.models_dir())
     return settings
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """A copy of `settings` with dotted keys (`section.name`, or `home`) set and validated: unlike
+    `load_settings` overrides, these win over the environment (an experiment's rows must get the
+    values they name)."""
+    data = settings.model_dump()
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    if problems := unknown_keys(data, Settings):
+        raise ConfigError("; ".join(problems))
+    update: dict[str, Any] = {}
+    for top in {key.split(".")[0] for key in overrides}:
+        field_type = type(getattr(settings, top))
+        try:
+            update[top] = field_type.model_validate(data[top]) if issubclass(field_type, BaseModel) else \
+                Settings.model_fields[top].annotation(data[top])
+        except Exception as e:  # pydantic.ValidationError
+            raise ConfigError(f"{top}: {e}") from e
+    return settings.model_copy(update=update)
 
 
 def _resolve_extends(data: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -271,7 +271,7 @@ def _sync_locked(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: 
         have = set(present.tolist())
         to_add = sorted(want - have)
         to_remove = sorted(have - want)
-        keyword_ok = (live is not None and (live.keywords is not None) == cfg.hybrid)
+        keyword_ok = (live is not None and (live.keywords is not None) == cfg.uses_keywords)
         if live is not None and not to_add and not to_remove and keyword_ok and live.meta["kind"] == kind:
             return {"generation": live.gen, "added": 0, "removed": 0, "vectors": len(have), "unchanged": True}
         pos = {int(i): j for j, i in enumerate(ids)}
@@ -287,7 +287,7 @@ def _sync_locked(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: 
             vec = FaissIndex.build(all_vecs if len(ids) else np.zeros((0, embedder.dim), np.float32), ids, kind,
                                    hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search, nprobe=cfg.ivf_nprobe)
         kw = None
-        if cfg.hybrid:
+        if cfg.uses_keywords:
             kw = KeywordIndex.build(cached_tokens(cache, kw_texts), ids)
         meta = {**layout, "embedder": embedder.model_id, "dim": embedder.dim, "kind": kind,
                 "vectors": len(vec), "created": time.time()}

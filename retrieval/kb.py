@@ -186,19 +186,26 @@ class KnowledgeBase:
         live = self._index()
         if live is None or not queries:
             return [[] for _ in queries]
-        qv = self.embedder.encode_queries(list(queries))
-        # trust the vector list as far as the embedder's vocabulary covers the query
-        cover = self.embedder.coverage(list(queries)) if cfg.coverage_weighting else np.ones(len(queries))
-        vec_index = self._gpu if self._gpu is not None else live.vectors
-        vscores, vids = vec_index.search(qv, cfg.candidates)
+        use_vec = cfg.search != "keyword"
+        use_kw = cfg.uses_keywords and live.keywords is not None
+        if cfg.search == "keyword" and not use_kw:
+            log.warning("%s: keyword search asked, but the index has no BM25 side (run kb reindex)", self.name)
+        if use_vec:
+            qv = self.embedder.encode_queries(list(queries))
+            # trust the vector list as far as the embedder's vocabulary covers the query
+            cover = self.embedder.coverage(list(queries)) if cfg.coverage_weighting else np.ones(len(queries))
+            vec_index = self._gpu if self._gpu is not None else live.vectors
+            vscores, vids = vec_index.search(qv, cfg.candidates)
         results = []
         with self.store() as opened, opened.snapshot() as store:
             for qi, query in enumerate(queries):
-                vec = [(int(i), float(s)) for i, s in zip(vids[qi], vscores[qi]) if i >= 0]
-                kw = live.keywords.search(query, cfg.candidates) if (cfg.hybrid and live.keywords) else []
-                ranked = [[i for i, _ in vec]]
-                weights = [cfg.vector_weight * float(cover[qi])]
-                raw = [[s for _, s in vec]]
+                vec = [(int(i), float(s)) for i, s in zip(vids[qi], vscores[qi]) if i >= 0] if use_vec else []
+                kw = live.keywords.search(query, cfg.candidates) if use_kw else []
+                ranked, weights, raw = [], [], []
+                if vec:
+                    ranked.append([i for i, _ in vec])
+                    weights.append(cfg.vector_weight * float(cover[qi]))
+                    raw.append([s for _, s in vec])
                 if kw:
                     ranked.append([i for i, _ in kw])
                     weights.append(cfg.keyword_weight)

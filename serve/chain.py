@@ -40,10 +40,11 @@ def public(result: dict) -> dict:
 
 
 def clip_context(hits: list, max_chars: int) -> list[str]:
-    """The hits' texts in order, cut to `max_chars` in all (a hit past the budget gets "")."""
+    """The hits' texts (hits or strings) in order, cut to `max_chars` in all (a hit past the
+    budget gets "")."""
     budget, out = max_chars, []
     for h in hits:
-        text = h.text[: max(0, budget)]
+        text = (h if isinstance(h, str) else h.text)[: max(0, budget)]
         budget -= len(text)
         out.append(text)
     return out

@@ -39,7 +39,7 @@ def test_max_chars_and_sections_are_hard_limits():
 def test_short_chunk_takes_next_unit_regardless():
     u = units("Hi.", "This is a much longer sentence that follows.")
     (chunks,) = NSPChunker(TableScorer({u[1].text: 0.0}), min_chars=10).chunk_many([u])
-    assert len(chunks) == 1
+    assert [c.text for c in chunks] == ["Hi. This is a much longer sentence that follows."]
 
 
 def test_all_documents_scored_in_one_batched_call():
@@ -90,3 +90,29 @@ def test_fixed_chunker_is_langchain_recursive_splitter():
     u = units(*[f"Sentence number {i} is here." for i in range(40)])
     (chunks,) = FixedChunker(size=120, overlap=20).chunk_many([u])
     assert len(chunks) > 5 and all(len(c.text) <= 120 for c in chunks)
+
+
+def test_sentence_chunker_makes_one_chunk_per_unit():
+    from ingest.chunking import SentenceChunker
+    from ingest.types import Unit
+
+    units = [Unit("第一句话。", ("标题",), 1, False, 1), Unit("Second sentence here.", ("标题",), 1, False, 1),
+             Unit("a | b\n1 | 2", ("标题",), 2, True, 1)]
+    (chunks,) = SentenceChunker().chunk_many([units])
+    assert [c.text for c in chunks] == [u.text for u in units]
+    assert [c.ord for c in chunks] == [0, 1, 2] and chunks[2].page == 2
+    assert chunks[0].sentences == ["第一句话。"] and chunks[2].sentences == []
+
+
+def test_sentence_method_reaches_the_pipeline(settings, tmp_path):
+    from retrieval.kb import KnowledgeBase
+    from tests.conftest import write_files
+
+    s = settings.model_copy(update={"chunking": settings.chunking.model_copy(update={"method": "sentence"})})
+    kb = KnowledgeBase(s, "sent", create=True)
+    report = kb.add_items(write_files(tmp_path / "d", {"a.txt": "One short line here. Another one follows. And a third."}),
+                          progress=False)
+    assert report["chunker"] == "sentence"
+    with kb.store() as store:
+        assert [c["text"] for d in store.documents() for c in store.chunks(d.doc_id)] == [
+            "One short line here.", "Another one follows.", "And a third."]

@@ -203,3 +203,31 @@ def test_reindex_builds_beside_the_live_index_which_answers_until_the_swap(kb, m
     assert main(["reindex", "--kb", "t", "-q"]) == 0
     assert idir.current() not in (None, gen)
     assert _view(KnowledgeBase(kb.settings, "t").search("refund", 3)) == before
+
+
+def _with_retrieval(kb, **update) -> KnowledgeBase:
+    s = kb.settings.model_copy(update={"retrieval": kb.settings.retrieval.model_copy(update=update)})
+    return KnowledgeBase(s, kb.name)
+
+
+def test_search_modes_use_only_their_lists(kb):
+    vector = _with_retrieval(kb, search="vector").search("free shipping threshold", 4)
+    keyword = _with_retrieval(kb, search="keyword").search("free shipping threshold", 4)
+    hybrid = kb.search("free shipping threshold", 4)
+    assert vector and all(h.keyword_score is None and h.vector_score is not None for h in vector)
+    assert keyword and all(h.vector_score is None and h.keyword_score is not None for h in keyword)
+    assert any(h.vector_score is not None for h in hybrid) and any(h.keyword_score is not None for h in hybrid)
+    assert keyword[0].source == "shipping.md"
+    # a query that shares no word with the documents: BM25 finds nothing, vectors always answer
+    assert _with_retrieval(kb, search="keyword").search("zzqx wvvb", 3) == []
+    assert len(_with_retrieval(kb, search="vector").search("zzqx wvvb", 3)) == 3
+
+
+def test_legacy_hybrid_false_means_vector_search():
+    from kb.settings import RetrievalConfig, load_settings
+
+    assert RetrievalConfig(hybrid=False).search == "vector"
+    assert RetrievalConfig(hybrid=True).search == "hybrid"
+    assert RetrievalConfig(hybrid=False, search="keyword").search == "keyword"
+    assert load_settings(None, **{"retrieval.hybrid": False}).retrieval.search == "vector"
+    assert not RetrievalConfig(search="vector").uses_keywords and RetrievalConfig(search="keyword").uses_keywords

@@ -1,0 +1,227 @@
+"""Ablation of the retrieval design: one factor changed at a time, the same embedder throughout.
+
+Factors (the first level of each is the reference, `BASE`): chunking {NSP pair head, NSP
+cross-encoder, fixed-size, one sentence per chunk}, index {two-level key information -> raw text,
+single-level raw chunks}, search {hybrid, vector, BM25}, reranker {off, on}. Each row changes one
+factor of the reference, so a difference between a row and the reference is that factor's.
+
+Corpora, both from the same held-out paragraphs of a SQuAD-style file (`eval.data.split_of`):
+`paragraphs` (each paragraph a document, as it is) and `long` (the paragraphs joined into long,
+multi-topic documents, `eval.longdocs`). Every row is scored by `eval.retrieval` (recall, MRR,
+nDCG, strict recall, context precision, the answer inside the LLM's character budget), and paired
+against the reference per question (how many questions it gets right that the reference misses,
+and the reverse). The KBs are built under `home` and reused when they are already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.data import Question, load_questions
+from kb.settings import Settings, apply_overrides, load_settings
+
+log = logging.getLogger(__name__)
+
+FACTORS: dict[str, dict[str, dict]] = {
+    "chunking": {"nsp-pair": {"models.nsp": None}, "nsp-cross": {"models.nsp": "{eval.ablate_nsp}"},
+                 "fixed": {"chunking.method": "fixed"},
+                 "fixed-matched": {"chunking.method": "fixed", "chunking.fixed_size": "{reference.mean_chunk_chars}",
+                                   "chunking.fixed_overlap": "{reference.mean_chunk_chars/10}"},
+                 "sentence": {"chunking.method": "sentence"}},
+    "index": {"two-level": {}, "single-level": {"retrieval.levels": ["segment"], "retrieval.embed_field": "raw_text"}},
+    "search": {"hybrid": {}, "vector": {"retrieval.search": "vector"}, "keyword": {"retrieval.search": "keyword"}},
+    "rerank": {"off": {}, "on": {"models.reranker": "{eval.ablate_reranker}"}},
+}
+"""factor -> level -> the settings that level sets (dotted keys; "{section.key}" is that setting's
+value in the base configuration, "{reference.mean_chunk_chars}" the reference's mean chunk length on
+the corpus, so `fixed-matched` cuts chunks as long as the reference's on average, with 10%
+overlap); the first level is the reference."""
+BASE = {f: next(iter(levels)) for f, levels in FACTORS.items()}
+BUILD_FACTORS = ("chunking", "index")
+"""Factors that need their own knowledge base; the others change only how it is searched."""
+CORPORA = ("paragraphs", "long")
+
+
+@dataclass
+class Row:
+    factor: str
+    level: str
+    levels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "reference" if self.factor == "reference" else f"{self.factor}={self.level}"
+
+    def overrides(self, base: Settings, reference: dict | None = None) -> dict:
+        """The settings this row changes, `{...}` references resolved in `base` and in the
+        reference row's build (`reference`: its chunk statistics)."""
+        out: dict = {}
+        for f, lv in self.levels.items():
+            for key, value in FACTORS[f][lv].items():
+                out[key] = _resolve(value, base, reference)
+        return out
+
+    @property
+    def build(self) -> str:
+        """The knowledge base this row searches (one per chunking x index combination)."""
+        return "-".join(self.levels[f] for f in BUILD_FACTORS)
+
+
+
+def _resolve(value, base: Settings, reference: dict | None):
+    if not (isinstance(value, str) and value.startswith("{") and value.endswith("}")):
+        return value
+    ref, _, div = value[1:-1].partition("/")
+    section, name = ref.split(".")
+    if section == "reference":
+        if reference is None:
+            raise ValueError(f"{value} needs the reference row's build first")
+        return max(1, round(reference[name] / (int(div) if div else 1)))
+    return getattr(getattr(base, section), name)
+
+
+def grid(factors: Sequence[str] | None = None) -> list[Row]:
+    """The reference, then each other level of each factor (one factor changed at a time)."""
+    rows = [Row("reference", "", dict(BASE))]
+    for f, levels in FACTORS.items():
+        if factors and f not in factors:
+            continue
+        rows += [Row(f, lv, {**BASE, f: lv}) for lv in levels if lv != BASE[f]]
+    return rows
+
+
+def corpus(name: str, squad: str | Path, out: Path, splits: tuple[str, ...]) -> tuple[Path, Path]:
+    """Write corpus `name`'s documents and its questions (JSONL with gold context) under `out`."""
+    from eval.longdocs import write_long_docs
+    from eval.squad_docs import write_docs, write_questions
+
+    docs, questions = out / name / "docs", out / name / "questions.jsonl"
+    if name == "long":
+        write_long_docs(squad, docs, splits, questions=questions)
+    elif name == "paragraphs":
+        write_docs(squad, docs, splits)
+        write_questions(squad, questions, splits, in_kb=splits)
+    else:
+        raise ValueError(f"unknown corpus {name!r}: use {', '.join(CORPORA)}")
+    return docs, questions
+
+
+def digest(paths: Sequence[Path]) -> str:
+    """sha256 over the files (sorted by path) under `paths`: the data set's fingerprint."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for f in (f for f in files if f.is_file()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def row_settings(config: str | Path | None, home: Path, models_dir: Path, overrides: dict) -> Settings:
+    """The configuration (with the environment) and then the row's settings, which win over both."""
+    return apply_overrides(load_settings(config), {"home": home, "models.dir": models_dir, **overrides})
+
+
+def fingerprint(settings: Settings, docs: Path) -> str:
+    """What a built KB depends on: the documents and the settings that shape chunks and index."""
+    parts = {k: settings.model_dump(mode="json")[k] for k in ("models", "parse", "clean", "chunking", "nsp_train",
+                                                               "keyinfo", "retrieval")}
+    parts["models"].pop("reranker", None)
+    parts["retrieval"] = {k: parts["retrieval"][k] for k in ("levels", "embed_field")}
+    return hashlib.sha256((json.dumps(parts, sort_keys=True) + digest([docs])).encode()).hexdigest()
+
+
+def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progress: bool) -> dict:
+    """Ingest `docs` into KB `name`, or with `like` copy that KB's store (the same chunks) and
+    build only this row's index. A KB built before from the same documents and settings is reused;
+    one built otherwise is deleted and rebuilt."""
+    from retrieval.kb import KnowledgeBase
+
+    target, mark = settings.kb_dir(name), fingerprint(settings, docs)
+    stamp = target / "ablate.json"
+    if (target / "store.sqlite").is_file():
+        saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        if saved.get("fingerprint") == mark:
+            return saved["build"]
+        KnowledgeBase(settings, name).delete()
+    if like is not None:
+        shutil.copytree(like, target, ignore=shutil.ignore_patterns("index", ".write.lock", "ablate.json"))
+    kb = KnowledgeBase(settings, name, create=True)
+    report = kb.add_paths([docs], progress=progress) if like is None else {"index": kb.sync(progress)}
+    with kb.store() as store:
+        n, mean = store.conn.execute("SELECT COUNT(*), AVG(LENGTH(text)) FROM chunks").fetchone()
+    chunker = report.get("chunker")
+    if like is not None:
+        chunker = json.loads((like / "ablate.json").read_text())["build"]["chunker"] + " (store copied)"
+    build = {"kb": name, "chunks": n, "mean_chunk_chars": round(mean or 0.0, 1), "failed": report.get("failed", []),
+             "chunker": chunker, "nsp_head": report.get("nsp"), "seconds": report.get("seconds")}
+    stamp.write_text(json.dumps({"fingerprint": mark, "build": build}, ensure_ascii=False, default=str))
+    return build
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> dict:
+    """Questions right in `b` and wrong in `a` (`gained`), and the reverse (`lost`)."""
+    ra = {r["id"]: bool(r.get(key)) for r in a}
+    gained = sum(1 for r in b if r.get(key) and not ra.get(r["id"]))
+    lost = sum(1 for r in b if not r.get(key) and ra.get(r["id"]))
+    return {"gained": gained, "lost": lost}
+
+
+def run_corpus(name: str, rows: list[Row], questions: list[Question], docs: Path, config, base: Settings,
+               home: Path, k: int, progress: bool, say: Callable[[str], None]) -> list[dict]:
+    """Build the KBs the rows need and score every row on `questions`."""
+    from eval.retrieval import evaluate_retrieval
+    from retrieval.kb import KnowledgeBase
+
+    builds: dict[str, dict] = {}
+    out = []
+    for row in rows:
+        overrides = row.overrides(base, builds.get(rows[0].build))
+        s = row_settings(config, home, base.models_dir().resolve(), overrides)
+        kb_name = f"{name}-{row.build}"
+        if row.build not in builds:
+            like = None
+            if row.levels["index"] != BASE["index"]:
+                ref = next(r for r in rows if r.levels["chunking"] == row.levels["chunking"] and r.levels["index"] == BASE["index"])
+                like = s.kb_dir(f"{name}-{ref.build}")
+            say(f"[{name}] building {kb_name}")
+            builds[row.build] = build_kb(s, kb_name, docs, like, progress)
+        say(f"[{name}] {row.name}: {len(questions)} questions")
+        res = evaluate_retrieval(KnowledgeBase(s, kb_name), questions, k, progress=progress)
+        out.append({"corpus": name, "row": row.name, "factor": row.factor, "level": row.level,
+                    "levels": row.levels, "overrides": overrides, "build": builds[row.build], **res})
+    ref = out[0]["per_question"]
+    for r in out:
+        r["vs_reference"] = {m: paired(ref, r["per_question"], m) for m in ("strict", "answer_in_budget")}
+    return out
+
+
+def run_ablation(squad: str | Path, work: str | Path, *, config: str | Path | None = None,
+                 corpora: Sequence[str] = CORPORA, splits: tuple[str, ...] = ("kb",), factors: Sequence[str] | None = None,
+                 k: int = 5, limit: int | None = None, progress: bool = True,
+                 say: Callable[[str], None] = log.info) -> dict:
+    """The whole grid on each corpus; the result has every row's metrics and per-question rows."""
+    from eval.report import provenance
+
+    work = Path(work)
+    base = load_settings(config)
+    home = work / "kb"
+    rows = grid(factors)
+    result: dict = {"provenance": provenance(base), "grid": [r.name for r in rows], "factors": FACTORS,
+                    "reference": BASE, "splits": list(splits), "k": k, "corpora": {}, "rows": []}
+    for name in corpora:
+        docs, qfile = corpus(name, squad, work, splits)
+        questions, problems = load_questions(qfile)
+        questions = [q for q in questions if q.meta.get("in_kb", True)][:limit] if limit else \
+            [q for q in questions if q.meta.get("in_kb", True)]
+        result["corpora"][name] = {"documents": sum(1 for _ in docs.iterdir()), "questions": len(questions),
+                                   "sha256": digest([Path(squad)]), "docs_sha256": digest([docs]),
+                                   "doc_chars": sorted(len(p.read_text(encoding="utf-8")) for p in docs.iterdir()),
+                                   "skipped": problems}
+        result["rows"] += run_corpus(name, rows, questions, docs, config, base, home, k, progress, say)
+    return result

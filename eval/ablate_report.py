@@ -1,0 +1,70 @@
+"""The ablation's table (Markdown, for the README) and its HTML report with plots."""
+
+from __future__ import annotations
+
+from eval.report import figure_png, html_table, img, write_html
+
+COLUMNS = [("recall@1", "R@1"), ("recall@{k}", "R@{k}"), ("recall@{k}_strict", "R@{k} strict"),
+           ("mrr", "MRR"), ("context_precision@{k}", "ctx precision@{k}"), ("chars@{k}", "chars@{k}"),
+           ("answer_in_budget", "answer in 1,000 chars"), ("context_precision_budget", "precision in 1,000 chars"),
+           ("answer_to_llm", "answer to LLM"), ("chars_to_llm", "chars to LLM")]
+
+
+def _cols(k: int, budget: int = 1000) -> list[tuple[str, str]]:
+    return [(key.format(k=k), head.format(k=k).replace("1,000", f"{budget:,}")) for key, head in COLUMNS]
+
+
+def _vs(row: dict) -> str:
+    v = row.get("vs_reference", {}).get("answer_in_budget")
+    return "-" if not v or row["factor"] == "reference" else f"+{v['gained']} / -{v['lost']}"
+
+
+def markdown(result: dict) -> str:
+    """One table: a block of rows per corpus; the last column pairs each row with the reference on
+    `answer_in_budget` (questions gained / lost)."""
+    k = result["k"]
+    cols = _cols(k, result["rows"][0]["budget"])
+    head = ["corpus", "row", "chunks (mean chars)"] + [h for _, h in cols] + ["vs reference (answer in budget)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        b = r["build"]
+        cells = [r["corpus"], r["row"], f"{b['chunks']:,} ({b['mean_chunk_chars']:.0f})"]
+        cells += [f"{r[key]:,.0f}" if key.startswith("chars") else f"{r[key]:.3f}" for key, _ in cols]
+        lines.append("| " + " | ".join(cells + [_vs(r)]) + " |")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, corpus: str, keys: list[tuple[str, str]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in result["rows"] if r["corpus"] == corpus]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    x = np.arange(len(rows))
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(keys):
+        ax.bar(x + i * width, [r[key] for r in rows], width, label=label)
+    ax.set_xticks(x + 0.4 - width / 2, [r["row"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(keys))
+    ax.set_title(f"{corpus}: n={rows[0]['n']} questions")
+    return img(figure_png(fig))
+
+
+def write_report(result: dict, path: str) -> None:
+    k = result["k"]
+    keys = [(f"recall@{k}", f"recall@{k}"), (f"recall@{k}_strict", f"recall@{k} strict"),
+            (f"context_precision@{k}", f"context precision@{k}"), ("answer_in_budget", "answer in budget")]
+    sections = [("Corpora", html_table([{"corpus": c, **{x: v for x, v in d.items() if x not in ("doc_chars", "skipped")}}
+                                        for c, d in result["corpora"].items()]))]
+    for corpus in result["corpora"]:
+        rows = [{"row": r["row"], "chunks": r["build"]["chunks"], "mean chunk chars": r["build"]["mean_chunk_chars"],
+                 **{h: r[key] for key, h in _cols(k)}, "vs reference": _vs(r), "queries/s": r["queries_per_s"]}
+                for r in result["rows"] if r["corpus"] == corpus]
+        sections += [(f"{corpus}: table", html_table(rows)), (f"{corpus}: plot", _plot(result, corpus, keys))]
+    payload = {**result, "rows": [{x: v for x, v in r.items()} for r in result["rows"]]}
+    write_html(path, "Retrieval ablation: one factor at a time", sections, payload)

@@ -1,0 +1,126 @@
+"""`kb eval ablate`: one factor at a time, each row's settings reaching the KB it builds and searches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.ablate import BASE, FACTORS, grid, row_settings, run_ablation
+from eval.ablate_report import markdown, write_report
+from kb.settings import load_settings
+from tests.conftest import CMRC
+
+
+def _dotted(settings, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(settings, section), name)
+
+
+def test_grid_changes_one_factor_at_a_time():
+    rows = grid()
+    assert rows[0].name == "reference" and rows[0].levels == BASE
+    assert len(rows) == 1 + sum(len(levels) - 1 for levels in FACTORS.values())
+    for r in rows[1:]:
+        changed = [f for f in FACTORS if r.levels[f] != BASE[f]]
+        assert changed == [r.factor], r.name
+    assert [r.name for r in grid(["search"])] == ["reference", "search=vector", "search=keyword"]
+
+
+def test_every_row_setting_arrives(tmp_path):
+    base = load_settings(None, **{"eval.ablate_nsp": "/m/nsp", "eval.ablate_reranker": "/m/rr"})
+    seen = set()
+    for row in grid():
+        overrides = row.overrides(base, {"mean_chunk_chars": 321.4})
+        s = row_settings(None, tmp_path / "home", tmp_path / "models", overrides)
+        for key, value in overrides.items():
+            assert _dotted(s, key) == value, (row.name, key)
+            seen.add(key)
+        assert s.home == tmp_path / "home" and s.models_dir() == tmp_path / "models"
+    assert {"models.nsp", "chunking.method", "retrieval.levels", "retrieval.embed_field", "retrieval.search",
+            "models.reranker"} <= seen
+    overrides = {r.name: r.overrides(base, {"mean_chunk_chars": 321.4}) for r in grid()}
+    assert overrides["chunking=fixed-matched"]["chunking.fixed_size"] == 321
+    assert overrides["chunking=fixed-matched"]["chunking.fixed_overlap"] == 32
+    assert overrides["chunking=nsp-cross"]["models.nsp"] == "/m/nsp"
+    assert overrides["rerank=on"]["models.reranker"] == "/m/rr"
+    assert overrides["reference"]["models.nsp"] is None  # the pair head, even where a config names an NSP model
+
+
+@pytest.fixture()
+def small_squad(tmp_path):
+    data = json.loads(CMRC.read_text(encoding="utf-8-sig"))
+    data["data"] = data["data"][:20]  # 20 paragraphs: 8 in the `kb` split
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, minilm_dir):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from retrieval.index import IndexDir
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=1)
+                                  ).save_pretrained(str(tmp_path / "ce"))
+    tok.save_pretrained(str(tmp_path / "ce"))
+    cfg = tmp_path / "ablate.yaml"
+    cfg.write_text("models: {device: cpu, llm: null}\nllm: {adapter: null}\n"
+                   f"eval: {{ablate_nsp: '{tiny_nsp_dir}', ablate_reranker: '{tmp_path / 'ce'}'}}\n"
+                   "nsp_train: {max_pairs: 200, min_pairs: 20}\n", encoding="utf-8")
+    result = run_ablation(small_squad, tmp_path / "work", config=cfg, corpora=("long",), limit=10, progress=False)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == [r.name for r in grid()]
+    assert result["corpora"]["long"]["questions"] == 10 and len(result["corpora"]["long"]["sha256"]) == 64
+    assert result["provenance"]["config"]["eval"]["ablate_nsp"] == str(tiny_nsp_dir)
+    builds = {name: r["build"] for name, r in rows.items()}
+    assert builds["chunking=nsp-cross"]["chunker"] == f"nsp ({tiny_nsp_dir})"
+    assert builds["chunking=fixed"]["chunker"] == "fixed" and builds["chunking=sentence"]["chunker"] == "sentence"
+    assert builds["reference"]["chunker"].startswith(("nsp", "fixed (")) and builds["reference"]["chunker"] != builds["chunking=nsp-cross"]["chunker"]
+    assert builds["chunking=sentence"]["chunks"] > builds["chunking=fixed"]["chunks"]
+    assert builds["chunking=sentence"]["mean_chunk_chars"] < builds["chunking=fixed"]["mean_chunk_chars"]
+    # rows that change only the search share the reference's KB; the single-level row has its own index
+    assert builds["search=keyword"]["kb"] == builds["rerank=on"]["kb"] == builds["reference"]["kb"]
+    single = IndexDir(tmp_path / "work" / "kb" / builds["index=single-level"]["kb"]).load(
+        load_settings(cfg, **{"retrieval.levels": ["segment"], "retrieval.embed_field": "raw_text"}).retrieval, None)
+    assert single.meta["levels"] == ["segment"] and single.meta["embed_field"] == "raw_text"
+    ref_strict = sum(q.get("strict", False) for q in rows["reference"]["per_question"])
+    for r in rows.values():
+        v = r["vs_reference"]["strict"]
+        assert v["gained"] - v["lost"] == sum(q.get("strict", False) for q in r["per_question"]) - ref_strict
+        assert r["recall@5_strict"] <= r["recall@5"]
+        assert r["chars_to_llm"] <= r["chars_in_budget"] <= r["budget"]
+    assert rows["chunking=sentence"]["chars@5"] < rows["chunking=fixed"]["chars@5"]
+    table = markdown(result)
+    assert len(table.splitlines()) == 2 + len(rows) and "| long | search=keyword |" in table
+    write_report(result, str(tmp_path / "r.html"))
+    assert (tmp_path / "r.html").read_text().count("<img") == 1
+    assert json.loads((tmp_path / "r.json").read_text())["grid"] == [r.name for r in grid()]
+
+
+def test_a_built_kb_is_reused_only_with_the_same_documents_and_settings(settings, tmp_path, monkeypatch):
+    from eval.ablate import build_kb
+    from kb.settings import apply_overrides
+    from retrieval.kb import KnowledgeBase
+    from tests.conftest import write_files
+
+    docs = tmp_path / "docs"
+    write_files(docs, {"a.txt": "First topic sentence. It goes on here. 第二个主题的句子。"})
+    first = build_kb(settings, "x", docs, None, False)
+    calls = []
+    real = KnowledgeBase.add_paths
+    monkeypatch.setattr(KnowledgeBase, "add_paths", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    assert build_kb(settings, "x", docs, None, False) == first and calls == []
+    fixed = build_kb(apply_overrides(settings, {"chunking.method": "fixed"}), "x", docs, None, False)
+    assert calls == [1] and fixed["chunker"] == "fixed" and first["chunker"] != "fixed"
+    (docs / "a.txt").write_text("Changed text entirely. Nothing else.", encoding="utf-8")
+    build_kb(apply_overrides(settings, {"chunking.method": "fixed"}), "x", docs, None, False)
+    assert calls == [1, 1]
+    with KnowledgeBase(apply_overrides(settings, {"chunking.method": "fixed"}), "x").store() as store:
+        docs_in = store.documents()
+        assert len(docs_in) == 1  # rebuilt, not added beside the old text
+        assert "Changed" in " ".join(c["text"] for c in store.chunks(docs_in[0].doc_id))
