@@ -96,17 +96,20 @@ def grid(factors: Sequence[str] | None = None) -> list[Row]:
     return rows
 
 
-def corpus(name: str, squad: str | Path, out: Path, splits: tuple[str, ...]) -> tuple[Path, Path]:
-    """Write corpus `name`'s documents and its questions (JSONL with gold context) under `out`."""
+def corpus(name: str, squad: str | Path, out: Path, splits: tuple[str, ...],
+           unanswerable: tuple[str, ...] = ("out",)) -> tuple[Path, Path]:
+    """Write corpus `name`'s documents and its questions (JSONL with gold context) under `out`:
+    those of `splits` (in the KB) and of `unanswerable` (`in_kb` false: their paragraphs are not)."""
     from eval.longdocs import write_long_docs
     from eval.squad_docs import write_docs, write_questions
 
     docs, questions = out / name / "docs", out / name / "questions.jsonl"
+    ask = tuple(dict.fromkeys(splits + unanswerable))
     if name == "long":
-        write_long_docs(squad, docs, splits, questions=questions)
+        write_long_docs(squad, docs, splits, questions=questions, ask=ask)
     elif name == "paragraphs":
         write_docs(squad, docs, splits)
-        write_questions(squad, questions, splits, in_kb=splits)
+        write_questions(squad, questions, ask, in_kb=splits)
     else:
         raise ValueError(f"unknown corpus {name!r}: use {', '.join(CORPORA)}")
     return docs, questions
@@ -172,29 +175,51 @@ def paired(a: list[dict], b: list[dict], key: str) -> dict:
     return {"gained": gained, "lost": lost}
 
 
-def run_corpus(name: str, rows: list[Row], questions: list[Question], docs: Path, config, base: Settings,
-               home: Path, k: int, progress: bool, say: Callable[[str], None]) -> list[dict]:
-    """Build the KBs the rows need and score every row on `questions`."""
+@dataclass
+class Builds:
+    """The knowledge bases of one corpus, built on demand (the reference's first: other rows may
+    refer to its chunk statistics) and reused."""
+
+    corpus: str
+    docs: Path
+    config: str | Path | None
+    base: Settings
+    home: Path
+    progress: bool = True
+    say: Callable[[str], None] = log.info
+    done: dict[str, dict] = field(default_factory=dict)
+
+    def settings(self, row: Row) -> tuple[Settings, str, dict]:
+        """The row's settings, the name of the KB it searches (built if needed) and its overrides."""
+        reference = Row("reference", "", dict(BASE))
+        if row.build != reference.build and reference.build not in self.done:
+            self.settings(reference)
+        overrides = row.overrides(self.base, self.done.get(reference.build))
+        s = row_settings(self.config, self.home, self.base.models_dir().resolve(), overrides)
+        kb_name = f"{self.corpus}-{row.build}"
+        if row.build not in self.done:
+            like = None
+            if row.levels["index"] != BASE["index"]:
+                flat = Row(row.factor, row.level, {**row.levels, "index": BASE["index"]})
+                self.settings(flat)
+                like = s.kb_dir(f"{self.corpus}-{flat.build}")
+            self.say(f"[{self.corpus}] building {kb_name}")
+            self.done[row.build] = build_kb(s, kb_name, self.docs, like, self.progress)
+        return s, kb_name, overrides
+
+
+def run_corpus(builds: Builds, rows: list[Row], questions: list[Question], k: int) -> list[dict]:
+    """Score every row on `questions` (building the KBs they need)."""
     from eval.retrieval import evaluate_retrieval
     from retrieval.kb import KnowledgeBase
 
-    builds: dict[str, dict] = {}
     out = []
     for row in rows:
-        overrides = row.overrides(base, builds.get(rows[0].build))
-        s = row_settings(config, home, base.models_dir().resolve(), overrides)
-        kb_name = f"{name}-{row.build}"
-        if row.build not in builds:
-            like = None
-            if row.levels["index"] != BASE["index"]:
-                ref = next(r for r in rows if r.levels["chunking"] == row.levels["chunking"] and r.levels["index"] == BASE["index"])
-                like = s.kb_dir(f"{name}-{ref.build}")
-            say(f"[{name}] building {kb_name}")
-            builds[row.build] = build_kb(s, kb_name, docs, like, progress)
-        say(f"[{name}] {row.name}: {len(questions)} questions")
-        res = evaluate_retrieval(KnowledgeBase(s, kb_name), questions, k, progress=progress)
-        out.append({"corpus": name, "row": row.name, "factor": row.factor, "level": row.level,
-                    "levels": row.levels, "overrides": overrides, "build": builds[row.build], **res})
+        s, kb_name, overrides = builds.settings(row)
+        builds.say(f"[{builds.corpus}] {row.name}: {len(questions)} questions")
+        res = evaluate_retrieval(KnowledgeBase(s, kb_name), questions, k, progress=builds.progress)
+        out.append({"corpus": builds.corpus, "row": row.name, "factor": row.factor, "level": row.level,
+                    "levels": row.levels, "overrides": overrides, "build": builds.done[row.build], **res})
     ref = out[0]["per_question"]
     for r in out:
         r["vs_reference"] = {m: paired(ref, r["per_question"], m) for m in ("strict", "answer_in_budget")}
@@ -217,11 +242,11 @@ def run_ablation(squad: str | Path, work: str | Path, *, config: str | Path | No
     for name in corpora:
         docs, qfile = corpus(name, squad, work, splits)
         questions, problems = load_questions(qfile)
-        questions = [q for q in questions if q.meta.get("in_kb", True)][:limit] if limit else \
-            [q for q in questions if q.meta.get("in_kb", True)]
+        questions = [q for q in questions if q.meta.get("in_kb", True)][:limit]
         result["corpora"][name] = {"documents": sum(1 for _ in docs.iterdir()), "questions": len(questions),
                                    "sha256": digest([Path(squad)]), "docs_sha256": digest([docs]),
                                    "doc_chars": sorted(len(p.read_text(encoding="utf-8")) for p in docs.iterdir()),
                                    "skipped": problems}
-        result["rows"] += run_corpus(name, rows, questions, docs, config, base, home, k, progress, say)
+        builds = Builds(name, docs, config, base, home, progress, say)
+        result["rows"] += run_corpus(builds, rows, questions, k)
     return result

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kb  # noqa: F401  (sets the offline environment first)
@@ -130,7 +131,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     import subprocess
-    from pathlib import Path
 
     try:
         import streamlit  # noqa: F401
@@ -232,12 +232,40 @@ def cmd_eval_ablate(args: argparse.Namespace, settings: Settings) -> int:
     factors = [f for f in (args.factors or "").split(",") if f]
     if bad := [c for c in corpora if c not in CORPORA] + [f for f in factors if f not in FACTORS]:
         raise UsageError(f"unknown corpus or factor {bad}: corpora {', '.join(CORPORA)}; factors {', '.join(FACTORS)}")
+    if args.answers:
+        return _ablate_answers(args, corpora)
     try:
         result = run_ablation(args.file, args.work, config=args.config, corpora=corpora,
                               splits=tuple(args.splits.split(",")), factors=factors or None, k=args.k,
                               limit=args.limit, progress=not args.quiet, say=log.info)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
+    if args.report:
+        write_report(result, args.report)
+    _emit(args, result, markdown)
+    return 0
+
+
+def _ablate_answers(args: argparse.Namespace, corpora: list[str]) -> int:
+    """`kb eval ablate --answers`: the chosen rows answered by the LLM (see eval.ablate_answers)."""
+    from eval.ablate_answers import markdown, pick_best, run_answers, write_report
+
+    if len(corpora) != 1:
+        raise UsageError("--answers runs on one corpus: give --corpora long (or paragraphs)")
+    names = [n for n in args.answers.split(",") if n]
+    try:
+        if len(names) == 1 and names[0].startswith("top") and names[0][3:].isdigit():
+            if not args.from_result:
+                raise UsageError("--answers topN needs --from-result (a saved ablation .json)")
+            names = pick_best(json.loads(Path(args.from_result).read_text(encoding="utf-8")), corpora[0], int(names[0][3:]))
+        n_in, n_out = (int(x) for x in args.answer_questions.split(","))
+        result = run_answers(args.file, args.work, names, config=args.config, corpus_name=corpora[0],
+                             splits=tuple(args.splits.split(",")), n_in=n_in, n_out=n_out,
+                             progress=not args.quiet, say=log.info)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    if args.from_result:
+        result["picked_from"] = args.from_result
     if args.report:
         write_report(result, args.report)
     _emit(args, result, markdown)
@@ -540,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--splits", default="kb", help="the splits whose paragraphs make the KB and whose questions are asked")
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--limit", type=int, help="only the first N questions of each corpus")
+    s.add_argument("--answers", help="instead of the grid: answer with the LLM on these rows (comma-separated "
+                                     "names such as reference,search=vector; or topN with --from-result)")
+    s.add_argument("--from-result", help="a saved ablation .json for --answers topN (ranked by answer_in_budget)")
+    s.add_argument("--answer-questions", default="60,20",
+                   help="--answers: answerable,unanswerable questions drawn (seed 13)")
     s.add_argument("--report", help="write a self-contained HTML report (and a JSON beside it)")
     s.set_defaults(func=cmd_eval_ablate)
 

@@ -56,7 +56,7 @@ def small_squad(tmp_path):
     return path
 
 
-def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, minilm_dir):
+def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, minilm_dir, monkeypatch):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -101,6 +101,20 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, mini
     assert (tmp_path / "r.html").read_text().count("<img") == 1
     assert json.loads((tmp_path / "r.json").read_text())["grid"] == [r.name for r in grid()]
 
+    # the answer phase on the best two rows reuses their KBs (no ingest) and asks both kinds of question
+    from eval.ablate_answers import pick_best, run_answers
+    from retrieval.kb import KnowledgeBase
+
+    best = pick_best(result, "long", 2)
+    assert len(best) == 2 and rows[best[0]]["answer_in_budget"] >= max(r["answer_in_budget"] for r in rows.values())
+    monkeypatch.setattr(KnowledgeBase, "add_paths", lambda *a, **kw: pytest.fail("a built KB was ingested again"))
+    answers = run_answers(small_squad, tmp_path / "work", best, config=cfg, n_in=4, n_out=2, progress=False)
+    assert [r["row"] for r in answers["rows"]] == best
+    for r in answers["rows"]:
+        assert (r["n_in_kb"], r["n_not_in_kb"]) == (4, 2) and r["refusal_correct"] is not None
+        assert r["mode"] == "extractive" and r["build"] == rows[r["row"]]["build"]
+    assert answers["rows"][0]["per_question"][0]["id"] in answers["questions"]["ids"]
+
 
 def test_a_built_kb_is_reused_only_with_the_same_documents_and_settings(settings, tmp_path, monkeypatch):
     from eval.ablate import build_kb
@@ -124,3 +138,20 @@ def test_a_built_kb_is_reused_only_with_the_same_documents_and_settings(settings
         docs_in = store.documents()
         assert len(docs_in) == 1  # rebuilt, not added beside the old text
         assert "Changed" in " ".join(c["text"] for c in store.chunks(docs_in[0].doc_id))
+
+
+def test_question_sample_and_best_rows():
+    from eval.ablate_answers import pick_best, sample
+    from eval.data import Question
+
+    qs = [Question(str(i), f"q{i}", ["a"], "ctx", {"in_kb": i < 10}) for i in range(15)]
+    picked = sample(qs, 4, 2, seed=1)
+    assert sum(q.meta["in_kb"] for q in picked) == 4 and len(picked) == 6
+    assert [q.id for q in picked] == sorted((q.id for q in picked), key=int)  # file order
+    assert [q.id for q in sample(qs, 4, 2, seed=1)] == [q.id for q in picked]
+    with pytest.raises(ValueError, match="unanswerable"):
+        sample(qs, 4, 6)
+    rows = [{"corpus": "long", "row": n, "answer_in_budget": a, "recall@5_strict": s, "mrr": 0.5}
+            for n, a, s in [("a", 0.8, 0.9), ("b", 0.9, 0.1), ("c", 0.8, 0.95), ("d", 0.1, 1.0)]]
+    assert pick_best({"k": 5, "rows": rows + [{**rows[3], "corpus": "paragraphs", "answer_in_budget": 1.0}]},
+                     "long", 3) == ["b", "c", "a"]
