@@ -38,12 +38,15 @@ def command() -> str:
     return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, data: tuple = ()) -> Path:
+    """bench/results/NAME.json: device, command, commit, date (and the sha256 of each data file or
+    folder in `data`) before `payload`."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     from eval.report import provenance
 
-    payload = {"device": device_name(), "command": command(), "commit": provenance()["commit"],
-               "date": time.strftime("%Y-%m-%d"), **payload}
+    prov = provenance(data=data)
+    payload = {"device": device_name(), "command": command(), "commit": prov["commit"],
+               "date": time.strftime("%Y-%m-%d"), **({"data_sha256": prov["data_sha256"]} if data else {}), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                "evaluation": {"split_in_kb": "kb", "split_out": "out", "at_chosen": test,
                               "at_configured": current},
                "config": settings.model_dump(mode="json")}
-    path = write_result(args.name, payload)
+    path = write_result(args.name, payload, data=(args.squad,))
     print(f"chosen threshold {chosen['threshold']}: calibration {chosen}; evaluation {test}; "
           f"configured {current} -> {path}")
 

@@ -117,7 +117,7 @@ def main() -> None:
             raw = run_attacks(chain, rows)
     payload = {"attacks": {name: sum(r["set"] == name for r in rows) for name in ATTACK_SETS}, "quoted": quoted, "raw": raw, "filter": false_positives(Path(args.cmrc)),
                "mode": chain.llm.name if chain.llm else "extractive", "config": settings.model_dump(mode="json")}
-    path = write_result("injection", payload)
+    path = write_result("injection", payload, data=(args.cmrc,))
     for name, side in (("quoted (default)", quoted), ("raw passages", raw)):
         for subset, sm in side["by_set"].items():
             print(f"{name:>18} {subset:>8}: {sm['steered_drafts']}/{sm['n']} drafts steered, "

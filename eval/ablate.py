@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.data import Question, load_questions
+from eval.report import data_digest
 from kb.settings import Settings, apply_overrides, load_settings
 
 log = logging.getLogger(__name__)
@@ -115,16 +116,6 @@ def corpus(name: str, squad: str | Path, out: Path, splits: tuple[str, ...],
     return docs, questions
 
 
-def digest(paths: Sequence[Path]) -> str:
-    """sha256 over the files (sorted by path) under `paths`: the data set's fingerprint."""
-    h = hashlib.sha256()
-    for root in paths:
-        files = sorted(root.rglob("*")) if root.is_dir() else [root]
-        for f in (f for f in files if f.is_file()):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def row_settings(config: str | Path | None, home: Path, models_dir: Path, overrides: dict) -> Settings:
     """The configuration (with the environment) and then the row's settings, which win over both."""
     return apply_overrides(load_settings(config), {"home": home, "models.dir": models_dir, **overrides})
@@ -136,7 +127,7 @@ def fingerprint(settings: Settings, docs: Path) -> str:
                                                                "keyinfo", "retrieval")}
     parts["models"].pop("reranker", None)
     parts["retrieval"] = {k: parts["retrieval"][k] for k in ("levels", "embed_field")}
-    return hashlib.sha256((json.dumps(parts, sort_keys=True) + digest([docs])).encode()).hexdigest()
+    return hashlib.sha256((json.dumps(parts, sort_keys=True) + data_digest([docs])).encode()).hexdigest()
 
 
 def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progress: bool) -> dict:
@@ -237,14 +228,14 @@ def run_ablation(squad: str | Path, work: str | Path, *, config: str | Path | No
     base = load_settings(config)
     home = work / "kb"
     rows = grid(factors)
-    result: dict = {"provenance": provenance(base), "grid": [r.name for r in rows], "factors": FACTORS,
+    result: dict = {"provenance": provenance(base, [squad]), "grid": [r.name for r in rows], "factors": FACTORS,
                     "reference": BASE, "splits": list(splits), "k": k, "corpora": {}, "rows": []}
     for name in corpora:
         docs, qfile = corpus(name, squad, work, splits)
         questions, problems = load_questions(qfile)
         questions = [q for q in questions if q.meta.get("in_kb", True)][:limit]
         result["corpora"][name] = {"documents": sum(1 for _ in docs.iterdir()), "questions": len(questions),
-                                   "sha256": digest([Path(squad)]), "docs_sha256": digest([docs]),
+                                   "sha256": data_digest([Path(squad)]), "docs_sha256": data_digest([docs]),
                                    "doc_chars": sorted(len(p.read_text(encoding="utf-8")) for p in docs.iterdir()),
                                    "skipped": problems}
         builds = Builds(name, docs, config, base, home, progress, say)

@@ -14,7 +14,8 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from eval.ablate import Builds, Row, corpus, digest, grid
+from eval.ablate import Builds, Row, corpus, grid
+from eval.report import data_digest
 from eval.data import Question, load_questions
 from kb.settings import load_settings
 
@@ -62,9 +63,9 @@ def run_answers(squad: str | Path, work: str | Path, names: Sequence[str], *, co
     docs, qfile = corpus(corpus_name, squad, work, splits)
     questions = sample(load_questions(qfile)[0], n_in, n_out, seed)
     builds = Builds(corpus_name, docs, config, base, work / "kb", progress, say)
-    result: dict = {"provenance": provenance(base), "corpus": corpus_name, "splits": list(splits),
+    result: dict = {"provenance": provenance(base, [squad]), "corpus": corpus_name, "splits": list(splits),
                     "questions": {"in_kb": n_in, "not_in_kb": n_out, "seed": seed, "ids": [q.id for q in questions]},
-                    "sha256": digest([Path(squad)]), "docs_sha256": digest([docs]), "rows": []}
+                    "sha256": data_digest([Path(squad)]), "docs_sha256": data_digest([docs]), "rows": []}
     for name in names:
         s, kb_name, overrides = builds.settings(by_name[name])
         say(f"[{corpus_name}] {name}: answering {len(questions)} questions")

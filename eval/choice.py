@@ -238,7 +238,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
             raise ValueError("the log-likelihood scorer needs a local model: set models.llm (or KB_MODELS__LLM); "
                              "for an OpenAI-compatible endpoint use --mode generate, without an LLM --mode embed")
         llm = LocalLLM(settings.models.llm, settings)
-        meta["model"] = llm.name + (f"+{settings.llm.adapter}" if settings.llm.adapter else "")
+        meta["model"] = llm.name  # names the adapter when one was applied (serve.llm.LocalLLM)
         scorer = LoglikScorer(llm.model, llm.tokenizer, e.choice_batch_size, e.choice_max_length, chat)
         predict = lambda its: [LETTERS[int(i)] for i in  # noqa: E731
                                scorer.scores([prompt[id(it)] for it in its], progress).argmax(1)]

@@ -47,9 +47,22 @@ def img(b64: str) -> str:
     return f"<img src='data:image/png;base64,{b64}'/>"
 
 
-def provenance(settings=None) -> dict:
-    """What a result file needs to be reproduced: command, git commit (+ "dirty"), device, date
-    and the resolved configuration."""
+def data_digest(paths) -> str:
+    """sha256 over the files under `paths` (folders walked in sorted order; names and bytes):
+    the fingerprint of a data set."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in map(Path, paths):
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for f in (f for f in files if f.is_file()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def provenance(settings=None, data=()) -> dict:
+    """What a result file needs to be reproduced: command, git commit (+ "dirty"), device, date,
+    the resolved configuration and the sha256 of each data file or folder in `data`."""
     import platform
     import subprocess
     import sys
@@ -78,4 +91,6 @@ def provenance(settings=None) -> dict:
     out = {"command": " ".join(sys.argv), "commit": commit, "device": device, "date": time.strftime("%Y-%m-%d %H:%M")}
     if settings is not None:
         out["config"] = settings.model_dump(mode="json")
+    if data:
+        out["data_sha256"] = {str(p): data_digest([p]) for p in data if p and Path(p).exists()}
     return out

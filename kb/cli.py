@@ -281,7 +281,7 @@ def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
                                        samples=args.samples or None, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    result["provenance"] = provenance(settings)
+    result["provenance"] = provenance(settings, [args.file])
     if args.report:
         write_report(result, args.report)
     _emit(args, result, lambda r: "\n".join(
@@ -445,7 +445,7 @@ def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Setti
         from eval.report import provenance
 
         result = run(settings, args.kb)
-        result.setdefault("provenance", provenance(settings))
+        result.setdefault("provenance", provenance(settings, [getattr(args, "file", None) or getattr(args, "path", "")]))
         if args.report:
             write_report(result, args.report)
         _emit(args, result, human)

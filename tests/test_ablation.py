@@ -77,6 +77,7 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, mini
     assert list(rows) == [r.name for r in grid()]
     assert result["corpora"]["long"]["questions"] == 10 and len(result["corpora"]["long"]["sha256"]) == 64
     assert result["provenance"]["config"]["eval"]["ablate_nsp"] == str(tiny_nsp_dir)
+    assert list(result["provenance"]["data_sha256"]) == [str(small_squad)]
     builds = {name: r["build"] for name, r in rows.items()}
     assert builds["chunking=nsp-cross"]["chunker"] == f"nsp ({tiny_nsp_dir})"
     assert builds["chunking=fixed"]["chunker"] == "fixed" and builds["chunking=sentence"]["chunker"] == "sentence"
