@@ -30,19 +30,30 @@ from kb.settings import Settings, apply_overrides, load_settings
 log = logging.getLogger(__name__)
 
 FACTORS: dict[str, dict[str, dict]] = {
-    "chunking": {"nsp-pair": {"models.nsp": None}, "nsp-cross": {"models.nsp": "{eval.ablate_nsp}"},
-                 "fixed": {"chunking.method": "fixed"},
-                 "fixed-matched": {"chunking.method": "fixed", "chunking.fixed_size": "{reference.mean_chunk_chars}",
-                                   "chunking.fixed_overlap": "{reference.mean_chunk_chars/10}"},
-                 "sentence": {"chunking.method": "sentence"}},
-    "index": {"two-level": {}, "single-level": {"retrieval.levels": ["segment"], "retrieval.embed_field": "raw_text"}},
-    "search": {"hybrid": {}, "vector": {"retrieval.search": "vector"}, "keyword": {"retrieval.search": "keyword"}},
-    "rerank": {"off": {}, "on": {"models.reranker": "{eval.ablate_reranker}"}},
+    "chunking": {
+        "nsp-pair": {"chunking.method": "nsp", "models.nsp": None, "nsp_train.kind": "pair_head"},
+        "nsp-pair-tuned": {"chunking.method": "nsp", "models.nsp": None, "nsp_train.kind": "pair_head",
+                           "chunking.threshold": "{eval.ablate_pair_threshold}"},
+        "nsp-cross": {"chunking.method": "nsp", "models.nsp": "{eval.ablate_nsp}"},
+        "nsp-cross-tuned": {"chunking.method": "nsp", "models.nsp": "{eval.ablate_nsp}",
+                            "chunking.threshold": "{eval.ablate_cross_threshold}"},
+        "fixed": {"chunking.method": "fixed"},
+        "fixed-matched": {"chunking.method": "fixed", "chunking.fixed_size": "{reference.matched_fixed_size}",
+                          "chunking.fixed_overlap": "{reference.matched_fixed_size/10}"},
+        "sentence": {"chunking.method": "sentence"}},
+    "index": {"two-level": {"retrieval.levels": ["article", "segment", "sentence"], "retrieval.embed_field": "key_text"},
+              "single-level": {"retrieval.levels": ["segment"], "retrieval.embed_field": "raw_text"}},
+    "search": {"hybrid": {"retrieval.search": "hybrid"}, "vector": {"retrieval.search": "vector"},
+               "keyword": {"retrieval.search": "keyword"}},
+    "rerank": {"off": {"models.reranker": None, "retrieval.rerank": False},
+               "on": {"models.reranker": "{eval.ablate_reranker}", "retrieval.rerank": True}},
 }
-"""factor -> level -> the settings that level sets (dotted keys; "{section.key}" is that setting's
-value in the base configuration, "{reference.mean_chunk_chars}" the reference's mean chunk length on
-the corpus, so `fixed-matched` cuts chunks as long as the reference's on average, with 10%
-overlap); the first level is the reference."""
+"""factor -> level -> the settings that level sets (dotted keys). Every level sets its factor in
+full, so the reference does not take a value from the configuration or the environment that a
+row changes. "{section.key}" is that setting's value in the base configuration;
+"{reference.matched_fixed_size}" is the fixed splitter's size whose chunks on this corpus are as
+long as the reference's on average (`matched_fixed_size`), with 10% overlap. The first level of
+each factor is the reference."""
 BASE = {f: next(iter(levels)) for f, levels in FACTORS.items()}
 BUILD_FACTORS = ("chunking", "index")
 """Factors that need their own knowledge base; the others change only how it is searched."""
@@ -106,6 +117,7 @@ def corpus(name: str, squad: str | Path, out: Path, splits: tuple[str, ...],
 
     docs, questions = out / name / "docs", out / name / "questions.jsonl"
     ask = tuple(dict.fromkeys(splits + unanswerable))
+    shutil.rmtree(docs, ignore_errors=True)  # documents of an earlier run with other splits must not stay
     if name == "long":
         write_long_docs(squad, docs, splits, questions=questions, ask=ask)
     elif name == "paragraphs":
@@ -121,12 +133,19 @@ def row_settings(config: str | Path | None, home: Path, models_dir: Path, overri
     return apply_overrides(load_settings(config), {"home": home, "models.dir": models_dir, **overrides})
 
 
-def fingerprint(settings: Settings, docs: Path) -> str:
-    """What a built KB depends on: the documents and the settings that shape chunks and index."""
+BUILD_VERSION = 2
+"""Part of every build's fingerprint: raise it when the way a KB is built changes."""
+
+
+def fingerprint(settings: Settings, docs: Path, source: str = "") -> str:
+    """What a built KB depends on: the documents, the settings that shape chunks and index, and
+    (`source`) the fingerprint of the KB whose store it copies."""
     parts = {k: settings.model_dump(mode="json")[k] for k in ("models", "parse", "clean", "chunking", "nsp_train",
                                                                "keyinfo", "retrieval")}
     parts["models"].pop("reranker", None)
     parts["retrieval"] = {k: parts["retrieval"][k] for k in ("levels", "embed_field")}
+    parts["retrieval"]["keywords"] = settings.retrieval.uses_keywords
+    parts["version"], parts["source"] = BUILD_VERSION, source
     return hashlib.sha256((json.dumps(parts, sort_keys=True) + data_digest([docs])).encode()).hexdigest()
 
 
@@ -136,7 +155,8 @@ def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progr
     one built otherwise is deleted and rebuilt."""
     from retrieval.kb import KnowledgeBase
 
-    target, mark = settings.kb_dir(name), fingerprint(settings, docs)
+    source = json.loads((like / "ablate.json").read_text())["fingerprint"] if like is not None else ""
+    target, mark = settings.kb_dir(name), fingerprint(settings, docs, source)
     stamp = target / "ablate.json"
     if (target / "store.sqlite").is_file():
         saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
@@ -166,6 +186,22 @@ def paired(a: list[dict], b: list[dict], key: str) -> dict:
     return {"gained": gained, "lost": lost}
 
 
+def matched_fixed_size(docs: Path, target_chars: float, overlap: float = 0.1) -> int:
+    """The fixed splitter's size whose chunks of the documents under `docs` are `target_chars`
+    long on average (its size is a maximum: its chunks come out shorter)."""
+    from ingest.chunking import FixedChunker
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(docs.rglob("*")) if p.is_file()]
+
+    def mean_len(size: int) -> float:
+        splitter = FixedChunker(size, max(0, round(size * overlap))).splitter
+        pieces = [c for t in texts for c in splitter.split_text(t) if c.strip()]
+        return sum(len(c.strip()) for c in pieces) / max(1, len(pieces))
+
+    sizes = range(max(20, round(target_chars * 0.8)), round(target_chars * 3) + 1, 5)
+    return min(sizes, key=lambda n: abs(mean_len(n) - target_chars))
+
+
 @dataclass
 class Builds:
     """The knowledge bases of one corpus, built on demand (the reference's first: other rows may
@@ -185,7 +221,10 @@ class Builds:
         reference = Row("reference", "", dict(BASE))
         if row.build != reference.build and reference.build not in self.done:
             self.settings(reference)
-        overrides = row.overrides(self.base, self.done.get(reference.build))
+        ref = self.done.get(reference.build)
+        if ref is not None and "matched_fixed_size" not in ref:
+            ref["matched_fixed_size"] = matched_fixed_size(self.docs, ref["mean_chunk_chars"])
+        overrides = row.overrides(self.base, ref)
         s = row_settings(self.config, self.home, self.base.models_dir().resolve(), overrides)
         kb_name = f"{self.corpus}-{row.build}"
         if row.build not in self.done:

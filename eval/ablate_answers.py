@@ -29,7 +29,7 @@ def pick_best(result: dict, corpus_name: str, n: int) -> list[str]:
     rows = [r for r in result["rows"] if r["corpus"] == corpus_name]
     if not rows:
         raise ValueError(f"the ablation result has no rows for corpus {corpus_name!r}")
-    rows.sort(key=lambda r: (-r["answer_in_budget"], -r[f"recall@{k}_strict"], -r["mrr"]))
+    rows.sort(key=lambda r: (-(r["answer_in_budget"] or 0.0), -(r[f"recall@{k}_strict"] or 0.0), -r["mrr"]))
     return [r["row"] for r in rows[:n]]
 
 
@@ -48,8 +48,10 @@ def sample(questions: Sequence[Question], n_in: int, n_out: int, seed: int = 13)
 
 def run_answers(squad: str | Path, work: str | Path, names: Sequence[str], *, config: str | Path | None = None,
                 corpus_name: str = "long", splits: tuple[str, ...] = ("kb",), n_in: int = 60, n_out: int = 20,
-                seed: int = 13, progress: bool = True, say: Callable[[str], None] = log.info) -> dict:
-    """Each named row's answers on one question sample; rows as `eval.ablate.grid` names them."""
+                seed: int = 13, progress: bool = True, say: Callable[[str], None] = log.info,
+                docs_sha256: str | None = None) -> dict:
+    """Each named row's answers on one question sample; rows as `eval.ablate.grid` names them.
+    `docs_sha256`: the documents the rows were picked on (a saved grid's); others are an error."""
     from eval.open import evaluate_open
     from eval.report import provenance
     from retrieval.kb import KnowledgeBase
@@ -61,6 +63,9 @@ def run_answers(squad: str | Path, work: str | Path, names: Sequence[str], *, co
     work = Path(work)
     base = load_settings(config)
     docs, qfile = corpus(corpus_name, squad, work, splits)
+    if docs_sha256 is not None and data_digest([docs]) != docs_sha256:
+        raise ValueError("the rows were picked on other documents than these (another file, splits or builder): "
+                         "run the grid again")
     questions = sample(load_questions(qfile)[0], n_in, n_out, seed)
     builds = Builds(corpus_name, docs, config, base, work / "kb", progress, say)
     result: dict = {"provenance": provenance(base, [squad]), "corpus": corpus_name, "splits": list(splits),

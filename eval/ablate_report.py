@@ -61,9 +61,10 @@ def write_report(result: dict, path: str) -> None:
             (f"context_precision@{k}", f"context precision@{k}"), ("answer_in_budget", "answer in budget")]
     sections = [("Corpora", html_table([{"corpus": c, **{x: v for x, v in d.items() if x not in ("doc_chars", "skipped")}}
                                         for c, d in result["corpora"].items()]))]
+    budget = result["rows"][0]["budget"] if result["rows"] else 1000
     for corpus in result["corpora"]:
         rows = [{"row": r["row"], "chunks": r["build"]["chunks"], "mean chunk chars": r["build"]["mean_chunk_chars"],
-                 **{h: r[key] for key, h in _cols(k)}, "vs reference": _vs(r), "queries/s": r["queries_per_s"]}
+                 **{h: r[key] for key, h in _cols(k, budget)}, "vs reference": _vs(r), "queries/s": r["queries_per_s"]}
                 for r in result["rows"] if r["corpus"] == corpus]
         sections += [(f"{corpus}: table", html_table(rows)), (f"{corpus}: plot", _plot(result, corpus, keys))]
     payload = {**result, "rows": [{x: v for x, v in r.items()} for r in result["rows"]]}

@@ -12,6 +12,8 @@ hands the LLM (the same hits cut to a character budget, `serve.chain.clip_contex
 - `chars`: the characters returned;
 - `answer_in`: a gold answer lies inside the part that comes from the gold paragraph (an answer
   string that merely occurs in another passage does not count).
+
+When the question names its paragraph's document (`doc`), only hits from that document count.
 """
 
 from __future__ import annotations
@@ -59,9 +61,14 @@ class ContextScore:
         return self.gold_chars / self.chars if self.chars else 0.0
 
 
-def score_texts(texts: Sequence[str], gold: str, answers: Sequence[str]) -> ContextScore:
-    """Characters, characters from the gold paragraph, and whether an answer is in that part."""
-    parts = [overlap(t, gold) for t in texts]
+def score_texts(texts: Sequence[str], gold: str, answers: Sequence[str],
+                same_doc: Sequence[bool] | None = None) -> ContextScore:
+    """Characters, characters from the gold paragraph, and whether an answer is in that part.
+    With `same_doc` (per text: does it come from the gold paragraph's document), only those texts
+    can overlap the paragraph: a short sentence of another document that happens to occur in the
+    paragraph is not gold text."""
+    same = same_doc if same_doc is not None else [True] * len(texts)
+    parts = [overlap(t, gold) if ok else "" for t, ok in zip(texts, same)]
     ans = [norm(a) for a in answers if norm(a)]
     return ContextScore(sum(len(norm(t).rstrip("…")) for t in texts), sum(len(p) for p in parts),
                         any(a in p for p in parts for a in ans))

@@ -17,21 +17,21 @@ as the LLM saw it: the passages cut to `answer.max_context_chars` in all):
   a clause. Each occurrence counts. An answered reply that cites nothing scores 0. Unlike
   compliance's grounding check (terms of the answer found in *any* retrieved passage, which decides
   the fallback), this looks only at the passages the reply names, so it can be low when nothing
-  falls back.
-- `faithful_rate`: the share of answered replies with faithfulness >= 0.8 (`FAITHFUL`).
-- `supported_rate`: kept for compatibility; equal to `faithful_rate` (it was once a grounding check
-  that equalled 1 - fallback). Per question, `supported` is 1 when the reply was answered and
-  faithful, else 0.
+  falls back. Extractive answers (no LLM) copy sentences of the passages they cite, so they
+  score 1 by construction: the measure is about what a generating model writes.
+- `faithful_rate`: the share of answered replies with faithfulness >= 0.8 (`FAITHFUL`). (The old
+  `supported` re-ran compliance's grounding check, so it equalled 1 - fallback; it is gone.)
 - `citation_rate`: the share of answered replies that cite at least one passage.
 - `citation_correct`: over answered replies that cite at least one passage, the share whose cited
   passages contain a gold answer (`eval.textmetrics.contains_answer` normalisation).
-- `refusal_correct`: over questions not in the KB (`in_kb` false), the share that fell back or
-  whose draft was the refusal sentence; None without such questions.
+- `refusal_correct`: over questions not in the KB (`in_kb` false), the share that fell back (the
+  chain turns the model's refusals into fallbacks too); None without such questions. Older result
+  files call it `unanswerable_fallback_rate`.
 - `false_fallback_rate`: the share of in-KB questions that fell back; `fallback_rate` is over every
   question asked.
 
 A mean over no rows is 0 (`answered` says how many replies the answer-level rates stand on), except
-`refusal_correct` and `unanswerable_fallback_rate`, which are None. Per question, `faithfulness` is
+`refusal_correct`, which is None. Per question, `faithfulness` is
 None for a reply that fell back and `citation_correct` None for one that fell back or cites nothing.
 """
 
@@ -103,7 +103,7 @@ def answer_row(q: Question, r: dict, refused: bool, max_chars: int | None = None
     return {"id": q.id, "question": q.question, "gold": q.answers[0], "answer": r["answer"],
             "exact_match": exact_match(r["answer"], q.answers), "f1": f1(r["answer"], q.answers),
             "rouge_l": rouge_l(r["answer"], q.answers), "contains_answer": contains_answer(r["answer"], q.answers),
-            "faithfulness": faith, "supported": float(faith is not None and faith >= FAITHFUL), "cited": nums,
+            "faithfulness": faith, "cited": nums,
             "citation_correct": float(any(contains_answer(t, q.answers) for t in texts)) if nums else None,
             "context_has_answer": float(any(relevant(t, q) for t in seen if t)),
             "refused": float(refused), "fallback": float(r["fallback"]), "reason": r["reason"] or "",
@@ -140,16 +140,14 @@ def summarize(rows: list[dict], chain=None) -> dict:
     out = {"n": n, "n_in_kb": len(inside), "n_not_in_kb": len(outside),
            "exact_match": mean("exact_match", inside), "f1": mean("f1", inside), "rouge_l": mean("rouge_l", inside),
            "contains_answer": mean("contains_answer", inside),
-           "faithfulness": mean("faithfulness", answered), "faithful_rate": faithful, "supported_rate": faithful,
+           "faithfulness": mean("faithfulness", answered), "faithful_rate": faithful,
            "context_has_answer": mean("context_has_answer", inside), "refusal_rate": mean("refused", inside),
            "fallback_rate": mean("fallback", rows), "answered": len(answered),
            "citation_rate": mean("cites", answered), "citation_correct": mean("citation_correct", citing),
            "f1_answered": mean("f1", answered),
            "false_fallback_rate": mean("fallback", inside),
            "false_fallback_when_retrieved": mean("fallback", held),
-           "unanswerable_fallback_rate": mean("fallback", outside) if outside else None,
-           "refusal_correct": round(float(np.mean([bool(r["fallback"] or r["refused"]) for r in outside])), 4)
-           if outside else None,
+           "refusal_correct": mean("fallback", outside) if outside else None,
            "latency_mean_s": round(float(lat.mean()), 4),
            "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
            "latency_p95_s": round(float(np.percentile(lat, 95)), 4)}

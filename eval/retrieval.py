@@ -46,7 +46,7 @@ def metrics(rels: Sequence[Sequence[bool]], k: int) -> dict:
 
 
 def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int = 64,
-                       progress: bool = True, budget: int | None = None, fill_hits: int = 20) -> dict:
+                       progress: bool = True, budget: int | None = None, fill_hits: int = 50) -> dict:
     from tqdm.auto import tqdm
 
     from serve.chain import clip_context
@@ -63,9 +63,12 @@ def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int
             rels.append(r)
             row = {"id": q.id, "question": q.question, "rank": next((i + 1 for i, x in enumerate(r) if x), None)}
             if q.context:
-                top = score_texts([h.text for h in hits], q.context, q.answers)
-                cut = score_texts([t for t in clip_context(found, budget) if t], q.context, q.answers)
-                llm = score_texts([t for t in clip_context(found[:n_llm], budget) if t], q.context, q.answers)
+                doc = q.meta.get("doc")
+                same = [doc is None or h.source == doc or h.source.endswith("/" + doc) for h in found]
+                cut_texts = clip_context(found, budget)
+                top = score_texts([h.text for h in hits], q.context, q.answers, same[:k])
+                cut = score_texts(cut_texts, q.context, q.answers, same)
+                llm = score_texts(cut_texts[:n_llm], q.context, q.answers, same[:n_llm])
                 row.update(strict=top.answer_in, precision=round(top.precision, 4), chars=top.chars,
                            answer_in_budget=cut.answer_in, precision_budget=round(cut.precision, 4),
                            chars_in_budget=cut.chars, answer_to_llm=llm.answer_in, chars_to_llm=llm.chars)

@@ -11,22 +11,31 @@ import argparse
 import json
 from pathlib import Path
 
-from eval.data import SPLITS, squad_paragraphs
+from eval.data import SPLITS, Paragraph, squad_paragraphs
+
+
+def doc_names(paragraphs: list[Paragraph]) -> dict[int, str]:
+    """Each paragraph's document name: `AAAA-PP.txt`, article and paragraph number."""
+    seen: dict[int, int] = {}
+    out = {}
+    for p in paragraphs:
+        out[p.index] = f"{p.article:04d}-{seen.get(p.article, 0):02d}.txt"
+        seen[p.article] = seen.get(p.article, 0) + 1
+    return out
 
 
 def write_docs(squad: str | Path, out: str | Path, splits: tuple[str, ...] = SPLITS) -> int:
-    """One text file per paragraph (`AAAA-PP.txt`: article and paragraph number, title first)."""
+    """One text file per paragraph (`doc_names`; title first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    paras = squad_paragraphs(squad)
+    names = doc_names(paras)
     n = 0
-    seen: dict[int, int] = {}
-    for p in squad_paragraphs(squad):
-        para = seen.get(p.article, 0)
-        seen[p.article] = para + 1
+    for p in paras:
         if p.split not in splits:
             continue
         text = f"{p.title}\n\n{p.context}\n" if p.title else p.context + "\n"
-        (out / f"{p.article:04d}-{para:02d}.txt").write_text(text, encoding="utf-8")
+        (out / names[p.index]).write_text(text, encoding="utf-8")
         n += 1
     return n
 
@@ -35,10 +44,14 @@ def write_questions(squad: str | Path, out: str | Path, splits: tuple[str, ...] 
                     in_kb: tuple[str, ...] | None = None) -> int:
     """JSONL `{"id", "question", "answers", "context", "split"}` of the questions in `splits`;
     with `in_kb` (the splits whose paragraphs the KB holds) each row also says `"in_kb"`, so
-    `kb eval open` can tell false fallbacks from correct ones on unanswerable questions."""
+    `kb eval open` can tell false fallbacks from correct ones on unanswerable questions, and
+    names its paragraph's document (`doc`, None when that is not in the KB)."""
+    paras = squad_paragraphs(squad)
+    names = doc_names(paras)
     rows = [{"id": q.id, "question": q.question, "answers": q.answers, "context": q.context, "split": p.split,
-             **({"in_kb": p.split in in_kb} if in_kb is not None else {})}
-            for p in squad_paragraphs(squad) if p.split in splits for q in p.questions]
+             **({"in_kb": p.split in in_kb, "doc": names[p.index] if p.split in in_kb else None}
+                if in_kb is not None else {})}
+            for p in paras if p.split in splits for q in p.questions]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return len(rows)

@@ -218,8 +218,8 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
         f"contains_answer={r['contains_answer']:.3f}  faithfulness={r['faithfulness']:.3f}  "
         f"citation_correct={r['citation_correct']:.3f}  "
         f"cites={r['citation_rate']:.3f}  refusal={r['refusal_rate']:.3f}  false_fallback={r['false_fallback_rate']:.3f}"
-        + (f"  unanswerable_fallback={r['unanswerable_fallback_rate']:.3f} (n={r['n_not_in_kb']})"
-           if r.get("unanswerable_fallback_rate") is not None else "")
+        + (f"  refusal_correct={r['refusal_correct']:.3f} (n={r['n_not_in_kb']})"
+           if r.get("refusal_correct") is not None else "")
         + f"  p50={r['latency_p50_s']:.3f}s" + (f"  judge={r['judge']}" if "judge" in r else "")),
         "Open-ended answer evaluation")
 
@@ -254,14 +254,16 @@ def _ablate_answers(args: argparse.Namespace, corpora: list[str]) -> int:
         raise UsageError("--answers runs on one corpus: give --corpora long (or paragraphs)")
     names = [n for n in args.answers.split(",") if n]
     try:
+        grid_result = json.loads(Path(args.from_result).read_text(encoding="utf-8")) if args.from_result else None
         if len(names) == 1 and names[0].startswith("top") and names[0][3:].isdigit():
-            if not args.from_result:
+            if grid_result is None:
                 raise UsageError("--answers topN needs --from-result (a saved ablation .json)")
-            names = pick_best(json.loads(Path(args.from_result).read_text(encoding="utf-8")), corpora[0], int(names[0][3:]))
+            names = pick_best(grid_result, corpora[0], int(names[0][3:]))
         n_in, n_out = (int(x) for x in args.answer_questions.split(","))
+        expect = grid_result["corpora"][corpora[0]]["docs_sha256"] if grid_result else None
         result = run_answers(args.file, args.work, names, config=args.config, corpus_name=corpora[0],
                              splits=tuple(args.splits.split(",")), n_in=n_in, n_out=n_out,
-                             progress=not args.quiet, say=log.info)
+                             progress=not args.quiet, say=log.info, docs_sha256=expect)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     if args.from_result:

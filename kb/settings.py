@@ -162,7 +162,7 @@ class RetrievalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _legacy_hybrid(self) -> RetrievalConfig:
-        if self.hybrid is False and self.search == "hybrid":
+        if self.hybrid is False and "search" not in self.model_fields_set:
             self.search = "vector"
         return self
 
@@ -269,6 +269,11 @@ class EvalConfig(BaseModel):
     """`kb eval ablate`: the NSP cross-encoder of the `chunking=nsp-cross` row."""
     ablate_reranker: str = "model:rerank-e5"
     """`kb eval ablate`: the reranker of the `rerank=on` row."""
+    ablate_pair_threshold: float = 0.35
+    """`kb eval ablate`: the pair head's threshold of the `chunking=nsp-pair-tuned` row (the lowest
+    WindowDiff on CMRC's train split: bench/results/segmentation_cmrc.json)."""
+    ablate_cross_threshold: float = 0.05
+    """`kb eval ablate`: the cross-encoder's threshold of `chunking=nsp-cross-tuned` (as above)."""
 
 
 class LoRASettings(BaseModel):

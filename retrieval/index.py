@@ -236,8 +236,12 @@ def desired_entries(store: DocStore, cfg: RetrievalConfig) -> tuple[np.ndarray, 
     for ki_id, level, key_text, raw_text in store.conn.execute(q, cfg.levels):
         ids.append(ki_id)
         emb_texts.append(key_text if cfg.embed_field == "key_text" else raw_text)
-        # keywords search the raw text of segments and the key text of the other levels
-        kw_texts.append(f"{key_text}\n{raw_text}" if level == "segment" else key_text)
+        # keywords search the raw text of segments and the key text of the other levels; a
+        # single-level index of raw text (embed_field raw_text) has no key information at all
+        if cfg.embed_field == "raw_text":
+            kw_texts.append(raw_text)
+        else:
+            kw_texts.append(f"{key_text}\n{raw_text}" if level == "segment" else key_text)
     return np.asarray(ids, dtype=np.int64), emb_texts, kw_texts
 
 

@@ -25,7 +25,7 @@ from kb.paths import check_kb_name
 from kb.settings import Settings
 from kb.writelock import write_lock
 from retrieval.embedder import Embedder
-from retrieval.index import IndexDir, LoadedIndex, sync_index
+from retrieval.index import IndexDir, IndexMismatchError, LoadedIndex, sync_index
 from retrieval.search import Hit, Reranker, fuse, to_units
 from retrieval.vector import gpu_backend, torch_from_faiss
 
@@ -188,8 +188,9 @@ class KnowledgeBase:
             return [[] for _ in queries]
         use_vec = cfg.search != "keyword"
         use_kw = cfg.uses_keywords and live.keywords is not None
-        if cfg.search == "keyword" and not use_kw:
-            log.warning("%s: keyword search asked, but the index has no BM25 side (run kb reindex)", self.name)
+        if cfg.uses_keywords and live.keywords is None:
+            raise IndexMismatchError(f"retrieval.search is {cfg.search!r}, but the index of {self.name!r} was built "
+                                     f"without its BM25 side: run `kb reindex --kb {self.name}`")
         if use_vec:
             qv = self.embedder.encode_queries(list(queries))
             # trust the vector list as far as the embedder's vocabulary covers the query

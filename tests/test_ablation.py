@@ -27,11 +27,19 @@ def test_grid_changes_one_factor_at_a_time():
     assert [r.name for r in grid(["search"])] == ["reference", "search=vector", "search=keyword"]
 
 
-def test_every_row_setting_arrives(tmp_path):
+def test_every_row_setting_arrives(tmp_path, monkeypatch):
+    # an environment that sets every factor otherwise: the rows must still get what they name
+    monkeypatch.setenv("KB_RETRIEVAL__SEARCH", "vector")
+    monkeypatch.setenv("KB_RETRIEVAL__LEVELS", '["segment"]')
+    monkeypatch.setenv("KB_RETRIEVAL__EMBED_FIELD", "raw_text")
+    monkeypatch.setenv("KB_RETRIEVAL__RERANK", "false")
+    monkeypatch.setenv("KB_MODELS__RERANKER", "/env/rr")
+    monkeypatch.setenv("KB_MODELS__NSP", "/env/nsp")
+    monkeypatch.setenv("KB_CHUNKING__METHOD", "fixed")
     base = load_settings(None, **{"eval.ablate_nsp": "/m/nsp", "eval.ablate_reranker": "/m/rr"})
     seen = set()
     for row in grid():
-        overrides = row.overrides(base, {"mean_chunk_chars": 321.4})
+        overrides = row.overrides(base, {"matched_fixed_size": 455})
         s = row_settings(None, tmp_path / "home", tmp_path / "models", overrides)
         for key, value in overrides.items():
             assert _dotted(s, key) == value, (row.name, key)
@@ -39,12 +47,18 @@ def test_every_row_setting_arrives(tmp_path):
         assert s.home == tmp_path / "home" and s.models_dir() == tmp_path / "models"
     assert {"models.nsp", "chunking.method", "retrieval.levels", "retrieval.embed_field", "retrieval.search",
             "models.reranker"} <= seen
-    overrides = {r.name: r.overrides(base, {"mean_chunk_chars": 321.4}) for r in grid()}
-    assert overrides["chunking=fixed-matched"]["chunking.fixed_size"] == 321
-    assert overrides["chunking=fixed-matched"]["chunking.fixed_overlap"] == 32
+    overrides = {r.name: r.overrides(base, {"matched_fixed_size": 455}) for r in grid()}
+    assert overrides["chunking=fixed-matched"]["chunking.fixed_size"] == 455
+    assert overrides["chunking=fixed-matched"]["chunking.fixed_overlap"] == 46
     assert overrides["chunking=nsp-cross"]["models.nsp"] == "/m/nsp"
     assert overrides["rerank=on"]["models.reranker"] == "/m/rr"
-    assert overrides["reference"]["models.nsp"] is None  # the pair head, even where a config names an NSP model
+    ref = row_settings(None, tmp_path / "home", tmp_path / "models", overrides["reference"])
+    assert (ref.chunking.method, ref.models.nsp, ref.nsp_train.kind) == ("nsp", None, "pair_head")
+    assert (ref.retrieval.levels, ref.retrieval.embed_field) == (["article", "segment", "sentence"], "key_text")
+    assert (ref.retrieval.search, ref.models.reranker, ref.retrieval.rerank) == ("hybrid", None, False)
+    on = row_settings(None, tmp_path / "home", tmp_path / "models", overrides["rerank=on"])
+    assert (on.models.reranker, on.retrieval.rerank) == ("/m/rr", True)
+    assert overrides["chunking=nsp-pair-tuned"]["chunking.threshold"] == base.eval.ablate_pair_threshold
 
 
 @pytest.fixture()
@@ -61,6 +75,7 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, mini
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from retrieval.index import IndexDir
+    from retrieval.kb import KnowledgeBase
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
@@ -102,9 +117,24 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, mini
     assert (tmp_path / "r.html").read_text().count("<img") == 1
     assert json.loads((tmp_path / "r.json").read_text())["grid"] == [r.name for r in grid()]
 
+    # the rows' searches: the reranker scores every hit, keyword search has no vector scores
+    from eval.ablate import Builds
+
+    builds_ = Builds("long", tmp_path / "work" / "long" / "docs", cfg, load_settings(cfg), tmp_path / "work" / "kb",
+                     False)
+    by_name = {r.name: r for r in grid()}
+    s_on, kb_on, _ = builds_.settings(by_name["rerank=on"])
+    hits = KnowledgeBase(s_on, kb_on).search(result["rows"][0]["per_question"][0]["question"], 5)
+    assert hits and all("rerank_score" in h.key_info for h in hits)
+    s_kw, kb_kw, _ = builds_.settings(by_name["search=keyword"])
+    hits = KnowledgeBase(s_kw, kb_kw).search(result["rows"][0]["per_question"][0]["question"], 5)
+    assert hits and all(h.vector_score is None for h in hits)
+    # the fixed splitter's size for fixed-matched gives chunks about as long as the reference's
+    matched = builds["chunking=fixed-matched"]["mean_chunk_chars"]
+    assert abs(matched - builds["reference"]["mean_chunk_chars"]) < 0.25 * builds["reference"]["mean_chunk_chars"]
+
     # the answer phase on the best two rows reuses their KBs (no ingest) and asks both kinds of question
     from eval.ablate_answers import pick_best, run_answers
-    from retrieval.kb import KnowledgeBase
 
     best = pick_best(result, "long", 2)
     assert len(best) == 2 and rows[best[0]]["answer_in_budget"] >= max(r["answer_in_budget"] for r in rows.values())

@@ -138,7 +138,7 @@ def test_fallbacks_are_counted_apart_for_questions_outside_the_kb():
     assert s["false_fallback_rate"] == 0.5                     # 2 of the 4 answerable
     assert s["fallback_rate"] == pytest.approx(4 / 7, abs=1e-4)  # of every question asked
     assert s["false_fallback_when_retrieved"] == pytest.approx(1 / 3, abs=1e-4)  # 1 of the 3 retrieved
-    assert s["unanswerable_fallback_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["refusal_correct"] == pytest.approx(2 / 3, abs=1e-4)  # 2 of the 3 not in the KB fell back
     assert s["citation_rate"] == 0.5                           # of the 2 answered in-KB replies
     assert s["f1"] == 0.375                                    # quality only over in-KB questions
 
@@ -154,7 +154,8 @@ class FixedChain:
     def __init__(self, replies: dict[str, tuple[str, list[str], bool, str]]) -> None:
         self.replies = replies
         self.kb, self.llm = SimpleNamespace(name="fixed"), None
-        self.settings = SimpleNamespace(compliance=SimpleNamespace(min_grounding=0.5),  # as the real chain has
+        # the settings the real chain has, as far as eval.open reads them
+        self.settings = SimpleNamespace(compliance=SimpleNamespace(min_grounding=0.5),
                                         answer=SimpleNamespace(max_context_chars=1000))
 
     def ask(self, question: str) -> dict:
@@ -189,7 +190,8 @@ def test_faithfulness_and_citation_correctness_disagree_with_fallback_and_citati
     # 上海是中国最大的城市: 9 bigrams, of which only 是中 and 中国 are in the cited passage [1]
     assert [q["faithfulness"] for q in r["per_question"]] == [1.0, round(2 / 9, 4), 0.0, 1.0]
     assert r["faithfulness"] == pytest.approx((1 + 2 / 9 + 0 + 1) / 4, abs=1e-4)
-    assert r["faithful_rate"] == r["supported_rate"] == 0.5  # nothing fell back, yet half are unfaithful
+    assert r["faithful_rate"] == 0.5  # nothing fell back, yet half are unfaithful
+    assert "supported_rate" not in r
     assert r["citation_rate"] == 0.75                          # 3 of 4 cite a passage
     assert r["citation_correct"] == pytest.approx(2 / 3, abs=1e-4)  # the wrong passage holds no 上海
     write_report(r, str(tmp_path / "open.html"))
@@ -201,13 +203,13 @@ def test_refusal_correct_counts_only_questions_outside_the_kb():
     replies = {"内1": ("抱歉。", [P_CAPITAL], True, ""),                                    # false fallback
                "内2": ("北京是中国的首都。[1]", [P_CAPITAL], False, "北京是中国的首都。[1]"),
                "外1": ("抱歉。", [P_CITY], True, ""),                                       # fell back: right
-               "外2": (REFUSAL, [P_CITY], False, REFUSAL),                                  # refused: right
+               "外2": ("抱歉。", [P_CITY], True, REFUSAL),                                  # refused, so it fell back: right
                "外3": ("上海是中国最大的城市。[1]", [P_CITY], False, "上海是中国最大的城市。[1]")}  # answered: wrong
     golds = dict.fromkeys(replies, "北京")
     r = _ask_all(replies, golds, in_kb={q: q.startswith("内") for q in replies})
     assert (r["n_in_kb"], r["n_not_in_kb"]) == (2, 3)
     assert r["refusal_correct"] == pytest.approx(2 / 3, abs=1e-4)  # over every question: 3/5
-    assert r["unanswerable_fallback_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert r["fallback_rate"] == pytest.approx(3 / 5, abs=1e-4)
     assert r["false_fallback_rate"] == 0.5 and r["answered"] == 1
     assert _ask_all({"内2": replies["内2"]}, golds)["refusal_correct"] is None  # no question outside the KB
 
@@ -249,10 +251,10 @@ def test_open_eval_runs_the_answer_chain_end_to_end(cmrc_small, capsys, tmp_path
     assert r["contains_answer"] > 0.2 and r["f1"] > 0.05 and r["latency_p95_s"] >= r["latency_p50_s"] > 0
     for q in rows:
         if q["fallback"]:
-            assert q["supported"] == 0.0 and q["reason"] and q["faithfulness"] is None
+            assert q["reason"] and q["faithfulness"] is None
         else:  # extractive answers are sentences of the passages they cite, copied
-            assert q["cited"] and q["faithfulness"] == 1.0 and q["supported"] == 1.0, q
-    assert r["faithfulness"] == r["faithful_rate"] == r["supported_rate"] == 1.0
+            assert q["cited"] and q["faithfulness"] == 1.0, q
+    assert r["faithfulness"] == r["faithful_rate"] == 1.0
     html = (tmp_path / "open.html").read_text()
     assert "Lowest F1" in html and "<img" in html
 

@@ -30,6 +30,7 @@ def test_every_gold_answer_inside_its_gold_paragraph_span(tmp_path, kb_paragraph
         piece = texts[r["doc"]][start:end]
         assert norm(piece) == norm(r["context"]), r["id"]
         assert any(a in piece for a in r["answers"]), (r["id"], r["answers"])
+        assert all(a in piece for a in r["answers"] if a in r["context"]), (r["id"], r["answers"])
         # the span is exactly the paragraph: a paragraph break (or the document's edge) on each side
         text = texts[r["doc"]]
         assert start == 0 or text[start - 2 : start] == "\n\n"
@@ -56,15 +57,24 @@ def test_bad_lengths_are_refused(kb_paragraphs):
 GOLD = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("外外外外外外外外外外" + GOLD[:9], GOLD[:9]),      # the hit's end runs into the paragraph
-    (GOLD[5:] + "后后后后后后后后后后", GOLD[5:]),      # the hit's start continues the paragraph's end
-    ("前前" + GOLD + "后后", GOLD),                     # the whole paragraph inside a longer hit
-    (GOLD[3:7], GOLD[3:7]),                            # a sentence of the paragraph
-    ("外外外外外外外外外外" + GOLD[:3], ""),             # too short a run to say it is the paragraph
+OVERLAPS = [
+    # the hit's end runs into the paragraph
+    ("外外外外外外外外外外" + GOLD[:9], GOLD[:9]),
+    # the hit's start continues the paragraph's end
+    (GOLD[5:] + "后后后后后后后后后后", GOLD[5:]),
+    # the whole paragraph inside a longer hit
+    ("前前" + GOLD + "后后", GOLD),
+    # a sentence of the paragraph
+    (GOLD[3:7], GOLD[3:7]),
+    # too short a run to say it is the paragraph
+    ("外外外外外外外外外外" + GOLD[:3], ""),
     ("毫不相干的另一段文字，毫不相干。", ""),
-    (GOLD[:12] + "…", GOLD[:12]),                      # an article cut with an ellipsis
-])
+    # an article cut with an ellipsis
+    (GOLD[:12] + "…", GOLD[:12]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), OVERLAPS)
 def test_overlap(text, expected):
     assert overlap(text, GOLD) == expected
 
@@ -78,3 +88,6 @@ def test_context_scores_do_not_reward_returning_everything():
     assert everything.chars > 5 * focused.chars
     # the answer string inside another passage does not count as the answer retrieved
     assert not score_texts([other], GOLD, ["丙丁"]).answer_in
+    # nor does a short sentence of another document that happens to occur in the paragraph
+    assert score_texts([GOLD[2:6]], GOLD, ["丙丁"]).answer_in
+    assert not score_texts([GOLD[2:6]], GOLD, ["丙丁"], same_doc=[False]).answer_in

@@ -231,3 +231,13 @@ def test_legacy_hybrid_false_means_vector_search():
     assert RetrievalConfig(hybrid=False, search="keyword").search == "keyword"
     assert load_settings(None, **{"retrieval.hybrid": False}).retrieval.search == "vector"
     assert not RetrievalConfig(search="vector").uses_keywords and RetrievalConfig(search="keyword").uses_keywords
+
+
+def test_keyword_search_on_an_index_without_bm25_is_a_clear_error(kb):
+    from retrieval.index import IndexMismatchError
+
+    vector_only = _with_retrieval(kb, search="vector")
+    vector_only.reindex()
+    with pytest.raises(IndexMismatchError, match="kb reindex"):
+        _with_retrieval(kb, search="keyword").search("refund", 3)
+    assert vector_only.search("refund", 3)
