@@ -133,7 +133,7 @@ def row_settings(config: str | Path | None, home: Path, models_dir: Path, overri
     return apply_overrides(load_settings(config), {"home": home, "models.dir": models_dir, **overrides})
 
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Part of every build's fingerprint: raise it when the way a KB is built changes."""
 
 

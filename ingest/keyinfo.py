@@ -149,6 +149,21 @@ class KeyInfoExtractor(Protocol):
     def extract(self, doc: ParsedDocument, chunks: list[Chunk]) -> list[KeyInfo]: ...
 
 
+def article_text(chunks: list[str], min_overlap: int = 10) -> str:
+    """The chunks joined by blank lines, except where a chunk starts with the end of the one before
+    (the overlap of a fixed-size splitter): that start is dropped and the text runs on, so an
+    article's text holds every passage once and in one piece."""
+    text = ""
+    for chunk in chunks:
+        cut = next((n for n in range(min(len(text), len(chunk)) - 1, min_overlap - 1, -1)
+                    if text.endswith(chunk[:n])), 0)
+        if cut:
+            text += chunk[cut:]
+        elif chunk:
+            text = f"{text}\n\n{chunk}" if text else chunk
+    return text
+
+
 class ExtractiveKeyInfo:
     """The default extractor (CPU, no model downloads)."""
 
@@ -164,7 +179,7 @@ class ExtractiveKeyInfo:
 
     def extract(self, doc: ParsedDocument, chunks: list[Chunk]) -> list[KeyInfo]:
         out: list[KeyInfo] = []
-        full = "\n\n".join(c.text for c in chunks)
+        full = article_text([c.text for c in chunks])
         all_sents = [s for c in chunks for s in (c.sentences or split_sentences(c.text))]
         title = doc.title
         art = KeyInfo("article", "", full, None, 0, (title,) if title else (),

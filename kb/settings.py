@@ -133,7 +133,8 @@ class RetrievalConfig(BaseModel):
     """hybrid: fuse BM25 keyword search (jieba tokens for Chinese) with the vector results;
     vector: embeddings only; keyword: BM25 only."""
     hybrid: bool | None = None
-    """Deprecated spelling kept for old configs: `false` means `search: vector`."""
+    """Deprecated spelling kept for old configs: `false` turns `search: hybrid` into `vector`
+    (an override of `retrieval.search` clears it)."""
     fusion: Literal["rrf", "zscore", "weighted"] = "zscore"
     rrf_k: int = 60
     coverage_weighting: bool = True
@@ -162,7 +163,7 @@ class RetrievalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _legacy_hybrid(self) -> RetrievalConfig:
-        if self.hybrid is False and "search" not in self.model_fields_set:
+        if self.hybrid is False and self.search == "hybrid":
             self.search = "vector"
         return self
 
@@ -421,7 +422,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         data = _resolve_extends(data, cfg_path)
     if problems := unknown_keys(data, Settings):
         raise ConfigError(f"{cfg_path}: " + "; ".join(problems))
-    for key, value in overrides.items():
+    for key, value in _without_legacy(overrides).items():
         _set_dotted(data, key, value)
     if problems := unknown_keys(data, Settings) + unknown_env_keys(os.environ):
         raise ConfigError("; ".join(problems))
@@ -440,7 +441,7 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     `load_settings` overrides, these win over the environment (an experiment's rows must get the
     values they name)."""
     data = settings.model_dump()
-    for key, value in overrides.items():
+    for key, value in _without_legacy(overrides).items():
         _set_dotted(data, key, value)
     if problems := unknown_keys(data, Settings):
         raise ConfigError("; ".join(problems))
@@ -453,6 +454,14 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         except Exception as e:  # pydantic.ValidationError
             raise ConfigError(f"{top}: {e}") from e
     return settings.model_copy(update=update)
+
+
+def _without_legacy(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides that set `retrieval.search` also clear the legacy `retrieval.hybrid` (whose
+    `false` would otherwise turn an explicit `hybrid` search back into `vector`)."""
+    if "retrieval.search" in overrides:
+        return {"retrieval.hybrid": None, **overrides}
+    return overrides
 
 
 def _resolve_extends(data: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -38,3 +38,15 @@ def test_every_level_maps_to_raw_text():
     assert kis[1].raw_text == chunks[0].text and kis[2].raw_text == "Refunds are paid within 14 days."
     assert kis[4].key_text.startswith("Refund policy > Shipping")
     assert all(k.key_text for k in kis)
+
+
+def test_article_text_holds_overlapping_fixed_chunks_once():
+    from ingest.chunking import FixedChunker
+    from ingest.keyinfo import article_text
+    from ingest.types import Unit
+
+    text = "。".join(f"第{i}句话讲的是一件不同的事情，编号{i}" for i in range(60)) + "。"
+    (chunks,) = FixedChunker(120, 30).chunk_many([[Unit(text, (), None, False, 0)]])
+    assert len(chunks) > 5 and any(a.text[-10:] in b.text for a, b in zip(chunks, chunks[1:]))  # they overlap
+    assert article_text([c.text for c in chunks]).replace("\n", "") == text
+    assert article_text(["第一段。", "第二段，另一件事。"]) == "第一段。\n\n第二段，另一件事。"

@@ -241,3 +241,13 @@ def test_keyword_search_on_an_index_without_bm25_is_a_clear_error(kb):
     with pytest.raises(IndexMismatchError, match="kb reindex"):
         _with_retrieval(kb, search="keyword").search("refund", 3)
     assert vector_only.search("refund", 3)
+
+
+def test_an_explicit_search_override_beats_a_legacy_hybrid_false(tmp_path):
+    from kb.settings import apply_overrides, load_settings
+
+    legacy = tmp_path / "old.yaml"
+    legacy.write_text("retrieval: {hybrid: false}\n", encoding="utf-8")
+    assert load_settings(legacy).retrieval.search == "vector"
+    assert load_settings(legacy, **{"retrieval.search": "hybrid"}).retrieval.search == "hybrid"
+    assert apply_overrides(load_settings(legacy), {"retrieval.search": "hybrid"}).retrieval.search == "hybrid"
