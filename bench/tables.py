@@ -21,6 +21,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # eval.* formats two tables
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 TABLES: dict[str, Callable[[], str]] = {}
@@ -334,6 +335,22 @@ def ingest_table() -> str:
                 rows.append(["NSP pairs (cross head)", s["model_shape"], s["batch_size"], f"{p['pairs_per_s']} pairs/s",
                              f"{b['pairs_per_s']} pairs/s", dev])
     return md(rows, ["stage", "model shape", "batch", "batched", "one at a time", "device"])
+
+
+@table("ablation")
+def ablation_table() -> str:
+    """The retrieval ablation on both corpora (ablation_cmrc.json; eval.ablate_report.markdown)."""
+    from eval.ablate_report import markdown
+
+    return markdown(load("ablation_cmrc"))
+
+
+@table("ablation_answers")
+def ablation_answers_table() -> str:
+    """The best three retrieval configurations answered by the LLM (ablation_answers_cmrc.json)."""
+    from eval.ablate_answers import markdown
+
+    return markdown(load("ablation_answers_cmrc"))
 
 
 def blocks(text: str) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from eval.report import figure_png, html_table, img, write_html
 
 COLUMNS = [("recall@1", "R@1"), ("recall@{k}", "R@{k}"), ("recall@{k}_strict", "R@{k} strict"),
@@ -55,6 +57,35 @@ def _plot(result: dict, corpus: str, keys: list[tuple[str, str]]) -> str:
     return img(figure_png(fig))
 
 
+def write_png(result: dict, path: str) -> None:
+    """One figure for the README: per corpus, each row's answer within the character budget and
+    strict recall@k, the reference's level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = result["k"]
+    corpora = list(result["corpora"])
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), sharey=True, squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        rows = [r for r in result["rows"] if r["corpus"] == corpus]
+        y = list(range(len(rows)))[::-1]
+        ax.barh([v + 0.2 for v in y], [r["answer_in_budget"] for r in rows], 0.4,
+                label=f"answer in {rows[0]['budget']:,} chars")
+        ax.barh([v - 0.2 for v in y], [r[f"recall@{k}_strict"] for r in rows], 0.4, label=f"strict recall@{k}")
+        ax.axvline(rows[0]["answer_in_budget"], color="k", ls="--", lw=0.8)
+        ax.set_yticks(y, [r["row"] for r in rows], fontsize=8)
+        ax.set_xlim(0.5, 1.0)
+        ax.set_title(f"{corpus} (n={rows[0]['n']})")
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(result: dict, path: str) -> None:
     k = result["k"]
     keys = [(f"recall@{k}", f"recall@{k}"), (f"recall@{k}_strict", f"recall@{k} strict"),
@@ -69,3 +100,4 @@ def write_report(result: dict, path: str) -> None:
         sections += [(f"{corpus}: table", html_table(rows)), (f"{corpus}: plot", _plot(result, corpus, keys))]
     payload = {**result, "rows": [{x: v for x, v in r.items()} for r in result["rows"]]}
     write_html(path, "Retrieval ablation: one factor at a time", sections, payload)
+    write_png(result, str(Path(path).with_suffix(".png")))
