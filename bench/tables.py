@@ -345,6 +345,23 @@ def ablation_table() -> str:
     return markdown(load("ablation_cmrc"))
 
 
+@table("ablation_intact")
+def ablation_intact_table() -> str:
+    """Answer in budget over the questions whose gold paragraph ingestion kept intact, and the
+    damaged ones (ablation_cmrc_intact.json, from bench/ablation_intact.py)."""
+    d = load("ablation_cmrc_intact")
+    rows = []
+    for r in d["rows"]:
+        i, g = r["intact"], r["damaged"]
+        vs = "-" if r["row"] == "reference" else f"+{i['gained']} / -{i['lost']} (p = {num(i['sign_test_p'], 3)})"
+        rows.append([r["corpus"], r["row"], num(i["answer_in_budget"]), vs, num(g["answer_in_budget"]),
+                     f"+{g['gained']} / -{g['lost']}" if r["row"] != "reference" else "-"])
+    n = {r["corpus"]: (r["intact"]["n"], r["damaged"]["n"]) for r in d["rows"]}
+    head = ["corpus", "row", "answer in budget, intact", "vs reference, intact (sign test)",
+            "answer in budget, damaged", "vs reference, damaged"]
+    return md(rows, head) + "\n\n" + "; ".join(f"{c}: {a} intact, {b} damaged questions" for c, (a, b) in n.items())
+
+
 @table("ablation_answers")
 def ablation_answers_table() -> str:
     """The best three retrieval configurations answered by the LLM (ablation_answers_cmrc.json)."""

@@ -202,6 +202,16 @@ def matched_fixed_size(docs: Path, target_chars: float, overlap: float = 0.1) ->
     return min(sizes, key=lambda n: abs(mean_len(n) - target_chars))
 
 
+def check_chunker(row: Row, build: dict) -> None:
+    """ValueError when ingestion used another chunker than the row names (e.g. the pipeline fell
+    back to fixed-size chunks because the pair head could not be trained)."""
+    level = row.levels["chunking"]
+    want = "nsp (" if level.startswith("nsp") else "fixed" if level.startswith("fixed") else "sentence"
+    used = str(build.get("chunker") or "")
+    if not used.startswith(want) or (want == "fixed" and used != "fixed" and not used.startswith("fixed (store")):
+        raise ValueError(f"{build['kb']}: the row {row.name} asks for {level} chunks, ingestion used {used!r}")
+
+
 @dataclass
 class Builds:
     """The knowledge bases of one corpus, built on demand (the reference's first: other rows may
@@ -233,8 +243,9 @@ class Builds:
                 flat = Row(row.factor, row.level, {**row.levels, "index": BASE["index"]})
                 self.settings(flat)
                 like = s.kb_dir(f"{self.corpus}-{flat.build}")
-            self.say(f"[{self.corpus}] building {kb_name}")
+            self.say(f"[{self.corpus}] KB {kb_name}")
             self.done[row.build] = build_kb(s, kb_name, self.docs, like, self.progress)
+            check_chunker(row, self.done[row.build])
         return s, kb_name, overrides
 
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eval.ablate import Builds, Row, corpus, grid
-from eval.report import data_digest
 from eval.data import Question, load_questions
+from eval.report import data_digest
 from kb.settings import load_settings
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,37 @@ def _vs(row: dict) -> str:
     return "-" if not v or row["factor"] == "reference" else f"+{v['gained']} / -{v['lost']}"
 
 
+PER_QUESTION = {"recall@{k}_strict": "strict", "context_precision@{k}": "precision", "chars@{k}": "chars",
+                "answer_in_budget": "answer_in_budget", "context_precision_budget": "precision_budget",
+                "chars_in_budget": "chars_in_budget", "answer_to_llm": "answer_to_llm", "chars_to_llm": "chars_to_llm"}
+
+
+def exact(row: dict, key: str, k: int) -> float:
+    """A row's metric recomputed from its per-question rows (the stored means are rounded to four
+    places, and rounding them again to three can be off by one in the last place)."""
+    qs = row.get("per_question") or []
+    ranks = [q.get("rank") for q in qs]
+    per_q = {name.format(k=k): field for name, field in PER_QUESTION.items()}
+    if qs and key in per_q:
+        vals = [float(q[per_q[key]]) for q in qs if per_q[key] in q]
+        return sum(vals) / len(vals) if vals else row[key]
+    if qs and key == "recall@1":
+        return sum(r == 1 for r in ranks) / len(ranks)
+    if qs and key == f"recall@{k}":
+        return sum(r is not None and r <= k for r in ranks) / len(ranks)
+    if qs and key == "mrr":
+        return sum(1 / r for r in ranks if r) / len(ranks)
+    return row[key]
+
+
+def _fmt(value: float, key: str) -> str:
+    from decimal import ROUND_HALF_UP, Decimal
+
+    digits = Decimal(1) if key.startswith("chars") else Decimal("0.001")
+    q = Decimal(repr(value)).quantize(digits, rounding=ROUND_HALF_UP)
+    return f"{q:,}"
+
+
 def markdown(result: dict) -> str:
     """One table: a block of rows per corpus; the last column pairs each row with the reference on
     `answer_in_budget` (questions gained / lost)."""
@@ -31,7 +62,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         b = r["build"]
         cells = [r["corpus"], r["row"], f"{b['chunks']:,} ({b['mean_chunk_chars']:.0f})"]
-        cells += [f"{r[key]:,.0f}" if key.startswith("chars") else f"{r[key]:.3f}" for key, _ in cols]
+        cells += [_fmt(exact(r, key, k), key) for key, _ in cols]
         lines.append("| " + " | ".join(cells + [_vs(r)]) + " |")
     return "\n".join(lines)
 

@@ -96,7 +96,7 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, mini
     builds = {name: r["build"] for name, r in rows.items()}
     assert builds["chunking=nsp-cross"]["chunker"] == f"nsp ({tiny_nsp_dir})"
     assert builds["chunking=fixed"]["chunker"] == "fixed" and builds["chunking=sentence"]["chunker"] == "sentence"
-    assert builds["reference"]["chunker"].startswith(("nsp", "fixed (")) and builds["reference"]["chunker"] != builds["chunking=nsp-cross"]["chunker"]
+    assert builds["reference"]["chunker"].startswith("nsp (") and str(tiny_nsp_dir) not in builds["reference"]["chunker"]
     assert builds["chunking=sentence"]["chunks"] > builds["chunking=fixed"]["chunks"]
     assert builds["chunking=sentence"]["mean_chunk_chars"] < builds["chunking=fixed"]["mean_chunk_chars"]
     # rows that change only the search share the reference's KB; the single-level row has its own index
@@ -169,6 +169,17 @@ def test_a_built_kb_is_reused_only_with_the_same_documents_and_settings(settings
         docs_in = store.documents()
         assert len(docs_in) == 1  # rebuilt, not added beside the old text
         assert "Changed" in " ".join(c["text"] for c in store.chunks(docs_in[0].doc_id))
+
+
+def test_a_row_whose_chunker_did_not_run_is_an_error():
+    from eval.ablate import check_chunker
+
+    ref = grid()[0]
+    check_chunker(ref, {"kb": "x", "chunker": "nsp (work/x/nsp)"})
+    with pytest.raises(ValueError, match="ingestion used 'fixed .not enough pairs.'"):
+        check_chunker(ref, {"kb": "x", "chunker": "fixed (not enough pairs)"})
+    single = next(r for r in grid() if r.name == "index=single-level")
+    check_chunker(single, {"kb": "x", "chunker": "nsp (work/x/nsp) (store copied)"})
 
 
 def test_question_sample_and_best_rows():
