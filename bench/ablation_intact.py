@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.common import write_result  # noqa: E402
+from eval.ablate import paired  # noqa: E402
 from eval.context import norm  # noqa: E402
 from eval.data import load_questions  # noqa: E402
 
@@ -52,13 +53,12 @@ def split_rows(result: dict, work: Path) -> list[dict]:
     for corpus in result["corpora"]:
         rows = [r for r in result["rows"] if r["corpus"] == corpus]
         bad = damaged_ids(work / "kb" / rows[0]["build"]["kb"], work / corpus / "questions.jsonl")
-        ref = {q["id"]: bool(q.get("answer_in_budget")) for q in rows[0]["per_question"]}
         for r in rows:
             entry = {"corpus": corpus, "row": r["row"], "damaged": len(bad)}
             for part, keep in (("intact", lambda i: i not in bad), ("damaged", lambda i: i in bad)):
                 qs = [q for q in r["per_question"] if keep(q["id"])]
-                gained = sum(1 for q in qs if q.get("answer_in_budget") and not ref[q["id"]])
-                lost = sum(1 for q in qs if not q.get("answer_in_budget") and ref[q["id"]])
+                pair = paired(rows[0]["per_question"], qs, "answer_in_budget")
+                gained, lost = pair["gained"], pair["lost"]
                 entry[part] = {"n": len(qs), "answer_in_budget": round(sum(bool(q.get("answer_in_budget")) for q in qs)
                                                                       / max(1, len(qs)), 4),
                                "gained": gained, "lost": lost, "sign_test_p": round(sign_test(gained, lost), 4)}

@@ -58,9 +58,10 @@ def load(name: str) -> dict:
 
 
 def num(x: float, digits: int = 3) -> str:
-    """`x` rounded half up (as the figure is written, not its binary value) to `digits` decimals."""
-    q = Decimal(repr(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
-    return f"{q:,}" if digits == 0 else f"{q}"
+    """`x` rounded half up to `digits` decimals (`eval.report.half_up`)."""
+    from eval.report import half_up
+
+    return half_up(x, digits)
 
 
 def pct(x: float, digits: int = 1) -> str:

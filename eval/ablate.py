@@ -1,7 +1,8 @@
 """Ablation of the retrieval design: one factor changed at a time, the same embedder throughout.
 
-Factors (the first level of each is the reference, `BASE`): chunking {NSP pair head, NSP
-cross-encoder, fixed-size, one sentence per chunk}, index {two-level key information -> raw text,
+Factors (the first level of each is the reference, `BASE`): chunking {NSP pair head, at its
+tuned threshold, NSP cross-encoder, at its tuned threshold, fixed-size, fixed-size at the
+reference's mean chunk length, one sentence per chunk}, index {two-level key information -> raw text,
 single-level raw chunks}, search {hybrid, vector, BM25}, reranker {off, on}. Each row changes one
 factor of the reference, so a difference between a row and the reference is that factor's.
 
@@ -85,7 +86,6 @@ class Row:
         return "-".join(self.levels[f] for f in BUILD_FACTORS)
 
 
-
 def _resolve(value, base: Settings, reference: dict | None):
     if not (isinstance(value, str) and value.startswith("{") and value.endswith("}")):
         return value
@@ -155,8 +155,8 @@ def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progr
     one built otherwise is deleted and rebuilt."""
     from retrieval.kb import KnowledgeBase
 
-    source = json.loads((like / "ablate.json").read_text())["fingerprint"] if like is not None else ""
-    target, mark = settings.kb_dir(name), fingerprint(settings, docs, source)
+    origin = json.loads((like / "ablate.json").read_text()) if like is not None else {}
+    target, mark = settings.kb_dir(name), fingerprint(settings, docs, origin.get("fingerprint", ""))
     stamp = target / "ablate.json"
     if (target / "store.sqlite").is_file():
         saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
@@ -169,9 +169,7 @@ def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progr
     report = kb.add_paths([docs], progress=progress) if like is None else {"index": kb.sync(progress)}
     with kb.store() as store:
         n, mean = store.conn.execute("SELECT COUNT(*), AVG(LENGTH(text)) FROM chunks").fetchone()
-    chunker = report.get("chunker")
-    if like is not None:
-        chunker = json.loads((like / "ablate.json").read_text())["build"]["chunker"] + " (store copied)"
+    chunker = report.get("chunker") if like is None else origin["build"]["chunker"] + " (store copied)"
     build = {"kb": name, "chunks": n, "mean_chunk_chars": round(mean or 0.0, 1), "failed": report.get("failed", []),
              "chunker": chunker, "nsp_head": report.get("nsp"), "seconds": report.get("seconds")}
     stamp.write_text(json.dumps({"fingerprint": mark, "build": build}, ensure_ascii=False, default=str))
@@ -206,9 +204,9 @@ def check_chunker(row: Row, build: dict) -> None:
     """ValueError when ingestion used another chunker than the row names (e.g. the pipeline fell
     back to fixed-size chunks because the pair head could not be trained)."""
     level = row.levels["chunking"]
-    want = "nsp (" if level.startswith("nsp") else "fixed" if level.startswith("fixed") else "sentence"
-    used = str(build.get("chunker") or "")
-    if not used.startswith(want) or (want == "fixed" and used != "fixed" and not used.startswith("fixed (store")):
+    used = str(build.get("chunker") or "").removesuffix(" (store copied)")
+    ok = used.startswith("nsp (") if level.startswith("nsp") else used == level.split("-")[0]
+    if not ok:
         raise ValueError(f"{build['kb']}: the row {row.name} asks for {level} chunks, ingestion used {used!r}")
 
 

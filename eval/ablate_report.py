@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import figure_png, html_table, img, write_html
+from eval.report import figure_png, half_up, html_table, img, write_html
 
 COLUMNS = [("recall@1", "R@1"), ("recall@{k}", "R@{k}"), ("recall@{k}_strict", "R@{k} strict"),
            ("mrr", "MRR"), ("context_precision@{k}", "ctx precision@{k}"), ("chars@{k}", "chars@{k}"),
@@ -45,11 +45,7 @@ def exact(row: dict, key: str, k: int) -> float:
 
 
 def _fmt(value: float, key: str) -> str:
-    from decimal import ROUND_HALF_UP, Decimal
-
-    digits = Decimal(1) if key.startswith("chars") else Decimal("0.001")
-    q = Decimal(repr(value)).quantize(digits, rounding=ROUND_HALF_UP)
-    return f"{q:,}"
+    return half_up(value, 0 if key.startswith("chars") else 3)
 
 
 def markdown(result: dict) -> str:

@@ -47,6 +47,15 @@ def img(b64: str) -> str:
     return f"<img src='data:image/png;base64,{b64}'/>"
 
 
+def half_up(x: float, digits: int = 3) -> str:
+    """`x` rounded half up (as the figure is written, not its binary value) to `digits` decimals;
+    whole numbers with thousands separators."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    q = Decimal(repr(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{q:,}" if digits == 0 else f"{q}"
+
+
 def data_digest(paths) -> str:
     """sha256 over the files under `paths` (folders walked in sorted order; names and bytes):
     the fingerprint of a data set."""

@@ -59,6 +59,22 @@ def tiny_nsp_dir(tmp_path_factory, minilm_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 1-layer, 32-wide BERT with one relevance logit (random weights): a CrossEncoder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_reranker")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=1)
+                                  ).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

@@ -70,22 +70,13 @@ def small_squad(tmp_path):
     return path
 
 
-def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, minilm_dir, monkeypatch):
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
+def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, tiny_reranker_dir, monkeypatch):
     from retrieval.index import IndexDir
     from retrieval.kb import KnowledgeBase
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32, num_labels=1)
-                                  ).save_pretrained(str(tmp_path / "ce"))
-    tok.save_pretrained(str(tmp_path / "ce"))
     cfg = tmp_path / "ablate.yaml"
     cfg.write_text("models: {device: cpu, llm: null}\nllm: {adapter: null}\n"
-                   f"eval: {{ablate_nsp: '{tiny_nsp_dir}', ablate_reranker: '{tmp_path / 'ce'}'}}\n"
+                   f"eval: {{ablate_nsp: '{tiny_nsp_dir}', ablate_reranker: '{tiny_reranker_dir}'}}\n"
                    "nsp_train: {max_pairs: 200, min_pairs: 20}\n", encoding="utf-8")
     result = run_ablation(small_squad, tmp_path / "work", config=cfg, corpora=("long",), limit=10, progress=False)
     rows = {r["row"]: r for r in result["rows"]}

@@ -139,20 +139,12 @@ def test_index_types_and_torch_exact_search_agree():
     assert 100 not in flat.ids() and len(flat) == 2999
 
 
-def test_reranker_orders_by_cross_encoder_scores(kb, tmp_path, minilm_dir):
-    import torch
+def test_reranker_orders_by_cross_encoder_scores(kb, tiny_reranker_dir):
     from sentence_transformers import CrossEncoder
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32, num_labels=1)
-                                  ).save_pretrained(str(tmp_path / "ce"))
-    tok.save_pretrained(str(tmp_path / "ce"))
-    s = kb.settings.model_copy(update={"models": kb.settings.models.model_copy(update={"reranker": str(tmp_path / "ce")})})
+    s = kb.settings.model_copy(update={"models": kb.settings.models.model_copy(update={"reranker": str(tiny_reranker_dir)})})
     hits = KnowledgeBase(s, "t").search("refund", 4)
-    ce = CrossEncoder(str(tmp_path / "ce"), device="cpu")
+    ce = CrossEncoder(str(tiny_reranker_dir), device="cpu")
     expected = sorted(hits, key=lambda h: -float(ce.predict([("refund", h.text)])[0]))
     assert [h.text for h in hits] == [h.text for h in expected]
     assert all("rerank_score" in h.key_info for h in hits)
