@@ -12,16 +12,24 @@ from typing import Protocol
 import numpy as np
 
 from ingest.sentences import _CJK, split_sentences
+from ingest.tables import table_units
 from ingest.types import Chunk, ParsedDocument, Unit
 
 
-def to_units(doc: ParsedDocument, max_chars: int = 600, min_sentence_chars: int = 1) -> list[Unit]:
-    """Sentences and atomic blocks with their title path and section number."""
+def to_units(doc: ParsedDocument, max_chars: int = 600, min_sentence_chars: int = 1,
+             table_whole_chars: int | None = None, table_rows_per_unit: int = 1) -> list[Unit]:
+    """Sentences and atomic blocks with their title path and section number.
+
+    A table with its structure (`Block.table`) becomes row-wise units that repeat the column names
+    (`ingest.tables.table_units`; whole when its grid is at most `table_whole_chars`, default
+    `max_chars`), each its own section so that no chunker merges a row into other text, under
+    the title path plus the table's caption."""
     units: list[Unit] = []
     titles: list[tuple[int, str]] = []  # (depth, text)
     section = 0
     pending_list: list[str] = []
     list_page: int | None = None
+    b_prev_title, title_start = "", 0
 
     def path() -> tuple[str, ...]:
         return tuple(t for _, t in titles)
@@ -36,14 +44,26 @@ def to_units(doc: ParsedDocument, max_chars: int = 600, min_sentence_chars: int 
         if b.kind != "list":
             flush_list()
         if b.kind == "title":
+            if titles and titles[-1][0] >= b.depth and len(units) == title_start:
+                # a heading with nothing under it (a short line taken for a title) keeps its text
+                units.append(Unit(b_prev_title, path()[:-1], None, False, section))
             while titles and titles[-1][0] >= b.depth:
                 titles.pop()
             titles.append((b.depth, b.text[:200]))
+            b_prev_title, title_start = b.text, len(units)
             section += 1
         elif b.kind == "list":
             if not pending_list:
                 list_page = b.page
             pending_list.append(f"- {b.text}")
+        elif b.kind == "table" and b.table is not None:
+            whole = max_chars if table_whole_chars is None else table_whole_chars
+            caption = b.table.title[:200]
+            tpath = path() + ((caption,) if caption and caption not in path() else ())
+            for text in table_units(b.table, max_chars, whole, table_rows_per_unit):
+                section += 1
+                units.append(Unit(text, tpath, b.page, True, section))
+            section += 1
         elif b.kind in {"table", "code"}:
             units.extend(_split_atomic(b.text, path(), b.page, section, max_chars))
         else:
@@ -51,8 +71,8 @@ def to_units(doc: ParsedDocument, max_chars: int = 600, min_sentence_chars: int 
                 for piece in _hard_wrap(s, max_chars):
                     units.append(Unit(piece, path(), b.page, False, section))
     flush_list()
-    if not units and titles:  # a document that is only headings
-        units = [Unit(t, (), None, False, 0) for _, t in titles]
+    if titles and len(units) == title_start:
+        units.append(Unit(b_prev_title, path()[:-1], None, False, section))
     return units
 
 

@@ -98,7 +98,7 @@ def clean_blocks(blocks: list[Block], drop_repeated_headers: bool = True,
         text = normalize_text(b.text, keep_lines=keep_lines)
         if not text or _is_junk(text, min_chars, keep_lines):
             continue
-        out.append(Block(text=text, kind=b.kind, page=b.page, depth=b.depth))
+        out.append(Block(text=text, kind=b.kind, page=b.page, depth=b.depth, table=b.table))
     if drop_repeated_headers:
         out = drop_repeated(out, repeat_min_pages)
     return out

@@ -13,12 +13,14 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from ingest.clean import clean_blocks
+from ingest.ocr import IMAGE_TYPES, OcrError, OcrOptions
+from ingest.tables import attach_html_tables, html_tables, read_delimited
 from ingest.types import Block, ParsedDocument
 from kb.settings import CleanConfig, ParseConfig
 
@@ -29,6 +31,10 @@ SUPPORTED = {
     ".csv", ".tsv", ".rst", ".xml", ".json", ".eml",
 }
 _OFFICE = {".docx", ".pptx", ".xlsx"}
+CONVERTED = {".epub", ".odt", ".rtf", ".doc", ".xls", ".ppt", ".ods", ".odp", ".msg"}
+"""Formats read through ingest/convert.py (pandoc, LibreOffice, Outlook messages)."""
+SUPPORTED |= CONVERTED
+SUPPORTED |= IMAGE_TYPES  # read by OCR (ingest/ocr.py)
 
 
 class ParseError(Exception):
@@ -54,7 +60,7 @@ _point_unstructured_at_packaged_spacy_model = point_unstructured_at_packaged_spa
 
 def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str = "fast",
                languages: list[str] | None = None, limits: ZipLimits | None = None,
-               max_line_chars: int = 10_000) -> list[Block]:
+               max_line_chars: int = 10_000, ocr: OcrOptions | None = None) -> list[Block]:
     """Parse one file into blocks. Raises ParseError with a reason a person can act on.
 
     The content decides the parser, not the extension: a PDF named .docx is parsed as a PDF, a PNG
@@ -74,7 +80,7 @@ def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str =
     _check_encrypted(path, ext)
     point_unstructured_at_packaged_spacy_model()
     try:
-        elements = _partition(path, ext, pdf_strategy, languages, max_line_chars)
+        elements = [] if ext in IMAGE_TYPES else _partition(path, ext, pdf_strategy, languages, max_line_chars)
     except (ParseError, MemoryError):
         raise
     except RecursionError as e:
@@ -83,6 +89,14 @@ def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str =
         raise ParseError(f"could not parse {_name(ext)} (corrupt or unreadable): "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
     blocks = [b for b in (_to_block(el) for el in elements) if b is not None]
+    if ext in IMAGE_TYPES or ext == ".pdf":
+        blocks = with_ocr(path, ext, blocks, ocr or OcrOptions())
+    if ext in {".eml", ".msg"}:
+        from ingest.convert import attachment_blocks
+
+        blocks += attachment_blocks(path, ext, partial(
+            parse_file, max_file_mb=max_file_mb, pdf_strategy=pdf_strategy, languages=languages,
+            limits=limits, max_line_chars=max_line_chars, ocr=ocr))
     if not any(b.text.strip() for b in blocks):
         hint = " (scanned PDF? OCR is not enabled)" if ext == ".pdf" else ""
         raise ParseError(f"no text found{hint}")
@@ -94,12 +108,34 @@ def parse_document(path: Path, source: str, doc_id: str, content_hash: str, pars
     """Parse and clean one file into a (picklable) document; what the sandboxed worker runs."""
     limits = ZipLimits(parse.max_unzipped_mb, parse.max_zip_ratio)
     blocks = parse_file(path, parse.max_file_mb, parse.pdf_strategy, parse.languages, limits,
-                        parse.max_line_chars)
+                        parse.max_line_chars, ocr=ocr_options(parse))
     blocks = clean_blocks(blocks, clean.drop_repeated_headers, clean.repeat_min_pages, clean.min_chars)
     if not blocks:
         raise ParseError("no text left after cleaning")
     title = next((b.text for b in blocks if b.kind == "title"), "") or path.stem
     return ParsedDocument(str(path), source, doc_id, content_hash, blocks, title[:200], path.stat().st_size)
+
+
+def ocr_options(parse: ParseConfig) -> OcrOptions:
+    """The OCR part of `parse` (parse.ocr, ocr_languages, ocr_dpi), picklable for the worker."""
+    return OcrOptions(parse.ocr, tuple(parse.ocr_languages), parse.ocr_dpi)
+
+
+def with_ocr(path: Path, ext: str, blocks: list[Block], ocr: OcrOptions) -> list[Block]:
+    """An image's blocks by OCR, or a PDF's `blocks` with its pages without a text layer OCR'd in
+    (ingest/ocr.py); what OCR cannot do (off, not installed, unreadable image) is a ParseError."""
+    from ingest import ocr as ocr_mod
+
+    try:
+        if ext in IMAGE_TYPES:
+            return ocr_mod.image_blocks(path, ocr)
+        return ocr_mod.pdf_blocks(path, blocks, ocr)
+    except OcrError as e:
+        raise ParseError(str(e)) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - renderers and engines raise anything on odd input
+        raise ParseError(f"could not OCR the {_name(ext)}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 def _name(ext: str) -> str:
@@ -167,6 +203,14 @@ def actual_type(path: Path, ext: str, limits: ZipLimits) -> str:
         return check_zip(path, ext, limits)
     if kind == ".pdf":
         return ".pdf"
+    if kind in IMAGE_TYPES and ext in IMAGE_TYPES:
+        return kind  # an image is read by OCR, whichever image extension it has
+    if kind in {".ole", ".rtf"}:
+        from ingest.convert import ole_type
+
+        legacy = ole_type(path) if kind == ".ole" else kind
+        if legacy:
+            return legacy  # DOC/XLS/PPT/MSG by its OLE streams, or RTF, whatever its name
     if kind == ".ole" and ext in _OFFICE:
         return ext  # _check_encrypted tells an encrypted file from an old binary one
     if found:
@@ -207,6 +251,10 @@ def check_zip(path: Path, ext: str, limits: ZipLimits) -> str:
     names = {i.filename for i in infos}
     office = next((e for part, e in _OOXML_PART.items() if part in names), None)
     if office is None:
+        from ingest.convert import zip_document_type
+
+        office = zip_document_type(path, names)  # EPUB, ODT, ODS, ODP by their mimetype member
+    if office is None:
         raise ParseError(f"the file is a zip archive, not {_what(ext)}" if ext not in _OFFICE else
                          f"not a valid {label}: a zip archive without the {label}'s main part")
     return office
@@ -214,6 +262,8 @@ def check_zip(path: Path, ext: str, limits: ZipLimits) -> str:
 
 def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | None,
                max_line_chars: int = 10_000) -> list[Any]:
+    if ext in CONVERTED or ext == ".eml":
+        return _partition_converted(path, ext, pdf_strategy, languages, max_line_chars)
     if ext == ".pdf":
         from unstructured.partition.pdf import partition_pdf
 
@@ -226,7 +276,7 @@ def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | N
             from unstructured.partition.html import partition_html
 
             check_html_depth(text)
-            return partition_html(text=text)
+            return attach_html_tables(partition_html(text=text), text)
         if ext in {".csv", ".tsv"}:
             return [_CsvTable(text, "\t" if ext == ".tsv" else ",")]
         text = wrap_long_lines(text, max_line_chars)
@@ -234,12 +284,33 @@ def _partition(path: Path, ext: str, pdf_strategy: str, languages: list[str] | N
             from unstructured.partition.md import partition_md
 
             return partition_md(text=text)
-        from unstructured.partition.text import partition_text
+        from ingest.plaintext import partition_plain_text
 
-        return partition_text(text=text)
+        return partition_plain_text(text)  # unstructured's partition_text eats "·" (U+00B7) as a bullet
+    if ext == ".xlsx":
+        from ingest.tables import xlsx_elements
+
+        return xlsx_elements(path)  # every sheet, merged cells filled, multi-row headers joined
     from unstructured.partition.auto import partition
 
     return partition(filename=str(path))
+
+
+def _partition_converted(path: Path, ext: str, pdf_strategy: str, languages: list[str] | None,
+                         max_line_chars: int) -> list[Any]:
+    """Elements of a format read through ingest/convert.py: pandoc's HTML and LibreOffice's
+    DOCX/XLSX/PPTX go the HTML/Office path; a message gives its body (attachments: parse_file)."""
+    from ingest import convert
+
+    if ext in convert.MESSAGES:
+        return convert.message_body(path, ext)
+    with convert.workdir() as tmp:
+        if ext in convert.PANDOC:
+            html = tmp / "converted.html"
+            html.write_text(convert.pandoc_html(path, ext), encoding="utf-8")
+            return _partition(html, ".html", pdf_strategy, languages, max_line_chars)
+        with convert.office_converted(path, ext) as office:
+            return _partition(office, convert.LIBREOFFICE[ext], pdf_strategy, languages, max_line_chars)
 
 
 def wrap_long_lines(text: str, max_chars: int) -> str:
@@ -366,6 +437,11 @@ def _check_encrypted(path: Path, ext: str) -> None:
                                      "remove the password first")
             raise ParseError(f"{_name(ext)} in the old binary Office format (OLE: .doc/.xls/.ppt): "
                              f"save it as {_name(ext)} first")
+    elif ext in {".doc", ".xls", ".ppt"}:
+        from ingest.convert import is_encrypted
+
+        if is_encrypted(path):
+            raise ParseError(f"password-protected (encrypted) {_name(ext)}: remove the password first")
 
 
 def _pdf_damage(path: Path) -> str:
@@ -391,15 +467,21 @@ def _to_block(el: Any) -> Block | None:
     kind = _KIND.get(category, "text")
     md = getattr(el, "metadata", None)
     text = el.text or ""
-    if kind == "table":
+    table = getattr(el, "table", None)
+    if kind == "table" and table is None:
         html = getattr(md, "text_as_html", None)
         if html:
+            table = next(iter(html_tables(html)), None)
             text = table_html_to_text(html) or text
+    if table is not None and table.text:
+        text = table.text
+    else:
+        table = None
     if kind == "title" and _looks_like_body(text):
         kind = "text"  # unstructured's title heuristics are English-centric: long Chinese prose reads as a title
     page = getattr(md, "page_number", None)
     depth = getattr(md, "category_depth", None) or 0
-    return Block(text=text, kind=kind, page=page, depth=int(depth)) if text.strip() else None
+    return Block(text=text, kind=kind, page=page, depth=int(depth), table=table) if text.strip() else None
 
 
 _MID_SENTENCE_END = re.compile(r"[。！？!?；;][^\s”’」』）)\]\"']")
@@ -417,11 +499,8 @@ class _CsvTable:
     category = "Table"
 
     def __init__(self, text: str, delimiter: str) -> None:
-        import csv
-        import io
-
-        rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-        self.text = "\n".join(" | ".join(c.strip() for c in r) for r in rows if any(c.strip() for c in r))
+        self.table = read_delimited(text, delimiter)
+        self.text = self.table.text
         self.metadata = None
 
 

@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from ingest.keyinfo import build_extractor
 from ingest.loaders import ParseError, discover, parse_document
 from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head, train_pair_head
 from ingest.nsp_cross import train_cross_nsp
-from ingest.sandbox import Limits, SandboxWorker
+from ingest.sandbox import Limits, SandboxPool, worker_count
 from ingest.sentences import split_sentences
 from ingest.store import DocStore
 from ingest.types import ParsedDocument, Unit
@@ -89,14 +91,31 @@ def parse_item(item: FileItem, settings: Settings, content_hash: str | None = No
                           settings.parse, settings.clean)
 
 
+PARSE_ERRORS = (ParseError, OSError, ValueError, RuntimeError)
+"""What fails one file of a batch (the batch goes on); anything else stops the batch."""
+
+Outcome = ParsedDocument | None | Exception
+"""A file's parse outcome: its document, None (skipped: unchanged), or what failed it."""
+
+
+AHEAD_PER_WORKER = 4
+"""FileParser.parse_each keeps up to this many files per worker started but not yet handed on."""
+
+
+def _never(item: FileItem, content_hash: str) -> bool:
+    return False
+
+
 class FileParser:
-    """Parses files as `settings.parse` says: in a sandboxed worker process under the time and
-    memory limits (`isolate`, the default; one worker serves the batch) or in this process."""
+    """Parses files as `settings.parse` says: in sandboxed worker processes under the time and
+    memory limits (`isolate`, the default; `workers` of them parse a batch, one file each at a
+    time) or in this process, one file after another."""
 
     def __init__(self, settings: Settings) -> None:
         p = settings.parse
         self.settings = settings
-        self.worker = SandboxWorker(Limits(p.timeout_s, p.max_memory_mb)) if p.isolate else None
+        self.workers = worker_count(p.workers) if p.isolate else 1
+        self.pool = SandboxPool(Limits(p.timeout_s, p.max_memory_mb), self.workers) if p.isolate else None
 
     def __enter__(self) -> FileParser:
         return self
@@ -105,17 +124,58 @@ class FileParser:
         self.close()
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
+        """Stop the workers (those parsing are killed) and reap them."""
+        if self.pool is not None:
+            self.pool.close()
 
     def __call__(self, item: FileItem, content_hash: str | None = None) -> ParsedDocument:
         """The parsed, cleaned document (raises ParseError with the reason)."""
         content_hash = content_hash or file_hash(item.path)
-        if self.worker is None:
+        if self.pool is None:
             return parse_item(item, self.settings, content_hash)
+        return self.pool.call(parse_document, *self._args(item, content_hash))
+
+    def _args(self, item: FileItem, content_hash: str) -> tuple:
         s = self.settings
-        return self.worker.call(parse_document, item.path, item.source, item.doc_id, content_hash,
-                                s.parse, s.clean)
+        return item.path, item.source, item.doc_id, content_hash, s.parse, s.clean
+
+    def parse_each(self, items: Iterable[FileItem],
+                   skip: Callable[[FileItem, str], bool] = _never) -> Iterator[tuple[FileItem, Outcome]]:
+        """Each of `items`, in their order, with its outcome: the parsed document; None where
+        `skip(item, content_hash)` says so (an unchanged file); or the PARSE_ERRORS exception that
+        failed it. Up to `workers` files are parsed at once, and at most AHEAD_PER_WORKER times
+        that many are started ahead of the caller (so that a slow file holds up the others only
+        after they are that far ahead); in-process, each file is parsed when its turn comes."""
+        window = AHEAD_PER_WORKER * self.workers if self.pool is not None else 1
+        ahead: deque[tuple[FileItem, Future | Outcome]] = deque()
+        for item in items:
+            ahead.append((item, self._begin(item, skip)))
+            if len(ahead) >= window:
+                yield self._end(*ahead.popleft())
+        while ahead:
+            yield self._end(*ahead.popleft())
+
+    def _begin(self, item: FileItem, skip: Callable[[FileItem, str], bool]) -> Future | Outcome:
+        """Hash the file and start its parse (a Future on a worker); the outcome where it is known
+        now (skipped, failed, or parsed in-process)."""
+        try:
+            content_hash = file_hash(item.path)
+            if skip(item, content_hash):
+                return None
+            if self.pool is None:
+                return parse_item(item, self.settings, content_hash)
+            return self.pool.submit(parse_document, *self._args(item, content_hash))
+        except PARSE_ERRORS as e:
+            return e
+
+    @staticmethod
+    def _end(item: FileItem, pending: Future | Outcome) -> tuple[FileItem, Outcome]:
+        if not isinstance(pending, Future):
+            return item, pending
+        try:
+            return item, pending.result()
+        except PARSE_ERRORS as e:
+            return item, e
 
 
 def nsp_dir(settings: Settings, kb: str) -> Path:
@@ -217,26 +277,32 @@ def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: 
     notify = on_file or (lambda path, status: None)
     kb_dir = settings.kb_dir(kb)
     with DocStore.for_kb(kb_dir) as store, FileParser(settings) as parse:
-        parsed: list[ParsedDocument] = []
-        for item in tqdm(items, desc=f"parse [{kb}]", disable=not progress, unit="file"):
-            try:
-                content_hash = file_hash(item.path)
-                if store.is_unchanged(item.doc_id, content_hash):
-                    report.skipped += 1
-                    report.skipped_doc_ids.append(item.doc_id)
-                    notify(item.source, "skipped")
-                    continue
-                parsed.append(parse(item, content_hash))
+        parsed: list[ParsedDocument] = []  # all of the batch: an NSP head may be trained on them first
+        bar = tqdm(total=len(items), desc=f"parse [{kb}]", disable=not progress, unit="file")
+
+        def unchanged(item: FileItem, content_hash: str) -> bool:
+            return store.is_unchanged(item.doc_id, content_hash)
+
+        for item, outcome in parse.parse_each(items, skip=unchanged):
+            bar.update(1)
+            if outcome is None:
+                report.skipped += 1
+                report.skipped_doc_ids.append(item.doc_id)
+                notify(item.source, "skipped")
+            elif isinstance(outcome, ParseError):
+                report.failed.append({"path": str(item.path), "error": str(outcome)})
+                notify(item.source, f"failed: {outcome}")
+            elif isinstance(outcome, Exception):
+                report.failed.append({"path": str(item.path), "error": f"{type(outcome).__name__}: {outcome}"})
+                notify(item.source, f"failed: {outcome}")
+            else:
+                parsed.append(outcome)
                 notify(item.source, "parsed")
-            except ParseError as e:
-                report.failed.append({"path": str(item.path), "error": str(e)})
-                notify(item.source, f"failed: {e}")
-            except (OSError, ValueError, RuntimeError) as e:
-                report.failed.append({"path": str(item.path), "error": f"{type(e).__name__}: {e}"})
-                notify(item.source, f"failed: {e}")
+        bar.close()
         if parsed:
             c = settings.chunking
-            units = [to_units(d, c.max_chars) for d in parsed]
+            units = [to_units(d, c.max_chars, table_whole_chars=c.table_whole_chars,
+                              table_rows_per_unit=c.table_rows_per_unit) for d in parsed]
             chunker, report.chunker, report.nsp = _chunker(settings, kb, store, units, parsed, progress)
             extractor = build_extractor(settings.keyinfo)
             group = 64
@@ -244,8 +310,9 @@ def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: 
             for s in range(0, len(parsed), group):
                 docs = parsed[s : s + group]
                 for doc, chunks in zip(docs, chunker.chunk_many(units[s : s + group])):
+                    chunks, edits = store.apply_edits(doc.doc_id, chunks)  # people's chunk edits survive
                     kis = extractor.extract(doc, chunks)
-                    store.replace_document(doc, chunks, kis)
+                    store.replace_document(doc, chunks, kis, edits)
                     report.ingested += 1
                     report.chunks += len(chunks)
                     report.key_infos += len(kis)

@@ -9,6 +9,9 @@ with a reason that names the limit, and the next call goes on in a healthy worke
 
 Workers come from the `forkserver` start method with the parsers preloaded into the fork server,
 so starting a replacement costs a fork, not a fresh import of unstructured.
+
+SandboxPool runs several such workers, one call on each at a time, so that a batch is parsed
+`parse.workers` files at once; every call keeps its own limits and fails alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import resource
 import signal
 import sys
@@ -23,6 +27,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -60,14 +65,38 @@ def _limit_memory(max_memory_mb: float) -> float:
     return cap
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Leave when the process that started us is gone (a killed `kb ingest` leaves no worker)."""
+def _lead_process_group() -> bool:
+    """Make this worker the leader of its own process group, so that killing the group also ends
+    the programs a parse runs (tesseract, soffice, pandoc); whether it is."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    return os.getpgrp() == os.getpid()
+
+
+def kill_process_tree(proc: Any) -> None:
+    """SIGKILL a running worker and, where it leads a process group, the programs it started."""
+    if not proc.is_alive():
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.kill()
+
+
+def _exit_with_parent(parent_pid: int, leader: bool) -> None:
+    """Leave when the process that started us is gone (a killed `kb ingest` leaves no worker),
+    taking our process group (what a parse started) along when we lead one."""
     def watch() -> None:
         while True:
             time.sleep(1.0)
             try:
                 os.kill(parent_pid, 0)
             except OSError:
+                if leader:
+                    os.killpg(0, signal.SIGKILL)
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -75,7 +104,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _serve(conn: Connection, limits: Limits, parent_pid: int) -> None:
     """The worker: warm the parsers, cap memory, then answer (fn, args) calls until EOF."""
-    _exit_with_parent(parent_pid)
+    _exit_with_parent(parent_pid, _lead_process_group())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which ends us
     import ingest.sandbox_warm as warm
 
@@ -204,22 +233,24 @@ class SandboxWorker:
         with _main_hidden():
             proc.start()
         child.close()
+        self._proc = proc  # kill() can reach it while it warms up
         if not parent.poll(self.start_timeout_s):
             proc.kill()
             proc.join()
+            self._proc = None
             raise RuntimeError(f"the parse worker did not start within {self.start_timeout_s:g} s")
         try:
             _, self._cap_mib = parent.recv()
         except (EOFError, OSError) as e:
             proc.join()
+            self._proc = None
             raise RuntimeError(f"the parse worker failed to start (exit code {proc.exitcode})") from e
-        self._proc, self._conn = proc, parent
+        self._conn = parent
 
     def _stop(self) -> None:
         """Kill the worker (if any) and reap it."""
         if self._proc is not None:
-            if self._proc.is_alive():
-                self._proc.kill()
+            kill_process_tree(self._proc)
             self._proc.join()
         if self._conn is not None:
             self._conn.close()
@@ -227,6 +258,19 @@ class SandboxWorker:
 
     def close(self) -> None:
         self._stop()
+
+    def kill(self) -> None:
+        """Kill the worker process now; safe from another thread: a call in progress there ends
+        as a crash (its thread then reaps the process)."""
+        proc = self._proc
+        if proc is not None:
+            kill_process_tree(proc)
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id while one is running."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.is_alive() else None
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the worker; a ParseError with the reason when it fails, times out,
@@ -256,3 +300,94 @@ class SandboxWorker:
     def _restart_later(self) -> None:
         self.restarts += 1
         self._stop()
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+AUTO_MAX_WORKERS = 4
+"""`parse.workers: 0` (auto) starts one worker per usable core, at most this many."""
+
+
+def worker_count(configured: int) -> int:
+    """How many parse workers `parse.workers` asks for: itself when positive, else (0, auto) one
+    per usable CPU core, at most AUTO_MAX_WORKERS."""
+    if configured < 0:
+        raise ValueError(f"parse.workers must be 0 (auto) or a positive number, not {configured}")
+    return configured or max(1, min(AUTO_MAX_WORKERS, usable_cpus()))
+
+
+class SandboxPool:
+    """`size` SandboxWorkers, each call run on an idle one: up to `size` calls at once, each under
+    `limits` and each failing alone (timeout, memory, crash: the ParseError of SandboxWorker.call,
+    that worker replaced). Workers start on first need, so a pool larger than its batch costs
+    nothing. submit() returns a Future; close() (or leaving the `with` block, including by Ctrl-C)
+    kills the workers, ends the calls in flight and reaps every process.
+
+    Calls are driven by one thread per worker, which waits on the worker's pipe (no CPU, no GIL);
+    the parsing itself runs in the worker processes."""
+
+    def __init__(self, limits: Limits, size: int, start_timeout_s: float = 300.0) -> None:
+        if size < 1:
+            raise ValueError(f"a parse pool needs at least one worker, not {size}")
+        self.limits = limits
+        self.size = size
+        self._workers = [SandboxWorker(limits, start_timeout_s) for _ in range(size)]
+        self._idle: queue.LifoQueue[SandboxWorker] = queue.LifoQueue()
+        for w in reversed(self._workers):  # LIFO: serial use keeps reusing one warm worker
+            self._idle.put(w)
+        self._closed = threading.Event()
+        self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="kb-parse")
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def restarts(self) -> int:
+        """Workers replaced so far (after a timeout, a crash, or memory kept from earlier files)."""
+        return sum(w.restarts for w in self._workers)
+
+    def pids(self) -> list[int]:
+        """The worker processes running now."""
+        return [pid for w in self._workers if (pid := w.pid) is not None]
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """A Future of fn(*args) run on the next idle worker (its exception: a ParseError as in
+        SandboxWorker.call, or RuntimeError when a worker cannot start)."""
+        if self._closed.is_set():
+            raise RuntimeError("the parse pool is closed")
+        return self._threads.submit(self._run, fn, args)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on an idle worker, waited for."""
+        return self.submit(fn, *args).result()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> Any:
+        worker = self._idle.get()
+        try:
+            if self._closed.is_set():
+                raise RuntimeError("the parse pool was closed")
+            return worker.call(fn, *args)
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        """Cancel the calls not started, kill the workers (ending the calls in flight) and reap
+        them; returns once no worker process and no pool thread is left."""
+        self._closed.set()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        while self._idle.qsize() < self.size:  # a call is in flight: kill until its thread lets go
+            for w in self._workers:
+                w.kill()
+            time.sleep(0.02)
+        for w in self._workers:
+            w.close()
+        self._threads.shutdown(wait=True)

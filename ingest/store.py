@@ -8,18 +8,21 @@ store with `create=False` and read several tables through one `snapshot()`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ingest.sentences import split_sentences
 from ingest.types import Chunk, KeyInfo, ParsedDocument
 from kb import faults
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Bumped when tables are added; an older store gets the new tables (CREATE ... IF NOT EXISTS) on open."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents (
@@ -55,6 +58,33 @@ CREATE TABLE IF NOT EXISTS key_infos (
     summary TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS key_infos_doc ON key_infos(doc_id);
+CREATE TABLE IF NOT EXISTS faq (
+    faq_id TEXT PRIMARY KEY,
+    question TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    model_id TEXT NOT NULL DEFAULT '',
+    q_vec BLOB,
+    a_vec BLOB,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunk_edits (
+    edit_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    chunk_id TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    orig_sha256 TEXT NOT NULL,
+    old_text TEXT NOT NULL,
+    new_text TEXT NOT NULL,
+    user TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunk_edits_doc ON chunk_edits(doc_id, orig_sha256);
+CREATE TABLE IF NOT EXISTS edited_chunks (
+    chunk_id TEXT PRIMARY KEY REFERENCES chunks(chunk_id) ON DELETE CASCADE,
+    orig_sha256 TEXT NOT NULL,
+    edit_id INTEGER NOT NULL
+);
 """
 
 
@@ -90,7 +120,7 @@ class DocStore:
             self.conn.execute("PRAGMA journal_mode = WAL")
             with self.conn:
                 self.conn.executescript(_SCHEMA)
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.conn.execute("PRAGMA synchronous = FULL")
 
     def _has_schema(self) -> bool:
@@ -142,8 +172,10 @@ class DocStore:
         doc = self.get_document(doc_id)
         return doc is not None and doc.content_hash == content_hash
 
-    def replace_document(self, doc: ParsedDocument, chunks: list[Chunk], key_infos: list[KeyInfo]) -> None:
-        """Write a document with its chunks and key info, replacing any older version, atomically."""
+    def replace_document(self, doc: ParsedDocument, chunks: list[Chunk], key_infos: list[KeyInfo],
+                         edits: dict[int, AppliedEdit] | None = None) -> None:
+        """Write a document with its chunks and key info, replacing any older version, atomically.
+        `edits` (from `apply_edits`): the chunks (by ord) whose text is a person's edit."""
         with self.conn:  # one transaction: all or nothing
             self.conn.execute("DELETE FROM documents WHERE doc_id=?", (doc.doc_id,))
             self.conn.execute(
@@ -161,6 +193,10 @@ class DocStore:
                   k.level, k.ord, k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
                   json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
                   k.summary) for k in key_infos])
+            if edits:
+                self._edit_tables()
+                self.conn.executemany("INSERT INTO edited_chunks VALUES (?,?,?)",
+                                      [(chunk_id(doc.doc_id, o), e.orig_sha256, e.edit_id) for o, e in edits.items()])
         faults.point("store.after_commit")
 
     def delete_document(self, doc_id: str) -> bool:
@@ -205,9 +241,171 @@ class DocStore:
                 "chunks": one("SELECT COUNT(*) FROM chunks"),
                 "key_infos": one("SELECT COUNT(*) FROM key_infos")}
 
+    # FAQ entries (serve/faq.py) -------------------------------------------------------------------
+    def faq_entries(self) -> list[dict]:
+        """Every FAQ entry: faq_id, question, answer, stage ('' for any), model_id and the cached
+        question/answer vectors (float32 bytes of that embedder), oldest first; [] when none."""
+        try:
+            rows = self.conn.execute("SELECT * FROM faq ORDER BY updated_at, faq_id").fetchall()
+        except sqlite3.OperationalError:  # a store from before the faq table, opened read-only
+            return []
+        return [dict(r) for r in rows]
+
+    def faq_revision(self) -> int:
+        """A number that changes on every FAQ write (readers reload their FAQ when it does)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='faq_revision'").fetchone()
+        return int(row[0]) if row else 0
+
+    def put_faq(self, rows: list[dict]) -> None:
+        """Insert or replace FAQ entries (the faq table's columns but updated_at), in one transaction."""
+        if not rows:
+            return
+        now = time.time()
+        with self.conn:
+            self._faq_table()
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO faq VALUES (?,?,?,?,?,?,?,?)",
+                [(r["faq_id"], r["question"], r["answer"], r.get("stage") or "", r.get("model_id") or "",
+                  r.get("q_vec"), r.get("a_vec"), now) for r in rows])
+            self._bump_faq_revision()
+
+    def delete_faq(self, faq_ids: list[str] | None = None) -> int:
+        """Delete the FAQ entries `faq_ids` (None: all of them); how many were deleted."""
+        with self.conn:
+            self._faq_table()
+            if faq_ids is None:
+                n = self.conn.execute("DELETE FROM faq").rowcount
+            else:
+                n = sum(self.conn.execute("DELETE FROM faq WHERE faq_id=?", (i,)).rowcount for i in faq_ids)
+            if n:
+                self._bump_faq_revision()
+        return n
+
+    def _faq_table(self) -> None:
+        self.conn.execute(_FAQ_TABLE)
+
+    def _bump_faq_revision(self) -> None:
+        self.conn.execute("INSERT INTO meta VALUES ('faq_revision', '1') "
+                          "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
+
+    # chunk edits (retrieval/kb.py edit_chunk) --------------------------------------------------------
+    def chunk(self, doc_id: str, ord_: int) -> dict | None:
+        """One chunk of a document by its ord, with its latest edit (`edit`: None if never edited)."""
+        row = self.conn.execute("SELECT c.*, d.source FROM chunks c JOIN documents d USING (doc_id) "
+                                "WHERE c.doc_id=? AND c.ord=?", (doc_id, ord_)).fetchone()
+        return None if row is None else self._with_edit(_decode(dict(row)))
+
+    def edited(self, doc_id: str) -> dict[str, dict]:
+        """chunk_id -> its latest edit (edit_id, user, at, orig_sha256) for the document's edited chunks."""
+        try:
+            rows = self.conn.execute(
+                "SELECT x.chunk_id, e.edit_id, e.user, e.at, x.orig_sha256 FROM edited_chunks x JOIN chunk_edits e "
+                "USING (edit_id) JOIN chunks c ON c.chunk_id = x.chunk_id WHERE c.doc_id=?", (doc_id,)).fetchall()
+        except sqlite3.OperationalError:  # a store from before the edit tables, opened read-only
+            return {}
+        return {r["chunk_id"]: {k: r[k] for k in ("edit_id", "user", "at", "orig_sha256")} for r in rows}
+
+    def chunk_edits(self, doc_id: str | None = None) -> list[dict]:
+        """The audit of chunk edits (every one, oldest first; kept when the document is re-ingested or removed)."""
+        q, args = "SELECT * FROM chunk_edits", ()
+        if doc_id:
+            q, args = q + " WHERE doc_id=?", (doc_id,)
+        try:
+            return [dict(r) for r in self.conn.execute(q + " ORDER BY edit_id", args)]
+        except sqlite3.OperationalError:
+            return []
+
+    def edit_chunk(self, doc_id: str, ord_: int, new_text: str, user: str, key_infos: list[KeyInfo]) -> dict:
+        """Replace one chunk's text, its segment and sentence key info and its document's article key
+        info (`key_infos`: those levels, extracted from the edited text), and audit the edit, in one
+        transaction. The edit is remembered by the hash of the chunk's parsed text (`apply_edits`).
+        Returns the audit row; LookupError when the chunk does not exist."""
+        cid = chunk_id(doc_id, ord_)
+        with self.conn:
+            self._edit_tables()
+            row = self.conn.execute("SELECT text FROM chunks WHERE chunk_id=?", (cid,)).fetchone()
+            if row is None:
+                raise LookupError(f"no chunk {ord_} in document {doc_id!r}")
+            mark = self.conn.execute("SELECT orig_sha256 FROM edited_chunks WHERE chunk_id=?", (cid,)).fetchone()
+            orig = mark[0] if mark else text_sha256(row[0])
+            now = time.time()
+            edit_id = self.conn.execute(
+                "INSERT INTO chunk_edits (doc_id, chunk_id, ord, orig_sha256, old_text, new_text, user, at) "
+                "VALUES (?,?,?,?,?,?,?,?)", (doc_id, cid, ord_, orig, row[0], new_text, user, now)).lastrowid
+            self.conn.execute("UPDATE chunks SET text=? WHERE chunk_id=?", (new_text, cid))
+            self.conn.execute("INSERT OR REPLACE INTO edited_chunks VALUES (?,?,?)", (cid, orig, edit_id))
+            # new rows (new ki_ids): the index sync embeds them and drops the old ones
+            self.conn.execute("DELETE FROM key_infos WHERE chunk_id=? OR (doc_id=? AND level='article')", (cid, doc_id))
+            self.conn.executemany(
+                "INSERT INTO key_infos (doc_id, chunk_id, level, ord, key_text, raw_text, title_path,"
+                " keywords, entities, summary) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(doc_id, None if k.chunk_ord is None else chunk_id(doc_id, k.chunk_ord), k.level, k.ord,
+                  k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
+                  json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
+                  k.summary) for k in key_infos])
+        return {"edit_id": edit_id, "doc_id": doc_id, "chunk_id": cid, "ord": ord_, "orig_sha256": orig,
+                "old_text": row[0], "new_text": new_text, "user": user, "at": now}
+
+    def apply_edits(self, doc_id: str, chunks: list[Chunk]) -> tuple[list[Chunk], dict[int, AppliedEdit]]:
+        """The freshly parsed `chunks` of a document with people's edits put back: a chunk whose
+        parsed text has the hash an edit was made on gets that edit's (latest) text. Returns the
+        chunks and, by ord, the edits applied (for `replace_document`)."""
+        try:
+            rows = self.conn.execute(
+                "SELECT e.orig_sha256, e.edit_id, e.new_text FROM chunk_edits e WHERE e.doc_id=? AND e.edit_id = "
+                "(SELECT MAX(edit_id) FROM chunk_edits WHERE doc_id=e.doc_id AND orig_sha256=e.orig_sha256)",
+                (doc_id,)).fetchall()
+        except sqlite3.OperationalError:
+            return chunks, {}
+        latest = {r[0]: (r[1], r[2]) for r in rows}
+        if not latest:
+            return chunks, {}
+        out: list[Chunk] = []
+        applied: dict[int, AppliedEdit] = {}
+        for c in chunks:
+            orig = text_sha256(c.text)
+            if orig in latest:
+                edit_id, text = latest[orig]
+                applied[c.ord] = AppliedEdit(orig, edit_id)
+                c = replace(c, text=text, sentences=split_sentences(text))
+            out.append(c)
+        return out, applied
+
+    def _edit_tables(self) -> None:
+        """Create the edit tables in a store set up before they existed (inside the caller's transaction)."""
+        for ddl in _EDIT_TABLES:
+            self.conn.execute(ddl)
+
+    def _with_edit(self, row: dict) -> dict:
+        row["edit"] = self.edited(row["doc_id"]).get(row["chunk_id"])
+        return row
+
 
 def chunk_id(doc_id: str, ord_: int) -> str:
     return f"{doc_id}-{ord_:05d}"
+
+
+_FAQ_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS faq"):].split(";")[0]
+"""The faq table's DDL alone: written before each FAQ write (a store set up before the table existed)."""
+
+
+@dataclass(frozen=True)
+class AppliedEdit:
+    """A person's edit put back on a re-parsed chunk: the parsed text's hash and the edit's id."""
+
+    orig_sha256: str
+    edit_id: int
+
+
+def text_sha256(text: str) -> str:
+    """The hash a chunk's parsed text is remembered by (chunk edits)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_EDIT_TABLES = [d.strip() for d in _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS chunk_edits"):].split(";")
+                if d.strip()]
+"""The DDL of the chunk-edit tables and index, one statement each (run before each edit write)."""
 
 
 def _decode(row: dict) -> dict:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ingest.tables import Table
 
 BlockKind = Literal["title", "text", "list", "table", "code"]
 Level = Literal["article", "segment", "sentence"]
@@ -18,6 +21,9 @@ class Block:
     page: int | None = None
     depth: int = 0
     """Heading depth for titles (0 = top)."""
+    table: Table | None = None
+    """A table block's header and body rows (ingest/tables.py); the chunker makes row-wise units
+    that repeat the column names. None for other blocks (and tables known only as text)."""
 
 
 @dataclass

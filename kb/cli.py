@@ -181,6 +181,88 @@ def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_faq_import(args: argparse.Namespace, settings: Settings) -> int:
+    from retrieval.kb import KnowledgeBase
+    from serve.faq import FaqFileError, import_faq
+
+    try:
+        out = import_faq(KnowledgeBase(settings, args.kb, create=True), args.file)
+    except FaqFileError as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: (
+        f"{r['kb']}: {r['imported']} of {r['rows']} FAQ rows imported ({r['added']} new, {r['updated']} changed, "
+        f"{r['unchanged']} unchanged), {len(r['failed'])} failed; {r['entries']} entries in all"
+        + "".join(f"\n  line {f['line']}: {f['error']}" for f in r["failed"])))
+    return 2 if not out["imported"] else 0
+
+
+def cmd_faq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from serve.faq import list_faq
+
+    entries = [e.to_json() for e in list_faq(_open_kb(settings, args.kb))]
+    _emit(args, {"kb": args.kb, "faq": entries}, lambda r: "\n".join(
+        f"{e['id']} [{e['stage'] or '*'}] {e['question']} -> {e['answer'][:80]}" for e in r["faq"]) or "(no FAQ entries)")
+    return 0
+
+
+def cmd_faq_rm(args: argparse.Namespace, settings: Settings) -> int:
+    from serve.faq import list_faq, remove_faq
+
+    if bool(args.id) == bool(args.all):
+        raise UsageError("name the entries to remove with --id ID (repeatable) or --all")
+    kb_ = _open_kb(settings, args.kb)
+    if args.id:
+        missing = sorted(set(args.id) - {e.faq_id for e in list_faq(kb_)})
+        if missing:
+            raise UsageError(f"no FAQ entry {', '.join(missing)} in knowledge base {args.kb!r} (`kb faq list`)")
+    n = remove_faq(kb_, None if args.all else args.id)
+    _emit(args, {"removed": {"kb": args.kb, "ids": "all" if args.all else args.id, "count": n}},
+          lambda r: f"removed {r['removed']['count']} FAQ entries from {args.kb}")
+    return 0
+
+
+def cmd_chunks(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb chunks --kb NAME --doc ID` lists a document's chunks; `kb chunks edit ...` changes one."""
+    if getattr(args, "chunks_command", None) == "edit":
+        return cmd_chunks_edit(args, settings)
+    from retrieval.kb import NoSuchChunk
+
+    if not args.kb or not args.doc:
+        raise UsageError("kb chunks needs --kb NAME and --doc ID (document ids: `kb chunks --kb NAME --doc ID` "
+                         "after `kb search` or the API's GET /v1/kbs/{kb}/documents)")
+    try:
+        out = _open_kb(settings, args.kb).chunks(args.doc)
+    except NoSuchChunk as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: f"{r['source']} ({r['doc_id']}): {len(r['chunks'])} chunks" + "".join(
+        f"\n[{c['ord']}]{' (edited by ' + c['edited']['user'] + ')' if c['edited'] else ''} "
+        f"{'; '.join((c['key_info'] or {}).get('keywords', []))}\n    {c['text'][:300]}" for c in r["chunks"]))
+    return 0
+
+
+def cmd_chunks_edit(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from retrieval.kb import BadChunkText, NoSuchChunk
+
+    if (args.text is None) == (args.file is None):
+        raise UsageError("give the chunk's new text with --text TEXT or --file FILE (one of them)")
+    try:
+        text = args.text if args.file is None else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {args.file}: {e}") from e
+    try:
+        user = args.user or getpass.getuser()
+    except (KeyError, OSError) as e:  # no name for this uid (containers)
+        raise UsageError("no OS user name here: give --user NAME") from e
+    try:
+        out = _open_kb(settings, args.kb).edit_chunk(args.doc, args.chunk, text, user)
+    except (NoSuchChunk, BadChunkText) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, out, lambda r: f"{r['doc_id']} chunk {r['ord']}: " + (
+        f"edited by {r['user']} at {r['at']} (edit {r['edit_id']})" if r["changed"] else "unchanged (same text)"))
+    return 0
+
 def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
     from eval.retrieval import evaluate_retrieval, write_report
 
@@ -666,10 +748,43 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("kbs", parents=[common], help="list knowledge bases")
     s.set_defaults(func=cmd_kbs)
 
+    s = sub.add_parser("chunks", parents=[common], help="list a document's chunks and key information; edit one",
+                       description="kb chunks --kb NAME --doc ID: the chunks and key information (JSON with --json); "
+                                   "kb chunks edit --kb NAME --doc ID --chunk N --text TEXT|--file F [--user U]")
+    s.add_argument("--kb", help="knowledge base name")
+    s.add_argument("--doc", help="document id")
+    s.set_defaults(func=cmd_chunks)
+    chsub = s.add_subparsers(dest="chunks_command", required=False)
+    e = chsub.add_parser("edit", parents=[common], help="replace one chunk's text (re-extracts its key information, "
+                                                       "re-indexes it, audits who and when)")
+    e.add_argument("--kb", required=True, help="knowledge base name")
+    e.add_argument("--doc", required=True, help="document id")
+    e.add_argument("--chunk", required=True, help="the chunk's ord (as `kb chunks` lists it) or its chunk_id")
+    e.add_argument("--text", help="the new text")
+    e.add_argument("--file", help="read the new text from this UTF-8 file")
+    e.add_argument("--user", help="who edits (default: the OS user)")
+    e.set_defaults(func=cmd_chunks)
+
     s = sub.add_parser("rm", parents=[common], help="delete a knowledge base or one document")
     s.add_argument("--kb", required=True)
     s.add_argument("--doc", help="document id (default: the whole knowledge base)")
     s.set_defaults(func=cmd_rm)
+
+    fq = sub.add_parser("faq", help="FAQ entries answered directly (no LLM): import, list, remove")
+    fqsub = fq.add_subparsers(dest="faq_command", required=True)
+    s = fqsub.add_parser("import", parents=[common],
+                         help="import question,answer[,stage] rows from CSV/TSV/XLSX/JSONL (问题/答案/阶段 headers too)")
+    s.add_argument("file")
+    s.add_argument("--kb", required=True)
+    s.set_defaults(func=cmd_faq_import)
+    s = fqsub.add_parser("list", parents=[common], help="list a KB's FAQ entries")
+    s.add_argument("--kb", required=True)
+    s.set_defaults(func=cmd_faq_list)
+    s = fqsub.add_parser("rm", parents=[common], help="remove FAQ entries by id, or all of them")
+    s.add_argument("--kb", required=True)
+    s.add_argument("--id", action="append", help="an entry id from `kb faq list` (repeatable)")
+    s.add_argument("--all", action="store_true", help="remove every FAQ entry of the KB")
+    s.set_defaults(func=cmd_faq_rm)
     return p
 
 

@@ -53,6 +53,10 @@ class ParseConfig(BaseModel):
     max_memory_mb: float = 2048.0
     """Memory one file's parsing may take on top of the loaded parser libraries (about 0.9 GiB), as
     the worker's data-segment limit (RLIMIT_DATA); isolate only."""
+    workers: int = Field(0, ge=0)
+    """Worker processes parsing a batch at once, each file under the limits above (isolate only;
+    in-process parsing is one file at a time). 0 = auto: one per usable CPU core, at most 4. Each
+    worker may take max_memory_mb beyond the parser libraries, which the workers share."""
     max_unzipped_mb: float = 500.0
     """Office/zip files (docx, xlsx, pptx) whose members unpack to more than this fail before parsing."""
     max_zip_ratio: float = 100.0
@@ -61,6 +65,16 @@ class ParseConfig(BaseModel):
     max_line_chars: int = 10_000
     """Text lines longer than this are wrapped at whitespace before parsing (a one-line 20 MB file
     would otherwise take the text partitioner minutes: its cost grows faster than the line)."""
+    ocr: Literal["auto", "tesseract", "rapidocr", "off"] = "auto"
+    """OCR of images and of PDF pages without a text layer (ingest/ocr.py): tesseract (Debian
+    tesseract-ocr + language packs), rapidocr (PyPI rapidocr-onnxruntime), auto = the default engine
+    (tesseract, chosen by bench/ocr.py) if installed, else the other, else off with a warning. Off or
+    missing: a scanned file fails with that reason; a PDF with some text pages keeps them (warning)."""
+    ocr_languages: list[str] = Field(default_factory=lambda: ["chi_sim", "eng"])
+    """Tesseract language packs to recognise with (chi_sim, chi_tra, eng, ...); rapidocr reads
+    Chinese and English whatever this says."""
+    ocr_dpi: int = Field(300, ge=50, le=600)
+    """Resolution at which scanned PDF pages are rendered for OCR (and told to tesseract)."""
 
 
 class CleanConfig(BaseModel):
@@ -86,6 +100,13 @@ class ChunkingConfig(BaseModel):
     max_seq_len: int = 128
     fixed_size: int = 500
     fixed_overlap: int = 50
+    table_whole_chars: int | None = None
+    """A table whose grid text (column names line + " | " rows) is at most this many characters is
+    one unit; a longer one is cut into row-wise units that repeat the column names. None:
+    `max_chars`."""
+    table_rows_per_unit: int = 1
+    """Rows per unit of a long table, each row written "Column: value; ..." (fewer when the unit
+    would pass `max_chars`); 1 retrieves a single row best (bench/table_units.py)."""
 
 
 class NSPTrainConfig(BaseModel):
@@ -244,6 +265,28 @@ class ComplianceConfig(BaseModel):
     approved_min: float = 0.6
 
 
+class FaqConfig(BaseModel):
+    """FAQ entries (`kb faq import`) answered directly: a question close enough to an FAQ question
+    gets the FAQ's answer, cited as the entry, without retrieval or an LLM call."""
+
+    enabled: bool = True
+    threshold: float = 0.9725
+    """Answer directly when the embedder's cosine between the question and the nearest FAQ question
+    (both embedded as queries) reaches this (no reranker in use). Calibrated by bench/faq.py for
+    e5-small on CMRC 2018 questions (two folds, precision >= 0.97 on each calibration half): 0.985
+    precision, 0.99 coverage of (rule-based) paraphrases (bench/results/faq.json). Another embedder
+    needs its own value."""
+    rerank_threshold: float = 0.9
+    """With a reranker in use (`use_reranker` and `models.reranker` set), the cross-encoder's score
+    of (question, FAQ question) must reach this instead (bench/faq.py measures it too)."""
+    candidates: int = 5
+    """Nearest FAQ questions (by the embedder) that the reranker scores."""
+    use_reranker: bool = False
+    """Score the candidates with `models.reranker` when one is configured (else the embedder decides).
+    Off by default: the packaged `rerank-e5` judges passages, not question pairs, and reaches no
+    0.95 precision on FAQ matching (bench/results/faq.json); a question-pair cross-encoder may."""
+
+
 class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -370,6 +413,7 @@ class Settings(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    faq: FaqConfig = Field(default_factory=FaqConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

@@ -13,6 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,6 +35,67 @@ log = logging.getLogger(__name__)
 
 class NoSuchKB(LookupError):
     """The knowledge base does not exist."""
+
+
+class NoSuchChunk(LookupError):
+    """The document, or the chunk of it, does not exist in the knowledge base."""
+
+
+class BadChunkText(ValueError):
+    """A chunk edit's text (or user) is empty or too long."""
+
+
+MAX_CHUNK_TEXT = 20_000
+"""The longest text (characters) an edited chunk may have."""
+MAX_USER = 200
+"""The longest user name an edit is recorded with."""
+
+
+def check_edit(text: str, user: str) -> tuple[str, str]:
+    """The edit's text and user, stripped; BadChunkText when either is empty, too long or not
+    Unicode text that can be stored (a lone surrogate)."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadChunkText("the chunk's new text is empty")
+    if not isinstance(user, str) or not user.strip():
+        raise BadChunkText("an edit needs the user who makes it")
+    try:
+        text.encode("utf-8")
+        user.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadChunkText("the chunk's new text or user is not valid Unicode text") from e
+    if len(text.strip()) > MAX_CHUNK_TEXT:
+        raise BadChunkText(f"the chunk's new text has {len(text.strip())} characters; at most {MAX_CHUNK_TEXT}")
+    if len(user.strip()) > MAX_USER:
+        raise BadChunkText(f"the user name is over {MAX_USER} characters")
+    return text.strip(), user.strip()
+
+
+def chunk_ord(doc_id: str, chunk: int | str) -> int:
+    """A chunk's ord from its ord (int or digits) or its chunk_id; NoSuchChunk for anything else."""
+    if isinstance(chunk, int) and not isinstance(chunk, bool):
+        ord_ = chunk
+    elif isinstance(chunk, str) and chunk.strip().isdigit():
+        ord_ = int(chunk)
+    elif isinstance(chunk, str) and chunk.startswith(f"{doc_id}-") and chunk[len(doc_id) + 1:].isdigit():
+        ord_ = int(chunk[len(doc_id) + 1:])
+    else:
+        raise NoSuchChunk(f"no chunk {chunk!r} in document {doc_id!r} (give its ord or chunk_id)")
+    if ord_ < 0:
+        raise NoSuchChunk(f"no chunk {chunk!r} in document {doc_id!r}")
+    return ord_
+
+
+def iso_time(ts: float) -> str:
+    """A timestamp as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def key_info_json(row: dict) -> dict:
+    """The public fields of one stored key-info entry (the raw text only for sentences)."""
+    out = {k: row[k] for k in ("level", "ord", "title_path", "key_text", "keywords", "entities", "summary")}
+    if row["level"] == "sentence":
+        out["text"] = row["raw_text"]
+    return out
 
 
 @lru_cache(maxsize=4)
@@ -132,6 +194,72 @@ class KnowledgeBase:
                 faults.point("kb.after_delete")
                 self.sync(False)
             return removed
+
+    def chunks(self, doc_id: str) -> dict:
+        """A document's chunks with their key information (segment and sentence entries: level,
+        key_text, keywords, entities, summary) and the last edit of each, plus the document's
+        article key information. NoSuchChunk when the KB has no such document."""
+        with self.store() as opened, opened.snapshot() as store:
+            doc = store.get_document(doc_id)
+            if doc is None:
+                raise NoSuchChunk(f"no document {doc_id!r} in knowledge base {self.name!r}")
+            rows, kis, edited = store.chunks(doc_id), store.key_infos(doc_id), store.edited(doc_id)
+        by_chunk: dict[str | None, list[dict]] = {}
+        for k in kis:
+            by_chunk.setdefault(k["chunk_id"], []).append(key_info_json(k))
+        chunks = []
+        for r in rows:
+            own = by_chunk.get(r["chunk_id"], [])
+            edit = edited.get(r["chunk_id"])
+            chunks.append({"chunk_id": r["chunk_id"], "ord": r["ord"], "text": r["text"], "title_path": r["title_path"],
+                           "page": r["page"], "key_info": next((k for k in own if k["level"] == "segment"), None),
+                           "sentences": [k for k in own if k["level"] == "sentence"],
+                           "edited": None if edit is None else {"edit_id": edit["edit_id"], "user": edit["user"],
+                                                                "at": iso_time(edit["at"])}})
+        article = next((k for k in by_chunk.get(None, []) if k["level"] == "article"), None)
+        return {"kb": self.name, "doc_id": doc.doc_id, "source": doc.source, "title": doc.title,
+                "n_chunks": doc.n_chunks, "article": article, "chunks": chunks}
+
+    def chunk_edits(self, doc_id: str | None = None) -> list[dict]:
+        """The audit of chunk edits (who, when, before, after), oldest first."""
+        with self.store() as store:
+            return [{**e, "at": iso_time(e["at"])} for e in store.chunk_edits(doc_id)]
+
+    def edit_chunk(self, doc_id: str, chunk: int | str, text: str, user: str) -> dict:
+        """Replace the text of chunk `chunk` (its ord, or its chunk_id) of document `doc_id`, as
+        `user`: re-extract the chunk's segment and sentence key information and the document's
+        article key information, audit the edit, then bring the index in line (under the write
+        lock). The store takes the edit in one transaction and the index sync is repeatable, so a
+        kill between them leaves the KB consistent (the next write's sync adds the new entries).
+        BadChunkText for empty or oversized text; NoSuchChunk for an unknown document or chunk."""
+        from ingest.keyinfo import build_extractor
+        from ingest.sentences import split_sentences
+        from ingest.types import Chunk, ParsedDocument
+
+        text, user = check_edit(text, user)
+        with self.writing():
+            with self.store() as store:
+                doc = store.get_document(doc_id)
+                if doc is None:
+                    raise NoSuchChunk(f"no document {doc_id!r} in knowledge base {self.name!r}")
+                ord_ = chunk_ord(doc_id, chunk)
+                rows = store.chunks(doc_id)
+                old = next((r for r in rows if r["ord"] == ord_), None)
+                if old is None:
+                    raise NoSuchChunk(f"no chunk {chunk!r} in document {doc_id!r} ({len(rows)} chunks, ords "
+                                      f"0-{len(rows) - 1})")
+                out = {"kb": self.name, "doc_id": doc_id, "chunk_id": old["chunk_id"], "ord": ord_, "user": user}
+                if old["text"] == text:  # nothing to change; the sync completes an edit killed before it
+                    return {**out, "changed": False, "edit_id": None, "at": None, "index": self.sync(False)}
+                chunks = [Chunk(text if r["ord"] == ord_ else r["text"], r["ord"], tuple(r["title_path"]), r["page"],
+                                split_sentences(text) if r["ord"] == ord_ else []) for r in rows]
+                parsed = ParsedDocument(doc.path, doc.source, doc.doc_id, doc.content_hash, [], doc.title)
+                kis = [k for k in build_extractor(self.settings.keyinfo).extract(parsed, chunks)
+                       if k.level == "article" or k.chunk_ord == ord_]
+                audit = store.edit_chunk(doc_id, ord_, text, user, kis)
+            faults.point("kb.before_sync")
+            index = self.sync(False)
+        return {**out, "changed": True, "edit_id": audit["edit_id"], "at": iso_time(audit["at"]), "index": index}
 
     def delete(self) -> None:
         """Delete the KB: its folder is renamed away in one step (a kill leaves the KB whole or

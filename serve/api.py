@@ -9,6 +9,7 @@ the transfer encoding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kb.paths import KB_NAME_PATTERN, BadKBName, check_kb_name
 from kb.settings import ConfigError, Settings
 from kb.writelock import WriteLockTimeout
-from retrieval.kb import NoSuchKB
+from retrieval.kb import MAX_CHUNK_TEXT, MAX_USER, BadChunkText, NoSuchChunk, NoSuchKB
 from serve.auth import NO_KEYS, Grant, KeyRing
 from serve.chain import public
 from serve.middleware import (BodyLimitMiddleware, BodyStats, RequestIdMiddleware, RequestIdFilter, Scope,
@@ -164,6 +165,14 @@ class ChatRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
 
 
+class ChunkEditRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"text": "Refunds reach the card within five working days."}]})
+    text: str = Field(min_length=1, max_length=MAX_CHUNK_TEXT, pattern=r"\S",
+                      description="the chunk's new text (not only white space)")
+    user: str | None = Field(default=None, max_length=MAX_USER - 40,
+                             description="who edits, recorded beside the API key's fingerprint")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     llm: Literal["local", "openai", "extractive"] = Field(description="the answer backend's kind")
@@ -204,6 +213,8 @@ def grant(request: Request, cred: Annotated[HTTPAuthorizationCredentials | None,
 Auth = Annotated[Grant, Depends(grant)]
 KBPath = Annotated[str, PathParam(min_length=1, max_length=64, pattern=KB_NAME_PATTERN, examples=["policies"],
                                   description="the knowledge base's name")]
+DocPath = Annotated[str, PathParam(min_length=1, max_length=128, description="the document's id")]
+OrdPath = Annotated[int, PathParam(ge=0, le=10**9, description="the chunk's ord, as GET .../chunks lists it")]
 UPLOAD_FORM = {"type": "object", "required": ["files"], "properties": {
     "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 100},
     "replace": {"type": "string", "minLength": 1, "maxLength": 64,
@@ -381,6 +392,36 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
             raise ApiError(404, "not_found", f"no document {doc_id!r} in knowledge base {kb!r}")
         return {"removed": {"kb": kb, "doc_id": doc_id}}
 
+    @app.get("/v1/kbs/{kb}/documents/{doc_id}/chunks", tags=["knowledge bases"],
+             responses=errors(401, 403, 404, 422))
+    def chunks(kb: KBPath, doc_id: DocPath, g: Auth) -> dict:
+        """A document's chunks with their key information (the `kb chunks --json` document)."""
+        permitted(g, kb)
+        try:
+            return svc.kb(kb).chunks(doc_id)
+        except NoSuchKB as e:
+            raise ApiError(404, "not_found", f"no knowledge base {kb!r}") from e
+        except NoSuchChunk as e:
+            raise ApiError(404, "not_found", str(e)) from e
+
+    @app.put("/v1/kbs/{kb}/documents/{doc_id}/chunks/{ord}", tags=["knowledge bases"],
+             responses=errors(400, 401, 403, 404, 413, 422))
+    def edit_chunk(kb: KBPath, doc_id: DocPath, ord: OrdPath, body: ChunkEditRequest, g: Auth,
+                   cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> dict:
+        """Replace a chunk's text: its key information and index entries are rebuilt, the edit is
+        audited (the user is the API key's fingerprint, with `user` when given) and survives
+        re-ingesting the document (the `kb chunks edit --json` document)."""
+        permitted(g, kb, write=True)
+        who = key_user(cred.credentials if cred else "", body.user)
+        try:
+            return svc.kb(kb).edit_chunk(doc_id, ord, body.text, who)
+        except NoSuchKB as e:
+            raise ApiError(404, "not_found", f"no knowledge base {kb!r}") from e
+        except NoSuchChunk as e:
+            raise ApiError(404, "not_found", str(e)) from e
+        except BadChunkText as e:
+            raise ApiError(422, "invalid_request", str(e)) from e
+
     @app.post("/v1/search", tags=["answers"], responses=errors(400, 401, 403, 404, 413, 422))
     def search(body: SearchRequest, g: Auth) -> dict:
         permitted(g, body.kb)
@@ -466,6 +507,12 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
     return app
 
 
+def key_user(key: str, user: str | None = None) -> str:
+    """Who an API edit is recorded as: the key's fingerprint (never the key), after `user` when given."""
+    fp = f"api-key:{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return f"{user.strip()} ({fp})" if user and user.strip() else fp
+
+
 def sse(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
@@ -476,7 +523,7 @@ def event_stream(events: Iterator[str]) -> StreamingResponse:
 
 
 def extension(result: dict) -> dict:
-    return {k: result[k] for k in ("sources", "fallback", "reason", "confidence", "mode") if k in result}
+    return {k: result[k] for k in ("sources", "fallback", "reason", "confidence", "mode", "faq") if k in result}
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:

@@ -4,7 +4,9 @@ Each step is a method of `AnswerChain`, so it can be called and tested alone; `r
 them with `RunnablePassthrough.assign`, carrying one dict through. No question rewriting happens
 beyond `answer.condense_history`. A sensitive question or weak retrieval is decided before
 generation (nothing is generated). Results carry the model's draft under `internal`, which
-`public` strips: a reply that compliance withheld never leaves the server.
+`public` strips: a reply that compliance withheld never leaves the server. Before all of this, a
+question close enough to one of the KB's FAQ questions is answered with that FAQ's answer
+(serve/faq.py; `mode` "faq", an extra `faq` key), after the sensitive-word check only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ingest.sentences import is_chinese
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase
 from serve.compliance import Compliance, ReplyLibrary, StreamGuard, question_confidence
+from serve.faq import FaqMatch, KbFaq
 from serve.injection import clean_source, quote, quoted_sentences
 from serve.llm import LLM, build_llm
 
@@ -87,7 +90,36 @@ class AnswerChain:
         self.kb = kb
         self.llm = llm if llm is not None else build_llm(settings)
         lib = library or ReplyLibrary.load(settings.compliance.approved_replies, kb.embedder)
+        self.library = lib
         self.compliance = Compliance(settings.compliance, lib)
+        self.faq = KbFaq(settings, kb) if settings.faq.enabled else None
+
+    # FAQ: answered directly ------------------------------------------------------------------------
+    def refresh_faq(self) -> None:
+        """Reload the KB's FAQ when it changed; its answers join the approved-reply library."""
+        if self.faq is not None and self.faq.refresh():
+            self.compliance.library = self.library.extended(self.faq.replies, self.faq.answer_vectors)
+
+    def faq_reply(self, question: str, stage: str | None = None) -> dict | None:
+        """The result for a question close enough to an FAQ question (no retrieval, no LLM), or None.
+        The FAQ answer still passes the sensitive-word check: a withheld one appears in no field."""
+        if self.faq is None:
+            return None
+        self.refresh_faq()
+        m = self.faq.match(question, stage)
+        return None if m is None else self.faq_result(question, stage, m)
+
+    def faq_result(self, question: str, stage: str | None, m: FaqMatch) -> dict[str, Any]:
+        e, score = m.entry, round(m.score, 4)
+        out = {"standalone_question": question, "confidence": score, "mode": "faq"}
+        verdict = self.compliance.sensitive(question, e.answer, stage)
+        if verdict is not None:
+            return {"answer": verdict.answer, "sources": [], "fallback": True, "reason": verdict.reason,
+                    "approved_match": None, **out, "faq": {"id": e.faq_id, "score": score, "withheld": True},
+                    INTERNAL: {"draft": ""}}
+        return {"answer": e.answer, "sources": [e.to_hit(m.score).to_json()], "fallback": False, "reason": None,
+                "approved_match": {"text": e.answer, "intent": "faq", "score": 1.0}, **out,
+                "faq": {"id": e.faq_id, "question": e.question, "score": score}, INTERNAL: {"draft": e.answer}}
 
     # steps ----------------------------------------------------------------------------------------
     def refusal(self, question: str) -> str:
@@ -185,7 +217,8 @@ class AnswerChain:
 
     def ask(self, question: str, history: list[list[str]] | None = None, stage: str | None = None) -> dict:
         t0 = time.perf_counter()
-        out = self.runnable.invoke({"question": question, "history": history or [], "stage": stage})
+        out = self.faq_reply(question, stage) or self.runnable.invoke(
+            {"question": question, "history": history or [], "stage": stage})
         out["seconds"] = round(time.perf_counter() - t0, 3)
         return out
 
@@ -216,15 +249,20 @@ class AnswerChain:
         is sent in pieces of `piece` characters. `live`: the model's pieces are sent as they come,
         through a `StreamGuard` (sensitive words are never sent); a sensitive question or weak
         retrieval sends the fallback without generating. Extractive answers are complete at once
-        and always go the checked way.
+        and always go the checked way, as do FAQ answers (`faq_reply`).
         """
         mode = mode or self.settings.answer.stream_mode
+        t0 = time.perf_counter()
+        faq = self.faq_reply(question, stage)
+        if faq is not None:  # complete at once, checked: sent like a checked reply
+            yield from pieces(faq["answer"], piece)
+            yield {**public(faq), "replace": False, "seconds": round(time.perf_counter() - t0, 3)}
+            return
         if mode == "checked" or self.llm is None:
             result = self.ask(question, history, stage)
             yield from pieces(result["answer"], piece)
             yield {**public(result), "replace": False}
             return
-        t0 = time.perf_counter()
         state = self.prepared.invoke({"question": question, "history": history or [], "stage": stage})
         guard = None
         if state["early"] is None:

@@ -53,7 +53,8 @@ def term_share(part: str, whole_terms: set[str]) -> float:
 class ReplyLibrary:
     """Approved replies, embedded in their own FAISS index."""
 
-    def __init__(self, replies: list[ApprovedReply], embedder=None) -> None:
+    def __init__(self, replies: list[ApprovedReply], embedder=None, vectors: np.ndarray | None = None) -> None:
+        """`vectors`: the replies' embeddings (as SIMILARITY_KIND, by `embedder`) when already known."""
         if not replies:
             raise ValueError("the approved-reply library is empty")
         self.replies = replies
@@ -62,7 +63,7 @@ class ReplyLibrary:
         if embedder is not None:
             import faiss
 
-            vecs = embedder.encode([r.text for r in replies], SIMILARITY_KIND)
+            vecs = vectors if vectors is not None else embedder.encode([r.text for r in replies], SIMILARITY_KIND)
             self.index = faiss.IndexFlatIP(vecs.shape[1])
             self.index.add(vecs)
 
@@ -79,6 +80,17 @@ class ReplyLibrary:
             replies.append(ApprovedReply(str(r["text"]), str(r.get("intent", "fallback")),
                                          str(r.get("stage", "*")), str(r.get("lang", "en"))))
         return cls(replies, embedder)
+
+    def extended(self, replies: list[ApprovedReply], vectors: np.ndarray) -> ReplyLibrary:
+        """A new library of these replies and `replies` (e.g. a KB's FAQ answers, intent "faq"),
+        whose `vectors` the same embedder made as SIMILARITY_KIND: `nearest` considers them too."""
+        if not replies:
+            return self
+        if self.index is None:
+            return ReplyLibrary(self.replies + replies)
+        own = self.index.reconstruct_n(0, self.index.ntotal)
+        return ReplyLibrary(self.replies + replies, self.embedder,
+                            np.vstack([own, np.asarray(vectors, dtype=np.float32)]))
 
     def pick(self, intent: str, stage: str | None, lang: str) -> str:
         cands = [r for r in self.replies if r.intent == intent] or [r for r in self.replies if r.intent == "fallback"]

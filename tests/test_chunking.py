@@ -116,3 +116,25 @@ def test_sentence_method_reaches_the_pipeline(settings, tmp_path):
     with kb.store() as store:
         assert [c["text"] for d in store.documents() for c in store.chunks(d.doc_id)] == [
             "One short line here.", "Another one follows.", "And a third."]
+
+
+def test_a_heading_with_nothing_under_it_keeps_its_text():
+    """A short line taken for a title, followed by a title of the same depth, lost its text."""
+    doc = ParsedDocument("p", "s", "d", "h", [
+        Block("Forwarded note", "title", depth=0),
+        Block("Attachment: a.docx", "title", depth=0),
+        Block("Body of the attachment.", "text"),
+        Block("Part A", "title", depth=0),
+        Block("Part A.1", "title", depth=1),
+        Block("Text of A.1.", "text"),
+        Block("Closing line", "title", depth=0),
+    ])
+    units = [(u.text, u.title_path) for u in to_units(doc)]
+    assert units == [
+        ("Forwarded note", ()),
+        ("Body of the attachment.", ("Attachment: a.docx",)),
+        ("Text of A.1.", ("Part A", "Part A.1")),
+        ("Closing line", ()),
+    ]
+    only_titles = ParsedDocument("p", "s", "d", "h", [Block("One", "title"), Block("Two", "title")])
+    assert [u.text for u in to_units(only_titles)] == ["One", "Two"]

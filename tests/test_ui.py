@@ -258,6 +258,10 @@ def test_a_read_only_key_asks_with_sources_but_cannot_upload_or_delete(app, brow
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stDataFrame']")))
     assert not browser.find_elements(By.CSS_SELECTOR, "input[type='file']")
     assert not [b for b in browser.find_elements(By.TAG_NAME, "button") if "Delete document" in b.text]
+    # the chunks and their key information are shown (a second table), not offered for editing
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stDataFrame']")) == 2)
+    assert "Show the chunks of" in _body(browser)
+    assert not browser.find_elements(By.CSS_SELECTOR, "textarea[aria-label='Chunk text']")
 
 
 @needs_browser
@@ -301,3 +305,32 @@ def test_a_read_write_key_creates_a_knowledge_base_by_upload_and_logs_out(app, b
     _click(wait, "button", "Log out")
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='password']")))
     assert "handbook" not in _body(browser)
+
+
+@needs_browser
+def test_staff_see_a_documents_chunks_and_save_an_edit(app, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+
+    from ingest.store import DocStore
+
+    new = "Refunds reach the original card within five working days; store credit takes one hour."
+    wait = _login(browser, app["url"], "rw-key")
+    _logged_in(wait)
+    _pick(browser, wait, "policies")
+    _click(wait, "[role='tab']", "Documents")
+    wait.until(lambda d: "Chunks" in _body(d) and "Show the chunks of" in _body(d))  # refunds.md comes first
+    area = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "textarea[aria-label='Chunk text']")))
+    assert "Customers can return a product" in area.get_attribute("value")
+    area.send_keys(Keys.CONTROL, "a")
+    area.send_keys(Keys.DELETE)
+    area.send_keys(new)
+    browser.find_element(By.CSS_SELECTOR, "input[aria-label='Your name (recorded with the edit)']").send_keys("Ulla")
+    _click(wait, "button", "Save chunk")
+    wait.until(lambda d: "Saved chunk 0 of refunds.md" in _body(d))
+    with DocStore.for_kb(app["home"] / "policies", create=False) as store:
+        [edit] = store.chunk_edits()
+        texts = [c["text"] for c in store.chunks(edit["doc_id"])]
+    assert edit["new_text"] == new and edit["user"].startswith("Ulla (api-key:") and new in texts
+    assert "rw-key" not in edit["user"]

@@ -180,6 +180,55 @@ def documents_tab(svc: Service, name: str, grant: Grant) -> None:
             svc.remove_document(name, labels[pick])
             st.success(f"deleted {pick}")
             st.rerun()
+    if docs:
+        chunks_section(svc, name, grant, docs)
+
+
+def chunk_rows(view: dict) -> list[dict]:
+    """One table row per chunk of `KnowledgeBase.chunks`: its text and key information, who edited it."""
+    return [{"ord": c["ord"], "text": c["text"], "keywords": ", ".join((c["key_info"] or {}).get("keywords", [])),
+             "entities": ", ".join((c["key_info"] or {}).get("entities", [])),
+             "summary": (c["key_info"] or {}).get("summary", ""),
+             "edited": f"{c['edited']['user']} at {c['edited']['at']}" if c["edited"] else ""}
+            for c in view["chunks"]]
+
+
+def chunks_section(svc: Service, name: str, grant: Grant, docs: list[dict]) -> None:
+    """A document's chunks with their key information; a key that may write edits a chunk's text."""
+    from serve.api import key_user
+
+    st.subheader("Chunks")
+    if saved := st.session_state.pop("chunk_saved", None):
+        st.success(saved)
+    labels = {f"{d['source']} ({d['doc_id']})": d["doc_id"] for d in docs}
+    doc_id = labels[st.selectbox("Show the chunks of", list(labels), key=f"chunks_doc_{name}")]
+    try:
+        view = svc.kb(name).chunks(doc_id)
+    except LookupError as e:  # removed meanwhile
+        st.info(str(e))
+        return
+    if view["article"]:
+        st.caption(f"Document keywords: {', '.join(view['article']['keywords'])} · "
+                   f"entities: {', '.join(view['article']['entities']) or '-'}")
+    st.dataframe(chunk_rows(view), use_container_width=True, hide_index=True)
+    if not grant.can_write(name) or not view["chunks"]:
+        return
+    by_ord = {c["ord"]: c for c in view["chunks"]}
+    ord_ = st.selectbox("Edit chunk", list(by_ord), key=f"chunk_ord_{name}_{doc_id}")
+    with st.form(f"edit_{name}_{doc_id}_{ord_}"):
+        text = st.text_area("Chunk text", by_ord[ord_]["text"], height=200)
+        who = st.text_input("Your name (recorded with the edit)", value=st.session_state.get("editor", ""))
+        save = st.form_submit_button("Save chunk")
+    if save and allowed(grant, name, write=True):
+        st.session_state.editor = who
+        try:
+            out = svc.kb(name).edit_chunk(doc_id, ord_, text, key_user(st.session_state.get("api_key", ""), who))
+        except (ValueError, LookupError) as e:  # empty or too long; the document or chunk is gone
+            st.error(str(e))
+            return
+        st.session_state.chunk_saved = (f"Saved chunk {ord_} of {view['source']} as {out['user']}" if out["changed"]
+                                        else f"Chunk {ord_} already has this text")
+        st.rerun()
 
 
 def replace_choice(svc: Service, name: str, filename: str) -> str | None:
