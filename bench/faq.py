@@ -164,6 +164,16 @@ def evaluate(name: str, matcher, queries: list[Query], grid: list[float], min_pr
             "curve_all": curve(queries, ids, scores, grid)}
 
 
+SWEPT = {"threshold", "rerank_threshold"}
+"""faq.* keys this benchmark sweeps instead of reading: left out of the recorded config."""
+
+
+def chosen_config(results: list[dict]) -> dict:
+    """The faq.* values this run chose (the embedder's threshold, the reranker's when measured)."""
+    keys = ("faq.threshold", "faq.rerank_threshold")
+    return {k: r["threshold"] for k, r in zip(keys, results)}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -228,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                               "easier than real paraphrases; no paraphrase data set is in the shared data",
                "examples": [{"faq": e.question, "paraphrases": paraphrases(e.question)} for e in entries[:5]],
                "seconds_embedding_faq": round(embed_s, 2), "loadavg": list(os.getloadavg()),
-               "results": results, "plot": png.name, "config": {"faq": settings.faq.model_dump(mode="json"),
-                                                               "models": settings.models.model_dump(mode="json")}}
+               "results": results, "plot": png.name, "chosen": chosen_config(results),
+               "config": {"faq": settings.faq.model_dump(mode="json", exclude=SWEPT),
+                          "models": settings.models.model_dump(mode="json")}}
     path = write_result(args.name, payload, data=(args.squad,))
     for r in results:
         print(f"{r['scorer']}: threshold {r['threshold']}; all queries {r['at_threshold_all']}; "

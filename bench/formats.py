@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from bench.common import table, write_result
-    from ingest.loaders import ZipLimits, parse_file, point_unstructured_at_packaged_spacy_model
+    from ingest.loaders import ZipLimits, ocr_options, parse_file, point_unstructured_at_packaged_spacy_model
     from kb.settings import load_settings
 
     settings = load_settings(None)
@@ -285,7 +285,7 @@ def main() -> None:
                 load.append(round(os.getloadavg()[0], 2))
                 t0 = time.perf_counter()
                 blocks = parse_file(files[ext], p.max_file_mb, p.pdf_strategy, p.languages,
-                                    ZipLimits(p.max_unzipped_mb, p.max_zip_ratio), p.max_line_chars)
+                                    ZipLimits(p.max_unzipped_mb, p.max_zip_ratio), p.max_line_chars, ocr_options(p))
                 times.append(time.perf_counter() - t0)
             rows.append({"format": ext, "engine": engine, "needs": needs, "bytes": files[ext].stat().st_size,
                          "blocks": len(blocks), "median_s": round(statistics.median(times), 3),

@@ -371,6 +371,77 @@ def ablation_answers_table() -> str:
     return markdown(load("ablation_answers_cmrc"))
 
 
+OCR_CONFIGS = {"tesseract[chi_sim+eng]": "**tesseract 5, chi_sim then chi_sim+eng (the default)**",
+               "tesseract[chi_sim]": "tesseract 5, chi_sim only", "tesseract[eng]": "tesseract 5, eng only",
+               "rapidocr": "rapidocr 1.4.4 (PP-OCRv4, onnxruntime)"}
+
+
+@table("ocr")
+def ocr_table() -> str:
+    """OCR character error rate and pages/s by engine, language and page condition (ocr.json)."""
+    d = load("ocr")
+    cell = {(s["config"], s["lang"], s["condition"]): s for s in d["summary"]}
+    rows = []
+    for config, label in OCR_CONFIGS.items():
+        got = [cell.get((config, lang, cond)) for lang in ("zh", "en") for cond in ("clean", "scan")]
+        cers = [pct(g["cer"], 2) if g else "–" for g in got]
+        speed = [num(g["pages_per_s"], 2) if g else "–" for g in got[:2]]
+        rows.append([label, *cers, " / ".join(speed)])
+    pages = sorted({s["pages"] for s in d["summary"]})
+    return md(rows, ["engine", "CER zh clean", "CER zh scan-like", "CER en clean", "CER en scan-like",
+                     f"pages/s zh clean / scan ({'/'.join(map(str, pages))} pages each, 1 process)"])
+
+
+@table("formats")
+def formats_table() -> str:
+    """Per-format engine, what it needs installed, and parse seconds per file (formats.json)."""
+    rows = [[f"`{r['format']}`", r["engine"], r["needs"], num(r["median_s"], 2)] for r in load("formats")["rows"]]
+    return md(rows, ["format", "engine", "needs installed", "parse s/file (median)"])
+
+
+@table("faq")
+def faq_table() -> str:
+    """FAQ direct answers at the chosen threshold: each calibration half and the other half held out (faq.json)."""
+    d = load("faq")
+    rows = []
+    for r in d["results"]:
+        if r["threshold"] is None:
+            best = max(c["precision"] for c in r["curve_all"] if c["direct"])
+            rows.append([r["scorer"], "both", "all", "none reaches the precision", f"best {num(best)}",
+                         "–", "–", "–", "–"])
+            continue
+        for i, fold in enumerate(r["folds"]):
+            for part in ("calibration", "held_out"):
+                f = fold[part]
+                rows.append([r["scorer"], f"half {i + 1}", part.replace("_", " "), num(f["threshold"], 4),
+                             num(f["precision"]), num(f["coverage"]), f["wrong_entry"],
+                             pct(f["false_direct_same_topic"]), pct(f["false_direct_other_topic"])])
+    return md(rows, ["scorer", "fold", "queries", "threshold", "precision", "coverage of paraphrases",
+                     "wrong entry", "same-topic near misses answered", "other-topic answered"])
+
+
+@table("parse")
+def parse_table() -> str:
+    """Parsing docs/s on 1 and 2 worker processes against the cores (parse.json)."""
+    d = load("parse")
+    cores = d["cores"]
+    rows = [[r["workers"], r["docs"], num(r["median_s"], 2), num(r["docs_per_s"], 2), f"{num(r['speedup'], 2)}x",
+             num(max(r["loadavg_1m"]), 2)] for r in d["runs"]]
+    return md(rows, ["workers", "documents", "median pass s", "docs/s", "speed-up",
+                     f"max 1-min load ({cores['usable']} usable cores)"])
+
+
+@table("table_units")
+def table_units_table() -> str:
+    """Row lookups in long tables by how a table is cut (table_units.json, table_units_minilm.json)."""
+    labels = {"row": "one row per unit, `Column: value; ...` (the default)", "rows5": "5 rows per unit",
+              "grid": "header line + rows, cells joined by bars, up to max_chars (before)"}
+    e5, mini = load("table_units")["variants"], load("table_units_minilm")["variants"]
+    rows = [[labels[k], e5[k]["chunks"], num(e5[k]["hit@1_en"]), num(e5[k]["hit@1_zh"]),
+             num(mini[k]["hit@1_en"]), num(mini[k]["hit@1_zh"])] for k in labels]
+    return md(rows, ["how a long table is cut", "chunks", "e5-small hit@1 en", "zh", "MiniLM hit@1 en", "zh"])
+
+
 def blocks(text: str) -> dict[str, str]:
     """NAME -> body (without surrounding blank lines) of each marked table of a README text."""
     return {m["name"]: m["body"].strip("\n") for m in BLOCK.finditer(text)}

@@ -161,11 +161,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def run_tool(cmd: list[str], timeout_s: float, what: str) -> subprocess.CompletedProcess[bytes]:
-    """Run a converter in its own process group; the group is killed when it exceeds
-    `timeout_s` (a ParseError naming `what`), when we are interrupted, and after it ends."""
+def run_tool(cmd: list[str], timeout_s: float, what: str,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a converter in its own process group (environment `env`, default ours); the group is
+    killed when it exceeds `timeout_s` (a ParseError naming `what`), when we are interrupted, and
+    after it ends."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
+                            stderr=subprocess.PIPE, start_new_session=True, env=env,
                             preexec_fn=_child_setup(os.getpid()))
     try:
         out, err = proc.communicate(timeout=max(timeout_s, 0.1))
@@ -254,8 +256,11 @@ def office_converted(path: Path, ext: str, timeout_s: float = DEFAULT_TIMEOUT_S)
         cmd = [exe, "--headless", "--invisible", "--norestore", "--nolockcheck", "--nologo",
                "--nodefault", f"-env:UserInstallation={(tmp / 'profile').as_uri()}",
                "--convert-to", target[1:], "--outdir", str(tmp / "out"), str(src)]
+        scratch = tmp / "tmp"  # its own lu*.tmp files, which a killed soffice leaves behind
+        scratch.mkdir()
+        env = {**os.environ, "TMPDIR": str(scratch)}
         for _ in range(2):  # on a fresh profile soffice.bin first exits 81 ("restart me")
-            r = run_tool(cmd, deadline - time.monotonic(), "LibreOffice")
+            r = run_tool(cmd, deadline - time.monotonic(), "LibreOffice", env)
             if r.returncode != 81:
                 break
         out = tmp / "out" / f"input{target}"
@@ -322,9 +327,17 @@ def message_attachments(path: Path, ext: str) -> list[Attachment]:
             name += ".eml"  # named by its subject, which may hold dots
         elif not Path(name).suffix:
             name += mimetypes.guess_extension(ctype) or ""
-        stem, suffix = Path(name).stem, Path(name).suffix
-        out.append((stem[:120] + suffix[:20] if len(name.encode()) > 200 else name, data))
+        out.append((short_name(name), data))
     return out
+
+
+def short_name(name: str, max_bytes: int = 200) -> str:
+    """`name` cut to at most `max_bytes` UTF-8 bytes (file systems allow 255), its extension kept."""
+    if len(name.encode()) <= max_bytes:
+        return name
+    stem, suffix = Path(name).stem, Path(name).suffix[:20]
+    room = max_bytes - len(suffix.encode())
+    return stem.encode()[:room].decode("utf-8", errors="ignore") + suffix
 
 
 def attachment_blocks(path: Path, ext: str, parse: Callable[[Path], list[Block]]) -> list[Block]:
@@ -354,7 +367,8 @@ def attachment_blocks(path: Path, ext: str, parse: Callable[[Path], list[Block]]
             except MemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - one attachment never fails its message
-                reason = str(e) if isinstance(e, ParseError) else f"{type(e).__name__}: {str(e)[:200]}"
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # no temp path
+                reason = str(e) if isinstance(e, ParseError) else f"{type(e).__name__}: {detail[:200]}"
                 log.warning("%s: attachment %r not read: %s", path.name, name, reason)
                 out.append(Block(f"(attachment {name} not read: {reason})"))
     return out

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
 from html.parser import HTMLParser
@@ -107,13 +109,40 @@ def parse_document(path: Path, source: str, doc_id: str, content_hash: str, pars
                    clean: CleanConfig) -> ParsedDocument:
     """Parse and clean one file into a (picklable) document; what the sandboxed worker runs."""
     limits = ZipLimits(parse.max_unzipped_mb, parse.max_zip_ratio)
-    blocks = parse_file(path, parse.max_file_mb, parse.pdf_strategy, parse.languages, limits,
-                        parse.max_line_chars, ocr=ocr_options(parse))
+    with collect_warnings() as warnings:
+        blocks = parse_file(path, parse.max_file_mb, parse.pdf_strategy, parse.languages, limits,
+                            parse.max_line_chars, ocr=ocr_options(parse))
     blocks = clean_blocks(blocks, clean.drop_repeated_headers, clean.repeat_min_pages, clean.min_chars)
     if not blocks:
         raise ParseError("no text left after cleaning")
     title = next((b.text for b in blocks if b.kind == "title"), "") or path.stem
-    return ParsedDocument(str(path), source, doc_id, content_hash, blocks, title[:200], path.stat().st_size)
+    return ParsedDocument(str(path), source, doc_id, content_hash, blocks, title[:200], path.stat().st_size,
+                          warnings)
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of warnings logged while a file is parsed."""
+
+    def __init__(self, out: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """The warnings the readers under `ingest` log inside the block (pages OCR skipped, attachments
+    not read, ...), so that they reach the ingest report beside the file instead of a log only."""
+    out: list[str] = []
+    handler = _Collect(out)
+    logger = logging.getLogger("ingest")
+    logger.addHandler(handler)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
 
 
 def ocr_options(parse: ParseConfig) -> OcrOptions:

@@ -48,6 +48,8 @@ class IngestReport:
     skipped_doc_ids: list[str] = field(default_factory=list)
     """The documents that were already in the KB unchanged (an identical re-upload)."""
     failed: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
+    """{"path", "warning"} for what an ingested file lost (pages OCR skipped, attachments not read)."""
     chunks: int = 0
     key_infos: int = 0
     seconds: float = 0.0
@@ -297,6 +299,7 @@ def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: 
                 notify(item.source, f"failed: {outcome}")
             else:
                 parsed.append(outcome)
+                report.warnings.extend({"path": str(item.path), "warning": w} for w in outcome.warnings)
                 notify(item.source, "parsed")
         bar.close()
         if parsed:

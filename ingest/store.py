@@ -117,18 +117,33 @@ class DocStore:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
         if not self._has_schema():  # readers of a set-up store write nothing
+            self._set_up()
+        self.conn.execute("PRAGMA synchronous = FULL")
+
+    def _set_up(self) -> None:
+        """Create the tables, or add a newer version's tables to an older store. An older store that
+        cannot be written now (a read-only file, a writer holding it past the timeout) is read as it
+        is: reads of the newer tables answer as if they were empty, and writes create them first."""
+        older = self._schema_version() is not None
+        try:
             self.conn.execute("PRAGMA journal_mode = WAL")
             with self.conn:
                 self.conn.executescript(_SCHEMA)
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        self.conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.OperationalError:
+            if not older:
+                raise
 
-    def _has_schema(self) -> bool:
+    def _schema_version(self) -> str | None:
+        """The store's schema version, None when it has none yet."""
         try:
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.OperationalError:  # no meta table yet
-            return False
-        return row is not None and row[0] == str(SCHEMA_VERSION)
+            return None
+        return None if row is None else row[0]
+
+    def _has_schema(self) -> bool:
+        return self._schema_version() == str(SCHEMA_VERSION)
 
     @classmethod
     def for_kb(cls, kb_dir: str | Path, create: bool = True) -> DocStore:

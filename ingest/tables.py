@@ -20,6 +20,9 @@ from types import SimpleNamespace
 from typing import Any
 
 MAX_HEADER_ROWS = 4
+MAX_TITLE_CHARS = 200
+"""A sheet's leading single-value rows become its title only up to this length (what the
+chunker keeps of a title in the title path); the rows after stay in the table."""
 _WS = re.compile(r"[\s\x00-\x1f\x7f]+")
 
 
@@ -235,7 +238,10 @@ def sheet_table(ws: Any) -> Table | None:
     width = len(s.grid[0])
     top, titles = 0, []
     while width > 1 and top < len(s.grid) - 1 and len({c for c in s.grid[top] if c}) == 1:
-        titles.append(next(c for c in s.grid[top] if c))
+        title = next(c for c in s.grid[top] if c)
+        if len(" / ".join(titles + [title])) > MAX_TITLE_CHARS:
+            break  # longer than a title path keeps: body text, not a title
+        titles.append(title)
         top += 1
     s, top = _below(s, top), 0
     width = len(s.grid[0])
@@ -415,7 +421,8 @@ def _row_pieces(columns: list[str], row: list[str], max_chars: int) -> list[str]
             cur = cur[max_chars:]
     if cur and cur != key:
         pieces.append(cur)
-    return pieces or [text[:max_chars]]
+    # a row whose text is all in its first cell: cut it, never truncate it
+    return pieces or [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
 
 
 def attach_html_tables(elements: list[Any], html: str) -> list[Any]:

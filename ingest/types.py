@@ -35,6 +35,9 @@ class ParsedDocument:
     blocks: list[Block]
     title: str = ""
     size: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """What the readers could not read but did not fail the file for (scanned pages with OCR off,
+    attachments not read), reported per file by the ingest."""
 
     @property
     def text(self) -> str:

@@ -74,9 +74,9 @@ def chunk_ord(doc_id: str, chunk: int | str) -> int:
     """A chunk's ord from its ord (int or digits) or its chunk_id; NoSuchChunk for anything else."""
     if isinstance(chunk, int) and not isinstance(chunk, bool):
         ord_ = chunk
-    elif isinstance(chunk, str) and chunk.strip().isdigit():
+    elif isinstance(chunk, str) and chunk.strip().isdecimal():
         ord_ = int(chunk)
-    elif isinstance(chunk, str) and chunk.startswith(f"{doc_id}-") and chunk[len(doc_id) + 1:].isdigit():
+    elif isinstance(chunk, str) and chunk.startswith(f"{doc_id}-") and chunk[len(doc_id) + 1:].isdecimal():
         ord_ = int(chunk[len(doc_id) + 1:])
     else:
         raise NoSuchChunk(f"no chunk {chunk!r} in document {doc_id!r} (give its ord or chunk_id)")

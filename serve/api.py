@@ -508,9 +508,12 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 
 
 def key_user(key: str, user: str | None = None) -> str:
-    """Who an API edit is recorded as: the key's fingerprint (never the key), after `user` when given."""
+    """Who an API edit is recorded as: the key's fingerprint (never the key), after `user` when given.
+    `user`'s control characters and brackets become spaces, so the fingerprint in brackets at the
+    end is the only one and no line of a listing can be forged."""
     fp = f"api-key:{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    return f"{user.strip()} ({fp})" if user and user.strip() else fp
+    name = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f()\[\]]", " ", user or "").split())
+    return f"{name} ({fp})" if name else fp
 
 
 def sse(event: dict) -> str:

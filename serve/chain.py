@@ -20,7 +20,7 @@ from ingest.nsp import terms
 from ingest.sentences import is_chinese
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase
-from serve.compliance import Compliance, ReplyLibrary, StreamGuard, question_confidence
+from serve.compliance import Compliance, ReplyLibrary, StreamGuard, find_sensitive, question_confidence
 from serve.faq import FaqMatch, KbFaq
 from serve.injection import clean_source, quote, quoted_sentences
 from serve.llm import LLM, build_llm
@@ -96,9 +96,13 @@ class AnswerChain:
 
     # FAQ: answered directly ------------------------------------------------------------------------
     def refresh_faq(self) -> None:
-        """Reload the KB's FAQ when it changed; its answers join the approved-reply library."""
+        """Reload the KB's FAQ when it changed; its answers join the approved-reply library, but for
+        those holding a sensitive word (a reply's text leaves the server as `approved_match`)."""
         if self.faq is not None and self.faq.refresh():
-            self.compliance.library = self.library.extended(self.faq.replies, self.faq.answer_vectors)
+            words = self.settings.compliance.sensitive_words
+            keep = [i for i, r in enumerate(self.faq.replies) if find_sensitive(r.text, words) is None]
+            self.compliance.library = self.library.extended([self.faq.replies[i] for i in keep],
+                                                            self.faq.answer_vectors[keep])
 
     def faq_reply(self, question: str, stage: str | None = None) -> dict | None:
         """The result for a question close enough to an FAQ question (no retrieval, no LLM), or None.

@@ -101,11 +101,15 @@ class ReplyLibrary:
                         return r.text
         return cands[0].text if cands else self.replies[0].text
 
-    def nearest(self, text: str) -> tuple[ApprovedReply, float] | None:
+    def nearest(self, text: str, stage: str | None = None) -> tuple[ApprovedReply, float] | None:
+        """The approved reply closest to `text` among those for `stage` (or for every stage, "*")."""
         if self.index is None:
             return None
-        scores, ids = self.index.search(self.embedder.encode([text], SIMILARITY_KIND), 1)
-        return self.replies[int(ids[0, 0])], float(scores[0, 0])
+        scores, ids = self.index.search(self.embedder.encode([text], SIMILARITY_KIND), len(self.replies))
+        for score, i in zip(scores[0], ids[0]):
+            if i >= 0 and self.replies[int(i)].stage in ("*", stage):
+                return self.replies[int(i)], float(score)
+        return None
 
 
 def find_sensitive(text: str, words: list[str]) -> str | None:
@@ -196,7 +200,7 @@ class Compliance:
                 return fallback(f"ungrounded answer ({grounding:.2f} of its terms in the context "
                                 f"< {self.cfg.min_grounding:.2f})")
         match = None
-        near = self.library.nearest(answer)
+        near = self.library.nearest(answer, stage)
         if near is not None:
             match = {"text": near[0].text, "intent": near[0].intent, "score": round(near[1], 4)}
             if self.cfg.require_approved and near[1] < self.cfg.approved_min:

@@ -88,9 +88,11 @@ def normalise_question(text: str) -> str:
     return re.sub(r"[\s?？!！.。]+$", "", t)
 
 
-def faq_id(question: str) -> str:
-    """The entry id of `question`: stable across imports, the same for trivially different spellings."""
-    return hashlib.sha1(normalise_question(question).encode("utf-8")).hexdigest()[:12]
+def faq_id(question: str, stage: str | None = None) -> str:
+    """The entry id of `question` for `stage`: stable across imports, the same for trivially
+    different spellings; the same question may have one answer per stage."""
+    key = normalise_question(question) + (f"\x1f{stage}" if stage else "")
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
 
 
 def read_faq_file(path: str | Path) -> tuple[list[FaqRow], list[dict]]:
@@ -218,7 +220,7 @@ def import_faq(kb, path: str | Path) -> dict:
     latest: dict[str, FaqRow] = {}
     duplicates = []
     for r in rows:
-        fid = faq_id(r.question)
+        fid = faq_id(r.question, r.stage)
         if fid in latest:
             duplicates.append({"line": latest[fid].line, "same_question_as_line": r.line})
         latest[fid] = r

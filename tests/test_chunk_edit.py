@@ -208,3 +208,21 @@ def test_a_kill_between_the_stores_edit_and_the_index_leaves_a_consistent_kb(set
     assert not out["changed"] and out["index"]["added"] > 0
     assert NEW in reader.search("where do staff park their bicycles, courtyard shed", 1)[0].text
     assert len(reader.chunk_edits()) == 1
+
+
+def test_an_api_editor_cannot_forge_a_key_fingerprint_or_a_listing_line():
+    from serve.api import key_user
+
+    real = key_user("writer")
+    forged = key_user("writer", " mallory (api-key:000000000000)\n[3] (edited by boss)\u2028 ")
+    assert forged == f"mallory api-key:000000000000 3 edited by boss ({real})"
+    assert forged.count("(") == 1 and forged.endswith(f"({real})") and key_user("writer", "\n ( ) ") == real
+
+
+def test_a_chunk_name_that_is_no_decimal_ord_is_no_such_chunk():
+    from retrieval.kb import chunk_ord
+
+    assert chunk_ord("d", " 3 ") == 3 and chunk_ord("d", "d-00007") == 7 and chunk_ord("d", 2) == 2
+    for bad in ("²", "d-²", "x", "-1", -1):
+        with pytest.raises(NoSuchChunk):
+            chunk_ord("d", bad)

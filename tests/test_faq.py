@@ -97,8 +97,8 @@ def test_import_csv_xlsx_jsonl_reports_bad_rows_and_is_idempotent(settings, tmp_
     assert [f["line"] for f in r["failed"]] == [2] and r["added"] == 2 and r["entries"] == 6
 
     entries = {e.faq_id: e for e in list_faq(kb)}
-    assert entries[faq_id("多行的问题？")].answer == "第一行\n第二行"
-    assert entries[faq_id("营业时间？")].stage == "pre_sale"
+    assert entries[faq_id("多行的问题？", "after_sale")].answer == "第一行\n第二行"
+    assert entries[faq_id("营业时间？", "pre_sale")].stage == "pre_sale"
     again = import_faq(kb, tmp_path / "en.xlsx")  # the same file again: nothing changes, ids stay
     assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 2)
     assert {e.faq_id: e for e in list_faq(kb)}.keys() == entries.keys()
@@ -152,6 +152,34 @@ def test_faq_answers_join_the_approved_reply_library(settings, kb, library, tmp_
     import_faq(kb, write_csv(tmp_path / "a.csv", ["question,answer", f"Where is my refund paid to?,{reply}"]))
     r = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library).ask(REFUND_Q)
     assert r["mode"] == "scripted" and not r["fallback"] and r["approved_match"]["intent"] == "faq"
+
+
+def test_a_stage_bound_faq_answer_is_approved_only_in_its_stage_and_a_question_has_one_per_stage(
+        settings, kb, library, tmp_path):
+    reply = "Refunds are paid to the original card within five working days [1]."
+    rows = ["question,answer,stage", f"Where is my refund paid to?,{reply},after_sale",
+            "Where is my refund paid to?,Refunds go to the card you paid with.,pre_sale"]
+    report = import_faq(kb, write_csv(tmp_path / "st.csv", rows))
+    assert report["added"] == 2 and not report["duplicates"]
+    s = apply_overrides(settings, {"compliance.require_approved": True, "compliance.approved_min": 0.99,
+                                   "faq.threshold": 0.99})
+    chain = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library)
+    assert not chain.ask(REFUND_Q, stage="after_sale")["fallback"]
+    other = chain.ask(REFUND_Q, stage="pre_sale")
+    assert other["fallback"] and (other["approved_match"] or {}).get("text") != reply
+
+
+def test_an_faq_answer_with_a_sensitive_word_is_no_approved_reply_so_never_an_approved_match(
+        settings, kb, library, tmp_path):
+    secret = "Refunds are paid to the original card within five working days, embargo list aside."
+    reply = "Refunds are paid to the original card within five working days [1]."
+    import_faq(kb, write_csv(tmp_path / "s.csv", ["question,answer", f"Where is my refund paid to?,\"{secret}\""]))
+    s = apply_overrides(settings, {"compliance.sensitive_words": ["embargo"], "faq.threshold": 0.99})
+    chain = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library)
+    r = public(chain.ask(REFUND_Q))
+    assert r["mode"] == "scripted" and not r["fallback"] and r["approved_match"] is not None
+    assert "embargo" not in json.dumps(r) and "embargo" not in json.dumps(list(chain.stream(REFUND_Q)))
+    assert all("embargo" not in x.text for x in chain.compliance.library.replies)
 
 
 def test_configured_faq_settings_reach_the_matcher(settings, faq_kb, replies, tiny_reranker_dir):
@@ -221,3 +249,12 @@ def test_http_ask_and_chat_completions_answer_from_the_faq(settings, faq_kb):
         events = c.post("/v1/chat/completions", json={**body, "stream": True}).text
         deltas = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
         assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas) == REFUND_A
+
+
+def test_the_faq_benchmark_records_the_thresholds_it_chose_not_the_configured_ones(settings):
+    from bench.faq import SWEPT, chosen_config
+
+    assert chosen_config([{"threshold": 0.97}, {"threshold": None}]) == {"faq.threshold": 0.97,
+                                                                          "faq.rerank_threshold": None}
+    assert chosen_config([{"threshold": 0.9}]) == {"faq.threshold": 0.9}
+    assert SWEPT <= settings.faq.model_dump().keys() and not SWEPT & settings.faq.model_dump(exclude=SWEPT).keys()

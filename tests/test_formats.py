@@ -114,6 +114,29 @@ def test_message_attachments_are_parsed_after_a_title_and_a_bad_one_is_noted(mad
     assert _texts(parse_file(renamed)) == texts
 
 
+def test_an_attachment_with_a_long_chinese_name_is_read_and_notes_hold_no_temp_path(tmp_path, monkeypatch):
+    from email.message import EmailMessage
+
+    m = EmailMessage()
+    m["Subject"], m["From"], m["To"] = "长附件名", "a@example.com", "b@example.com"
+    m.set_content("正文 the body.")
+    m.add_attachment("附件内容 attachment body".encode(), maintype="text", subtype="plain",
+                     filename="长" * 100 + ".txt")  # 304 bytes: over the 255 a file name may have
+    eml = tmp_path / "long.eml"
+    eml.write_bytes(m.as_bytes())
+    texts = _texts(parse_file(eml))
+    (title,) = [t for t in texts if t.startswith("Attachment: ")]
+    assert title.endswith(".txt") and len(title.encode()) <= len("Attachment: ") + 200
+    assert "附件内容 attachment body" in _after(texts, title)
+
+    def fail(tmp, i, name, data, parse, depth):
+        raise OSError(36, "File name too long", str(tmp / str(i) / name))
+
+    monkeypatch.setattr(convert, "_parse_detached", fail)
+    note = _after(_texts(parse_file(eml)), title)
+    assert note.startswith("(attachment ") and "OSError: File name too long" in note and "kb-convert-" not in note
+
+
 def test_a_missing_converter_is_a_clear_error(made, tmp_path, monkeypatch):
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -159,6 +182,36 @@ def test_a_stuck_converter_is_killed_with_its_process_group_and_with_the_worker(
         with pytest.raises(ParseError, match="parse.timeout_s=3"):
             worker.call(convert.run_tool, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 600"], 600.0, "x")
     assert _gone(int(pidfile.read_text()))
+
+
+def test_a_killed_libreoffice_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from bench.formats import gbk_rtf
+
+    if shutil.which("soffice") is None:
+        pytest.skip("LibreOffice is not installed")
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    rtf = tmp_path / "t.rtf"
+    rtf.write_bytes(gbk_rtf("中文内容", "english"))
+    envs = []
+    run_tool = convert.run_tool
+
+    def spy(cmd, timeout_s, what, env=None):
+        envs.append(env or {})
+        return run_tool(cmd, timeout_s, what, env)
+
+    monkeypatch.setattr(convert, "run_tool", spy)
+    try:  # killed after a second (the time it takes to start and make its lu*.tmp), or done
+        with convert.office_converted(rtf, ".rtf", timeout_s=1.2):
+            pass
+    except ParseError as e:
+        assert "LibreOffice took longer than" in str(e)
+    assert envs and all(Path(e.get("TMPDIR", "/")).parent.name.startswith("kb-convert-") for e in envs)
+    assert list(system_tmp.iterdir()) == []  # no lu*.tmp, no kb-convert-* folder
 
 
 def test_folders_left_by_a_killed_conversion_are_swept(tmp_path):

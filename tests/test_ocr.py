@@ -178,3 +178,24 @@ def test_scanned_chinese_pdf_is_found_by_kb_search(settings, tmp_path, tiny_nsp_
     assert main(["ingest", str(other), "--kb", "scans", "--json", "-q"]) == 2
     failed = json.loads(capsys.readouterr().out)["failed"]
     assert "has no text layer and OCR is off (parse.ocr)" in failed[0]["error"]
+
+
+def test_pages_skipped_without_ocr_are_in_the_ingest_report(settings, tmp_path, monkeypatch):
+    """What a file lost without failing (a scanned page with OCR off) is reported beside it, from
+    the sandboxed worker too, not only logged."""
+    from ingest.pipeline import ingest, items_from_paths
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.append(str(SAMPLES / "fake-memo.pdf"))
+    writer.append(str(scanned_pdf(tmp_path / "scan.pdf", [EN])))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    writer.write(str(folder / "mixed.pdf"))
+    settings.parse.ocr = "off"
+    assert settings.parse.isolate
+    items, _ = items_from_paths([folder])
+    report = ingest(items, "mixed", settings, progress=False)
+    assert report.ingested == 1 and not report.failed
+    assert report.warnings == [{"path": str(folder / "mixed.pdf"), "warning":
+                                "mixed.pdf: page(s) 2 have no text layer and were skipped: OCR is off (parse.ocr)"}]

@@ -59,3 +59,41 @@ def test_a_reader_never_creates_a_store(tmp_path):
     with pytest.raises(FileNotFoundError):
         DocStore.for_kb(tmp_path / "gone", create=False)
     assert not (tmp_path / "gone").exists()
+
+
+def _v1_store(tmp_path):
+    """A store as the schema-1 code left it (its tables are the start of today's schema), with a document."""
+    from ingest import store as store_mod
+
+    path = tmp_path / "store.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(store_mod._SCHEMA[: store_mod._SCHEMA.index("CREATE TABLE IF NOT EXISTS faq")])
+    with conn:
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    with DocStore.__new__(DocStore) as s:  # a document written through the store, without opening (upgrading) it
+        s.path, s.conn = path, conn
+        _write(s, _doc(), 2)
+    return path
+
+
+def test_a_schema_1_store_is_upgraded_on_open_and_read_as_it_is_when_it_cannot_be_written(tmp_path, monkeypatch):
+    path = _v1_store(tmp_path)
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real(*a, **{**kw, "timeout": 0.2}))
+    holder = real(path)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing: the upgrade cannot take the lock
+    try:
+        with DocStore(path, create=False) as s:
+            assert [d.doc_id for d in s.documents()] == ["d1"] and len(s.chunks("d1")) == 2
+            assert s.faq_entries() == [] and s.chunk_edits() == [] and s.edited("d1") == {}
+            assert s.chunk("d1", 0)["edit"] is None and s.faq_revision() == 0
+            assert s.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    finally:
+        holder.rollback()
+        holder.close()
+    with DocStore(path, create=False) as s:  # writable again: upgraded, the document kept
+        assert s.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert [d.doc_id for d in s.documents()] == ["d1"] and s.faq_entries() == []
+        s.put_faq([{"faq_id": "f", "question": "q", "answer": "a"}])
+        assert s.edit_chunk("d1", 0, "new text", "u", [])["edit_id"] == 1 and s.edited("d1")

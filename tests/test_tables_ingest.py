@@ -253,3 +253,31 @@ def test_table_settings_reach_the_chunker(settings, tmp_path):
     kb = KnowledgeBase(settings, "rows4", create=True)
     report = kb.add_items([FileItem(f, f.name, doc_id_for(str(f.resolve())))], progress=False)
     assert report["chunks"] == -(-len(ZH_REGIONS) * len(ZH_PRODUCTS) // 4)
+
+
+def test_a_row_with_one_long_first_cell_is_cut_not_truncated():
+    t = Table([["Name", "A"]], [["W" * 100, ""], ["x", "y"]])
+    units = table_units(t, max_chars=60, whole_chars=10)
+    assert "".join(units[:-1]) == "Name: " + "W" * 100 and units[-1] == "Name: x; A: y"
+    assert all(len(u) <= 60 for u in units)
+
+
+def test_xlsx_single_value_rows_beyond_a_title_stay_in_the_table(tmp_path):
+    """Leading rows of one value each become the sheet's title only as far as a title path keeps
+    them (200 chars): the rest were cut off the title path and lost."""
+    from openpyxl import Workbook
+
+    lines = [f"第{i}条：报销单据须在三十天内提交财务部门审核，逾期不予受理，特殊情况需部门负责人签字说明。"
+             for i in range(1, 9)]
+    wb = Workbook()
+    ws = wb.active
+    for i, line in enumerate(lines, 1):
+        ws.cell(i, 1).value = line
+    ws.cell(len(lines), 3).value = "签字：王五"
+    f = tmp_path / "notes.xlsx"
+    wb.save(f)
+    ((_, t),) = read_xlsx(f)
+    assert len(t.title) <= 200
+    units = to_units(ParsedDocument("p", "s", "d", "h", parse_file(f)))
+    kept = "\n".join(" / ".join(u.title_path) + "\n" + u.text for u in units)
+    assert all(line in kept for line in lines) and "签字：王五" in kept

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 
 from kb.paths import BadKBName
 from kb.settings import ConfigError
@@ -308,11 +309,23 @@ def test_a_read_write_key_creates_a_knowledge_base_by_upload_and_logs_out(app, b
 
 
 @needs_browser
+def _textarea_holding(driver, text: str):
+    """The chunk-text area once its value holds `text` (False meanwhile, also while re-rendered)."""
+    from selenium.webdriver.common.by import By
+
+    try:
+        for area in driver.find_elements(By.CSS_SELECTOR, "textarea[aria-label='Chunk text']"):
+            if text in (area.get_attribute("value") or "") and area.is_enabled():
+                return area
+    except StaleElementReferenceException:
+        return False
+    return False
+
+
 def test_staff_see_a_documents_chunks_and_save_an_edit(app, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as ec
-
+    
     from ingest.store import DocStore
 
     new = "Refunds reach the original card within five working days; store credit takes one hour."
@@ -321,12 +334,23 @@ def test_staff_see_a_documents_chunks_and_save_an_edit(app, browser):
     _pick(browser, wait, "policies")
     _click(wait, "[role='tab']", "Documents")
     wait.until(lambda d: "Chunks" in _body(d) and "Show the chunks of" in _body(d))  # refunds.md comes first
-    area = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "textarea[aria-label='Chunk text']")))
-    assert "Customers can return a product" in area.get_attribute("value")
-    area.send_keys(Keys.CONTROL, "a")
-    area.send_keys(Keys.DELETE)
-    area.send_keys(new)
-    browser.find_element(By.CSS_SELECTOR, "input[aria-label='Your name (recorded with the edit)']").send_keys("Ulla")
+
+    def fill_in() -> None:
+        """Type the edit into the form once Streamlit has stopped re-rendering it."""
+        area = wait.until(lambda d: _textarea_holding(d, "Customers can return a product"))
+        area.send_keys(Keys.CONTROL, "a")
+        area.send_keys(Keys.DELETE)
+        area.send_keys(new)
+        browser.find_element(By.CSS_SELECTOR, "input[aria-label='Your name (recorded with the edit)']").send_keys("Ulla")
+
+    for attempt in range(3):  # a re-render can replace the form's elements under the driver
+        try:
+            fill_in()
+            break
+        except StaleElementReferenceException:
+            if attempt == 2:
+                raise
+    wait.until(lambda d: _textarea_holding(d, new))
     _click(wait, "button", "Save chunk")
     wait.until(lambda d: "Saved chunk 0 of refunds.md" in _body(d))
     with DocStore.for_kb(app["home"] / "policies", create=False) as store:
