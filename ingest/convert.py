@@ -38,8 +38,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ingest.loaders import ParseError
+from ingest.loaders import ParseError, format_name
 from ingest.types import Block
+from kb.procs import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ _OPENDOC_MIME = {
 }
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("kb_attachment_depth", default=0)
 _TMP_PREFIX = "kb-convert-"
-
-
-def _name(ext: str) -> str:
-    return ext[1:].upper()
 
 
 # -- what a file is ------------------------------------------------------------------------------
@@ -128,7 +125,7 @@ def missing_tool(ext: str) -> str:
     """The ParseError message for a format whose converter is not installed."""
     if ext in PANDOC:
         return f"reading {ext} needs pandoc (Debian package: pandoc)"
-    target = _name(LIBREOFFICE[ext])
+    target = format_name(LIBREOFFICE[ext])
     old = " (an old binary Office format)" if ext in LEGACY_OLE else ""
     return (f"reading {ext} needs LibreOffice (Debian: {DEBIAN_PACKAGE[ext]}); "
             f"or save it as {target} first{old}")
@@ -154,13 +151,6 @@ def _child_setup(parent: int) -> Callable[[], None]:
     return setup
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_tool(cmd: list[str], timeout_s: float, what: str,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a converter in its own process group (environment `env`, default ours); the group is
@@ -172,14 +162,14 @@ def run_tool(cmd: list[str], timeout_s: float, what: str,
     try:
         out, err = proc.communicate(timeout=max(timeout_s, 0.1))
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         proc.communicate()
         raise ParseError(f"{what} took longer than {timeout_s:g} s converting the file") from None
     except BaseException:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         proc.wait()
         raise
-    _kill_group(proc.pid)  # nothing it started outlives it
+    kill_group(proc.pid)  # nothing it started outlives it
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -225,7 +215,7 @@ def pandoc_html(path: Path, ext: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> s
     r = run_tool([exe, "--sandbox", "--from", PANDOC[ext], "--to", "html5", str(path)],
                  timeout_s, "pandoc")
     if r.returncode != 0:
-        raise ParseError(f"pandoc could not read the {_name(ext)} (corrupt or unreadable?): "
+        raise ParseError(f"pandoc could not read the {format_name(ext)} (corrupt or unreadable?): "
                          f"{_tail(r.stderr)}")
     return r.stdout.decode("utf-8", errors="replace")
 
@@ -265,7 +255,7 @@ def office_converted(path: Path, ext: str, timeout_s: float = DEFAULT_TIMEOUT_S)
                 break
         out = tmp / "out" / f"input{target}"
         if not out.is_file() or out.stat().st_size == 0:
-            raise ParseError(f"LibreOffice could not convert the {_name(ext)} (corrupt or "
+            raise ParseError(f"LibreOffice could not convert the {format_name(ext)} (corrupt or "
                              f"unreadable?): exit code {r.returncode}, {_tail(r.stderr + r.stdout)}")
         yield out
 

@@ -86,9 +86,9 @@ def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str =
     except (ParseError, MemoryError):
         raise
     except RecursionError as e:
-        raise ParseError(f"{_name(ext)} nested too deeply for the parser (RecursionError)") from e
+        raise ParseError(f"{format_name(ext)} nested too deeply for the parser (RecursionError)") from e
     except Exception as e:  # noqa: BLE001 - parsers raise anything on corrupt input
-        raise ParseError(f"could not parse {_name(ext)} (corrupt or unreadable): "
+        raise ParseError(f"could not parse {format_name(ext)} (corrupt or unreadable): "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
     blocks = [b for b in (_to_block(el) for el in elements) if b is not None]
     if ext in IMAGE_TYPES or ext == ".pdf":
@@ -164,10 +164,11 @@ def with_ocr(path: Path, ext: str, blocks: list[Block], ocr: OcrOptions) -> list
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - renderers and engines raise anything on odd input
-        raise ParseError(f"could not OCR the {_name(ext)}: {type(e).__name__}: {str(e)[:200]}") from e
+        raise ParseError(f"could not OCR the {format_name(ext)}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
-def _name(ext: str) -> str:
+def format_name(ext: str) -> str:
+    """A format's name from its extension (".docx" -> "DOCX"), for messages."""
     return ext[1:].upper() or "file"
 
 
@@ -247,21 +248,21 @@ def actual_type(path: Path, ext: str, limits: ZipLimits) -> str:
     if ext == ".pdf":
         raise ParseError("not a PDF: it does not start with %PDF- (unknown or random data)")
     if ext in _OFFICE:
-        raise ParseError(f"not a valid {_name(ext)}: no zip header (unknown or random data; "
-                         f"a {_name(ext)} is a zip archive)")
+        raise ParseError(f"not a valid {format_name(ext)}: no zip header (unknown or random data; "
+                         f"a {format_name(ext)} is a zip archive)")
     return ext
 
 
 def _what(ext: str) -> str:
     if ext in _TEXT:
         return f"text ({ext})"
-    return f"a {_name(ext)}"
+    return f"a {format_name(ext)}"
 
 
 def check_zip(path: Path, ext: str, limits: ZipLimits) -> str:
     """The Office type of a zip file (by its parts), after checking its central directory against
     `limits` without unpacking anything: a damaged zip or a zip bomb is a ParseError."""
-    label = _name(ext) if ext in _OFFICE else "zip-based file"
+    label = format_name(ext) if ext in _OFFICE else "zip-based file"
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -464,13 +465,13 @@ def _check_encrypted(path: Path, ext: str) -> None:
                 if encrypted:
                     raise ParseError(f"password-protected (encrypted) {ext[1:].upper()}: "
                                      "remove the password first")
-            raise ParseError(f"{_name(ext)} in the old binary Office format (OLE: .doc/.xls/.ppt): "
-                             f"save it as {_name(ext)} first")
+            raise ParseError(f"{format_name(ext)} in the old binary Office format (OLE: .doc/.xls/.ppt): "
+                             f"save it as {format_name(ext)} first")
     elif ext in {".doc", ".xls", ".ppt"}:
         from ingest.convert import is_encrypted
 
         if is_encrypted(path):
-            raise ParseError(f"password-protected (encrypted) {_name(ext)}: remove the password first")
+            raise ParseError(f"password-protected (encrypted) {format_name(ext)}: remove the password first")
 
 
 def _pdf_damage(path: Path) -> str:

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ingest.loaders import ParseError
+from kb.procs import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,7 @@ def kill_process_tree(proc: Any) -> None:
     """SIGKILL a running worker and, where it leads a process group, the programs it started."""
     if not proc.is_alive():
         return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
+    kill_group(proc.pid)
     proc.kill()
 
 

@@ -102,12 +102,13 @@ class ReplyLibrary:
         return cands[0].text if cands else self.replies[0].text
 
     def nearest(self, text: str, stage: str | None = None) -> tuple[ApprovedReply, float] | None:
-        """The approved reply closest to `text` among those for `stage` (or for every stage, "*")."""
+        """The approved reply closest to `text` among those for `stage` or for every stage ("*");
+        with no stage given, among all."""
         if self.index is None:
             return None
         scores, ids = self.index.search(self.embedder.encode([text], SIMILARITY_KIND), len(self.replies))
         for score, i in zip(scores[0], ids[0]):
-            if i >= 0 and self.replies[int(i)].stage in ("*", stage):
+            if i >= 0 and (stage is None or self.replies[int(i)].stage in ("*", stage)):
                 return self.replies[int(i)], float(score)
         return None
 

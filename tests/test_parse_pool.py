@@ -188,8 +188,13 @@ def test_closing_the_pool_mid_call_kills_and_reaps_every_worker():
         pool.submit(len, "x")
 
 
+# The child takes Ctrl-C as a program started from a shell does: a test process that has run
+# many others may pass on SIGINT blocked or ignored (libraries' helper threads and trackers
+# change the mask and disposition), and Python then never raises KeyboardInterrupt.
 CHILD = """
-import time
+import signal, time
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ingest.sandbox import Limits, SandboxPool
 with SandboxPool(Limits(timeout_s=60, max_memory_mb=200), 2) as pool:
     futures = [pool.submit(time.sleep, 60) for _ in range(4)]
