@@ -201,18 +201,22 @@ class DocStore:
                 "INSERT INTO chunks VALUES (?,?,?,?,?,?)",
                 [(chunk_id(doc.doc_id, c.ord), doc.doc_id, c.ord, c.text, json.dumps(c.title_path,
                   ensure_ascii=False), c.page) for c in chunks])
-            self.conn.executemany(
-                "INSERT INTO key_infos (doc_id, chunk_id, level, ord, key_text, raw_text, title_path,"
-                " keywords, entities, summary) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(doc.doc_id, None if k.chunk_ord is None else chunk_id(doc.doc_id, k.chunk_ord),
-                  k.level, k.ord, k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
-                  json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
-                  k.summary) for k in key_infos])
+            self._insert_key_infos(doc.doc_id, key_infos)
             if edits:
                 self._edit_tables()
                 self.conn.executemany("INSERT INTO edited_chunks VALUES (?,?,?)",
                                       [(chunk_id(doc.doc_id, o), e.orig_sha256, e.edit_id) for o, e in edits.items()])
         faults.point("store.after_commit")
+
+    def _insert_key_infos(self, doc_id: str, key_infos: list[KeyInfo]) -> None:
+        """Insert key information rows of document `doc_id` (inside the caller's transaction)."""
+        self.conn.executemany(
+            "INSERT INTO key_infos (doc_id, chunk_id, level, ord, key_text, raw_text, title_path,"
+            " keywords, entities, summary) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(doc_id, None if k.chunk_ord is None else chunk_id(doc_id, k.chunk_ord), k.level, k.ord,
+              k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
+              json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
+              k.summary) for k in key_infos])
 
     def delete_document(self, doc_id: str) -> bool:
         with self.conn:
@@ -352,13 +356,7 @@ class DocStore:
             self.conn.execute("INSERT OR REPLACE INTO edited_chunks VALUES (?,?,?)", (cid, orig, edit_id))
             # new rows (new ki_ids): the index sync embeds them and drops the old ones
             self.conn.execute("DELETE FROM key_infos WHERE chunk_id=? OR (doc_id=? AND level='article')", (cid, doc_id))
-            self.conn.executemany(
-                "INSERT INTO key_infos (doc_id, chunk_id, level, ord, key_text, raw_text, title_path,"
-                " keywords, entities, summary) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(doc_id, None if k.chunk_ord is None else chunk_id(doc_id, k.chunk_ord), k.level, k.ord,
-                  k.key_text, k.raw_text, json.dumps(k.title_path, ensure_ascii=False),
-                  json.dumps(k.keywords, ensure_ascii=False), json.dumps(k.entities, ensure_ascii=False),
-                  k.summary) for k in key_infos])
+            self._insert_key_infos(doc_id, key_infos)
         return {"edit_id": edit_id, "doc_id": doc_id, "chunk_id": cid, "ord": ord_, "orig_sha256": orig,
                 "old_text": row[0], "new_text": new_text, "user": user, "at": now}
 

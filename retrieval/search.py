@@ -132,12 +132,15 @@ class Reranker:
 
         self.model = CrossEncoder(str(resolve_model(spec, "reranker")), device=pick_device(device))
 
+    def scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """The relevance score of each (query, text) pair (a two-label model's last label)."""
+        scores = np.asarray(self.model.predict(pairs, show_progress_bar=False))
+        return scores[:, -1] if scores.ndim > 1 else scores
+
     def rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
         if not hits:
             return hits
-        scores = np.asarray(self.model.predict([(query, h.text) for h in hits], show_progress_bar=False))
-        if scores.ndim > 1:
-            scores = scores[:, -1]
+        scores = self.scores([(query, h.text) for h in hits])
         for h, s in zip(hits, scores):
             h.key_info["rerank_score"] = float(s)
             h.score = float(s)

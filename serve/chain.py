@@ -262,8 +262,9 @@ class AnswerChain:
             yield from pieces(faq["answer"], piece)
             yield {**public(faq), "replace": False, "seconds": round(time.perf_counter() - t0, 3)}
             return
-        if mode == "checked" or self.llm is None:
-            result = self.ask(question, history, stage)
+        if mode == "checked" or self.llm is None:  # the FAQ was asked above: the chain alone
+            result = self.runnable.invoke({"question": question, "history": history or [], "stage": stage})
+            result["seconds"] = round(time.perf_counter() - t0, 3)
             yield from pieces(result["answer"], piece)
             yield {**public(result), "replace": False}
             return

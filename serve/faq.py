@@ -293,8 +293,7 @@ class FaqMatcher:
             out[k] = [FaqMatch(self.entries[allowed[i]], float(row[i]), float(row[i])) for i in top]
         if self.reranker is not None:
             pairs = [(questions[k], m.entry.question) for k in todo for m in out[k]]
-            scores = np.asarray(self.reranker.model.predict(pairs, show_progress_bar=False))
-            scores = iter(scores[:, -1] if scores.ndim > 1 else scores)
+            scores = iter(self.reranker.scores(pairs))
             for k in todo:
                 for m in out[k]:
                     m.rerank_score = m.score = float(next(scores))
