@@ -53,7 +53,7 @@ def write_result(name: str, payload: dict, data: tuple = ()) -> Path:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    widths = [max([len(c), *(len(f"{r.get(c, '')}") for r in rows)]) for c in cols]
     line = lambda vals: "  ".join(f"{v!s:>{w}}" for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols)] + [line([r.get(c, "") for c in cols]) for r in rows])
 

@@ -1,14 +1,26 @@
-"""LLM fine-tuning throughput: the project's trainer against a plain transformers Trainer + peft
-LoRA with the same settings, in the same run, on the same examples and the same initial weights.
+"""LLM fine-tuning throughput: the project's trainer against the Hugging Face stack, in the same
+run, on the same examples and the same initial weights, each side in its own process (Liger
+patches model classes globally; compile caches and memory statistics stay apart).
 
-Random weights of real shapes (speed does not depend on the weights). Examples are SFT-shaped:
-a prompt (RAG context + question, masked) and a reply (trained), lengths drawn from a fixed
-distribution (`--lengths sft`: prompts 64-900 tokens, replies 16-256), or every example exactly
-`--max-length` tokens (`--lengths full`: no padding for either side, so only kernels and the loss
-differ). The baseline pads each batch to its longest example and computes the loss from full
-logits, as the Trainer does by default; the project packs examples into full rows (each with its
-own positions and attention), fuses the LM head with the loss over reply tokens only, and
-compiles the decoder layers. Both count real tokens only; MFU uses the same formula for both.
+Sides:
+- `project`: `finetune.sft.train` (packing to width, fused LM head + loss over reply tokens,
+  fused kernels where `finetune.kernels` allows, compiled decoder layers);
+- `baseline`: transformers Trainer + peft, defaults: each batch padded to its longest example,
+  loss from full logits;
+- `recipe`: the strongest plain Hugging Face recipe: Trainer + peft + Liger kernels (RoPE,
+  RMSNorm, SwiGLU, fused linear cross-entropy) + padding-free batches
+  (`DataCollatorWithFlattening`, the whole batch one row with restarting positions);
+- `recipe_packed`: the same Liger model and Trainer fed the project's packed rows (examples packed
+  to width, positions restarting per example): on SFT-shaped data the fair "best HF", and on
+  every-example-1,024 rows exactly Liger on unpadded batches.
+
+Random weights of real shapes (speed does not depend on the weights). Examples are SFT-shaped
+(`--lengths sft`: prompts 64-900 tokens, replies 16-256) or every example exactly `--max-length`
+tokens (`--lengths full`). Every side counts real tokens only; MFU counts the model's FLOPs
+(forward, activation gradients, no weight gradients of frozen weights; causal attention over each
+example's own length); HFU counts the FLOPs each side actually does, adding the forward that its
+activation checkpointing runs again (transformers': every decoder layer whole; the fused layers':
+all but the down projection).
 
     python bench/finetune.py --shapes 0.5b,7b --name finetune_gpu      # on the GPU machine
 """
@@ -16,8 +28,10 @@ compiles the decoder layers. Both count real tokens only; MFU uses the same form
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +43,7 @@ from bench.common import table, write_result  # noqa: E402
 from bench.generate import SHAPES  # noqa: E402
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+SIDES = ("project", "baseline", "recipe", "recipe_packed")
 
 
 def examples(n: int, vocab: int, kind: str, max_length: int, seed: int = 0):
@@ -65,23 +80,35 @@ def build(shape: str, targets: list[str] | str, r: int, seed: int = 0):
                                             target_modules=targets))
 
 
-def linear_params(model) -> tuple[int, int, int]:
-    """(weights of the decoder's linear layers + LM head, layers, hidden size)."""
+def linear_params(model) -> dict:
+    """Weights of the linear layers (all, inside decoder layers, down projections; LoRA's not
+    counted), layers and hidden size."""
     import torch
 
     base = model.get_base_model()
-    n = sum(m.weight.numel() for name, m in base.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora_" not in name)
-    return n, base.config.num_hidden_layers, base.config.hidden_size
+    linears = [(name, m.weight.numel()) for name, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+    return {"all": sum(n for _, n in linears), "in_layers": sum(n for name, n in linears if ".layers." in name),
+            "down": sum(n for name, n in linears if name.endswith("down_proj") or name.endswith("down_proj.base_layer")),
+            "layers": base.config.num_hidden_layers, "d_model": base.config.hidden_size}
 
 
-def mfu(tokens_per_s: float, n_linear: int, layers: int, d_model: int, mean_len: float, full: bool,
-        peak_flops: float) -> float:
-    """Model FLOPs utilisation: forward 2 flops per weight and 2*len*d per layer for causal
-    attention; backward twice that for activations, plus weight gradients only when all weights train."""
-    fwd = 2 * n_linear + 2 * layers * mean_len * d_model
-    per_token = fwd * 3 if full else fwd * 3 - 2 * n_linear
-    return tokens_per_s * per_token / peak_flops if peak_flops else float("nan")
+def flops_per_token(p: dict, mean_len: float, recomputed_weights: int = 0, recompute_attention: bool = False) -> float:
+    """FLOPs per trained token, LoRA (frozen base): forward 2 per weight and 2*len*d per layer for
+    causal attention (QK^T and PV over half the square); backward twice that for activations (no
+    weight gradients of frozen weights; LoRA's own are under 1%); plus what checkpointing runs
+    again: 2 per `recomputed_weights` and the attention forward."""
+    attn = 2 * p["layers"] * mean_len * p["d_model"]
+    return 2 * 2 * p["all"] + 3 * attn + 2 * recomputed_weights + (attn if recompute_attention else 0)
+
+
+def recomputed(side: str, p: dict, checkpointing: bool, kernels: dict | None) -> int:
+    """Weights whose forward checkpointing runs again: every decoder-layer weight for transformers'
+    checkpointing; the fused layers skip the down projection, whose output no gradient reads."""
+    if not checkpointing:
+        return 0
+    fused = side == "project" and (kernels or {}).get("fused_layers")
+    return p["in_layers"] - (p["down"] if fused else 0)
 
 
 class Tok:
@@ -92,30 +119,106 @@ class Tok:
     eos_token = pad_token = "<pad>"
 
 
-def run_project(shape, exs, args, cfg):
+class Profile:
+    """A TrainerCallback that profiles steps [start, start + n) into `path` (top kernels by CUDA time)."""
+
+    def __new__(cls, path: str, start: int, n: int = 3):
+        import torch
+        from transformers import TrainerCallback
+
+        class _P(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == start:
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None and state.global_step == start + n:
+                    torch.cuda.synchronize()
+                    self.prof.__exit__(None, None, None)
+                    text = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+                    Path(path).write_text(text)
+                    self.prof = None
+
+        return _P()
+
+
+class MemProbe:
+    """A TrainerCallback printing, for each step, memory allocated at its start, after the forward
+    pass (the final norm's output) and the step's peak, in GiB."""
+
+    def __new__(cls, model):
+        import torch
+        from transformers import TrainerCallback
+
+        marks: dict = {}
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.get_decoder().norm.register_forward_hook(
+            lambda *a: marks.__setitem__("after_forward", torch.cuda.memory_allocated() / 2**30))
+
+        class _M(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                torch.cuda.reset_peak_memory_stats()
+                marks["start"] = torch.cuda.memory_allocated() / 2**30
+
+            def on_step_end(self, args, state, control, **kw):
+                marks["peak"] = torch.cuda.max_memory_allocated() / 2**30
+                print("mem", state.global_step, {k: round(v, 3) for k, v in marks.items()}, file=sys.stderr, flush=True)
+
+        return _M()
+
+
+def counting(collate, tokens: dict):
+    """Wrap a collator: real tokens counted into tokens['n'] (no n_tokens key reaches the model)."""
+    def call(rows):
+        batch = collate(rows)
+        batch.pop("label_index", None)
+        batch.pop("label_targets", None)
+        n = batch.pop("n_tokens", None)
+        tokens["n"] += int(n) if n is not None else int((batch["labels"] != -100).numel())
+        return batch
+    return call
+
+
+def run_project(shape, exs, args, cfg, callbacks):
     from finetune.sft import train
 
     model = build(shape, args.targets, args.r)
+    if os.environ.get("KB_BENCH_MEM"):
+        callbacks = [*callbacks, MemProbe(model)]
     res = train(model, Tok(), exs, cfg, "/tmp/bench_ft_project", method="lora", prec="bf16", progress=False,
-                max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup)
-    return model, res
+                max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup, callbacks=callbacks)
+    out = {"tokens_per_s": res.tokens_per_s, "peak_mem_gib": res.peak_mem_gib, "first_loss": res.first_loss,
+           "kernels": res.kernels}
+    return model, out
 
 
-def run_baseline(shape, exs, args, cfg):
-    """transformers Trainer + peft, defaults: padded batches, loss from the model's logits."""
+def hf_side(side: str, shape, exs, args, cfg, callbacks):
+    """baseline / recipe / recipe_packed through a plain transformers Trainer."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
-    from finetune.sft import PaddedCollator, _checkpointing
+    from finetune.sft import PackedCollator, PaddedCollator, checkpointing_args, pack
 
+    if side != "baseline":
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     model = build(shape, args.targets, args.r)
-    pad = PaddedCollator(0)
     tokens = {"n": 0, "mark": 0, "t": None}
-
-    def collate(rows):
-        batch = pad(rows)
-        tokens["n"] += int(batch.pop("n_tokens"))
-        return batch
+    data: list = exs
+    if side == "baseline":
+        collate = PaddedCollator(0)
+    elif side == "recipe":
+        flat = DataCollatorWithFlattening(return_position_ids=True)
+        data = [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]
+        collate = lambda rows: {**flat(rows), "n_tokens": sum(len(r["input_ids"]) for r in rows)}  # noqa: E731
+    else:
+        data = pack(exs, args.max_length)
+        collate = PackedCollator(0, args.max_length)
 
     class Mark(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
@@ -123,11 +226,14 @@ def run_baseline(shape, exs, args, cfg):
                 torch.cuda.synchronize()
                 tokens["t"], tokens["mark"] = time.perf_counter(), tokens["n"]
 
-    targs = TrainingArguments(output_dir="/tmp/bench_ft_baseline", per_device_train_batch_size=cfg.batch_size,
+    targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-4,
                               bf16=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-                              remove_unused_columns=False, dataloader_num_workers=0, **_checkpointing(cfg.gradient_checkpointing))
-    trainer = Trainer(model=model, args=targs, train_dataset=exs, data_collator=collate, callbacks=[Mark()])
+                              remove_unused_columns=False, dataloader_num_workers=0,
+                              **checkpointing_args(cfg.gradient_checkpointing))
+    model.config.use_cache = False
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=counting(collate, tokens),
+                      callbacks=[Mark(), *callbacks])
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     torch.cuda.synchronize()
@@ -137,71 +243,110 @@ def run_baseline(shape, exs, args, cfg):
                    "first_loss": next(h["loss"] for h in trainer.state.log_history if "loss" in h)}
 
 
-def main() -> None:
+def child(args) -> None:
+    """One side of one setting in this process; prints its result as JSON on the last line."""
     import torch
 
     from kb.settings import FinetuneConfig
 
+    args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    shape, kind, side = args.shapes, args.lengths, args.child
+    if os.environ.get("KB_CE_BUDGET"):
+        import finetune.sft as sft
+
+        rows = sft.ce_chunk_rows
+        sft.ce_chunk_rows = lambda vocab, budget=int(os.environ["KB_CE_BUDGET"]): rows(vocab, budget)
+    big = shape == "7b"
+    cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
+                         gradient_checkpointing=big, save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
+    n_ex = (args.warmup + args.steps + 2) * cfg.batch_size * (6 if kind == "sft" else 1)
+    exs = examples(n_ex, SHAPES[shape]["vocab_size"], kind, args.max_length)
+    callbacks = [Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2)] \
+        if args.profile else []
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if side == "project":
+        model, out = run_project(shape, exs, args, cfg, callbacks)
+    else:
+        model, out = hf_side(side, shape, exs, args, cfg, callbacks)
+    mean_len = sum(map(len, exs)) / len(exs)
+    p = linear_params(model)
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+    model_flops = flops_per_token(p, mean_len)
+    done_flops = flops_per_token(p, mean_len, recomputed(side, p, cfg.gradient_checkpointing, out.get("kernels")),
+                                 cfg.gradient_checkpointing)
+    out["mfu"] = round(out["tokens_per_s"] * model_flops / peak, 4) if peak else None
+    out["flops_done_per_token"] = done_flops
+    out["hfu"] = round(out["tokens_per_s"] * done_flops / peak, 4) if peak else None
+    out["tokens_per_s"] = round(out["tokens_per_s"], 1)
+    out["peak_mem_gib"] = round(out["peak_mem_gib"], 2)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    setting = {"shape": f"Qwen2.5-{shape}", "lengths": kind, "mean_example_tokens": round(mean_len, 1),
+               "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
+               "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
+               "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16",
+               "model_flops_per_token": model_flops, "peak_bf16_flops": peak}
+    print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
+
+
+def run_side(args, shape: str, kind: str, side: str) -> dict | None:
+    """`child` in a fresh process; its JSON, or None (with the error printed) when it failed."""
+    cmd = [sys.executable, __file__, "--child", side, "--shapes", shape, "--lengths", kind, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--r", str(args.r),
+           "--targets", args.targets, "--profile", args.profile]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if line.startswith("mem "):
+            print(shape, kind, side, line, flush=True)
+    if proc.returncode != 0:
+        print(f"{shape} {kind} {side} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="0.5b,7b")
-    ap.add_argument("--lengths", default="sft,full", help="sft and/or full")
+    ap.add_argument("--lengths", default="full,sft", help="full and/or sft")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", default="all-linear")
-    ap.add_argument("--sides", default="project,baseline")
+    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 3 timed steps per side")
     ap.add_argument("--name", default="finetune_gpu")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args)
+    import torch
+
     if not torch.cuda.is_available():
         sys.exit("bench/finetune.py needs a CUDA GPU")
-    args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
     runs = []
     for shape in args.shapes.split(","):
-        big = shape == "7b"
-        cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
-                             gradient_checkpointing=big, save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
         for kind in args.lengths.split(","):
-            n_ex = (args.warmup + args.steps + 2) * cfg.batch_size * (6 if kind == "sft" else 1)
-            exs = examples(n_ex, SHAPES[shape]["vocab_size"], kind, args.max_length)
-            mean_len = sum(map(len, exs)) / len(exs)
-            setting = {"shape": f"Qwen2.5-{shape}", "lengths": kind, "mean_example_tokens": round(mean_len, 1),
-                       "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
-                       "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
-                       "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16"}
-            row = {"setting": setting}
+            row: dict = {}
             for side in args.sides.split(","):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                if side == "project":
-                    model, res = run_project(shape, exs, args, cfg)
-                    out = {"tokens_per_s": res.tokens_per_s, "peak_mem_gib": res.peak_mem_gib, "first_loss": res.first_loss,
-                           "packing": True, "fused_ce": True, "compiled_layers": True}
-                else:
-                    model, out = run_baseline(shape, exs, args, cfg)
-                n_lin, layers, d = linear_params(model)
-                out["mfu"] = round(mfu(out["tokens_per_s"], n_lin, layers, d, mean_len, False, peak), 4)
-                out["tokens_per_s"] = round(out["tokens_per_s"], 1)
-                out["peak_mem_gib"] = round(out["peak_mem_gib"], 2)
-                out["wall_s"] = round(time.perf_counter() - t0, 1)
-                row[side] = out
-                print(shape, kind, side, out, flush=True)
-                del model
-                gc.collect()
-                torch.cuda.empty_cache()
-            if "project" in row and "baseline" in row:
-                row["speedup"] = round(row["project"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
-                row["memory_ratio"] = round(row["project"]["peak_mem_gib"] / row["baseline"]["peak_mem_gib"], 2)
-            runs.append(row)
-    path = write_result(args.name, {"peak_bf16_flops": peak, "runs": runs})
-    print(table([{**r["setting"], **{f"{s}_{k}": r.get(s, {}).get(k) for s in ("project", "baseline")
-                                     for k in ("tokens_per_s", "peak_mem_gib", "mfu")},
-                  "speedup": r.get("speedup")} for r in runs],
-                ["shape", "lengths", "mean_example_tokens", "project_tokens_per_s", "baseline_tokens_per_s", "speedup",
-                 "project_peak_mem_gib", "baseline_peak_mem_gib", "project_mfu", "baseline_mfu"]))
+                res = run_side(args, shape, kind, side)
+                if res:
+                    row["setting"] = res["setting"]
+                    row[side] = res["result"]
+                    print(shape, kind, side, res["result"], flush=True)
+            for other in ("baseline", "recipe", "recipe_packed"):
+                if "project" in row and other in row:
+                    row[f"speedup_vs_{other}"] = round(row["project"]["tokens_per_s"] / row[other]["tokens_per_s"], 2)
+                    row[f"memory_ratio_vs_{other}"] = round(row["project"]["peak_mem_gib"] / row[other]["peak_mem_gib"], 2)
+            if "setting" in row:
+                runs.append(row)
+    path = write_result(args.name, {"runs": runs})
+    cols = ["shape", "lengths"] + [f"{s}_{k}" for s in SIDES for k in ("tokens_per_s", "peak_mem_gib")] + \
+        ["project_mfu", "project_hfu", "speedup_vs_recipe", "speedup_vs_recipe_packed"]
+    print(table([{**r["setting"], **{f"{s}_{k}": r.get(s, {}).get(k) for s in SIDES for k in ("tokens_per_s", "peak_mem_gib", "mfu", "hfu")},
+                  **{k: v for k, v in r.items() if k.startswith("speedup")}} for r in runs], cols))
     print(f"-> {path}")
 
 

@@ -110,8 +110,9 @@ class PackedCollator:
             ids.append(r_ids + [self.pad_id] * pad)
             labels.append(r_lab + [IGNORE] * pad)
             pos.append(r_pos + list(range(pad)))
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "position_ids": torch.tensor(pos), "n_tokens": torch.tensor(n)}
+        labels_t = torch.tensor(labels)
+        return {"input_ids": torch.tensor(ids), "labels": labels_t, "position_ids": torch.tensor(pos),
+                "n_tokens": torch.tensor(n), **label_positions(labels_t)}
 
 
 class PaddedCollator:
@@ -123,10 +124,19 @@ class PaddedCollator:
     def __call__(self, rows: list[Example]) -> dict:
         width = max(len(r) for r in rows)
         pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
-        return {"input_ids": torch.tensor(pad([r.input_ids for r in rows], self.pad_id)),
-                "labels": torch.tensor(pad([r.labels for r in rows], IGNORE)),
+        labels = torch.tensor(pad([r.labels for r in rows], IGNORE))
+        return {"input_ids": torch.tensor(pad([r.input_ids for r in rows], self.pad_id)), "labels": labels,
                 "attention_mask": torch.tensor(pad([[1] * len(r) for r in rows], 0)),
-                "n_tokens": torch.tensor(sum(len(r) for r in rows))}
+                "n_tokens": torch.tensor(sum(len(r) for r in rows)), **label_positions(labels)}
+
+
+def label_positions(labels: torch.Tensor) -> dict:
+    """Where the loss is taken, found on the CPU while collating (no device sync in the step):
+    `label_index` of each position whose next token is labelled, in the flattened [B, T - 1]
+    shifted view, and `label_targets`, those next tokens."""
+    shift = labels[:, 1:]
+    index = (shift != IGNORE).flatten().nonzero().squeeze(1)
+    return {"label_index": index, "label_targets": shift.flatten()[index]}
 
 
 # fused LM head + cross-entropy ------------------------------------------------------------------
@@ -162,16 +172,46 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), gw, None, None
 
 
-def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(summed loss, labelled positions) for next-token prediction over [B, T, d] hidden states."""
-    shift = labels[:, 1:]
-    mask = shift != IGNORE
-    # accelerate returns the forward's outputs in fp32 under mixed precision: back to the head's dtype
-    h = hidden[:, :-1][mask].to(weight.dtype)
-    n = int(mask.sum())
+def ce_chunk_rows(vocab: int, budget_bytes: int = 1 << 27) -> int:
+    """Rows per chunk of the fused loss: a power of two whose fp32 logits fit `budget_bytes`."""
+    rows = max(64, budget_bytes // (4 * vocab))
+    return 1 << (rows.bit_length() - 1)
+
+
+def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(summed loss, labelled positions) for next-token prediction over [B, T, d] hidden states;
+    `index`/`targets` from `label_positions` spare the device sync of finding them here."""
+    if index is None or targets is None:
+        found = label_positions(labels)
+        index, targets = found["label_index"].to(hidden.device), found["label_targets"].to(hidden.device)
+    n = len(index)
     if n == 0:
         return hidden.sum() * 0.0, 0
-    return FusedLinearCrossEntropy.apply(h, weight, shift[mask]), n
+    d = hidden.shape[-1]
+    # accelerate returns the forward's outputs in fp32 under mixed precision: back to the head's dtype
+    h = hidden[:, :-1].reshape(-1, d).index_select(0, index).to(weight.dtype)
+    return FusedLinearCrossEntropy.apply(h, weight, targets, ce_chunk_rows(weight.shape[0])), n
+
+
+def forward_final_hidden(model, inner, inputs: dict):
+    """(outputs, last hidden state) of `model` (maybe wrapped) on `inputs`, keeping one position's
+    logits. The last hidden state is the final norm's output, which the head reads: taken by a
+    hook on that norm where there is one, because `output_hidden_states` returns every layer's
+    and accelerate casts all of them to fp32 under mixed precision (1.6 GiB on a 7B batch)."""
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out, out.hidden_states[-1]
+    seen: dict = {}
+    handle = norm.register_forward_hook(lambda mod, args, output: seen.__setitem__("h", output))
+    try:
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return out, seen["h"]
 
 
 # trainer ----------------------------------------------------------------------------------------
@@ -186,14 +226,14 @@ def _trainer_cls():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             n_tok = inputs.pop("n_tokens", None)
             self._tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
+            index, targets = inputs.pop("label_index", None), inputs.pop("label_targets", None)
             if not self.fused_ce:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
-            # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's
-            # logits; the last hidden state is the final norm's output, which the head reads
-            out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's logits
+            out, hidden = forward_final_hidden(model, self.accelerator.unwrap_model(model), inputs)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss_sum, n = fused_ce_sum(out.hidden_states[-1], head.weight, labels)
+            loss_sum, n = fused_ce_sum(hidden, head.weight, labels, index, targets)
             if num_items_in_batch is not None:
                 loss = loss_sum / num_items_in_batch  # the count over all ranks and accumulation steps
                 if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -223,6 +263,7 @@ class TrainResult:
     seconds: float
     first_loss: float | None = None
     world_size: int = 1
+    kernels: dict | None = None
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -302,7 +343,7 @@ def compile_layers(model) -> int:
 
 def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, method: str = "lora",
           prec: str = "fp32", resume: bool = False, progress: bool = True, max_steps: int | None = None,
-          save: bool = True, timing_from_step: int = 0) -> TrainResult:
+          save: bool = True, timing_from_step: int = 0, callbacks: Sequence = ()) -> TrainResult:
     """Fine-tune `model` on tokenised examples with the settings `cfg` (settings.finetune).
     tokens/s counts real (not padding) tokens from `timing_from_step` on (benchmarks skip warm-up)."""
     from torch.utils.data import Dataset
@@ -319,7 +360,13 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     packing = cfg.packing and method != "ptuning"  # prefix tuning's virtual tokens do not pack
     fused = cfg.fused_ce and method != "ptuning" and zero_stage(cfg.deepspeed) < 3
     on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
-    if cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning"):
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning")
+    fused_layers = 0
+    if cfg.fused_layers == "on" or (cfg.fused_layers == "auto" and on_cuda and not cfg.deepspeed and method == "lora"):
+        from finetune.fused_layers import install
+
+        fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled)
+    if compiled and not fused_layers:
         compile_layers(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
@@ -345,11 +392,13 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
         bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, **_checkpointing(cfg.gradient_checkpointing), deepspeed=cfg.deepspeed,
+        save_total_limit=cfg.save_total_limit, **checkpointing_args(cfg.gradient_checkpointing and not fused_layers), deepspeed=cfg.deepspeed,
         remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda, seed=cfg.seed,
         save_strategy="steps" if save else "no", use_cpu=not on_cuda)
     trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
     trainer.fused_ce = fused
+    for cb in callbacks:
+        trainer.add_callback(cb)
     if fused:
         trainer.loss_is_scaled_for_ga = True
     trainer._tokens, trainer._last_tokens, trainer._last_t = 0, 0, time.perf_counter()
@@ -388,14 +437,15 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
             plot_loss(trainer.state.log_history, out / "loss.png")
     res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
                       round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens, round(seconds, 2),
-                      next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world)
+                      next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
+                      {"fused_layers": fused_layers, "fused_ce": fused, "compiled": compiled, "packing": packing})
     if save and main_rank:
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))
     return res
 
 
-def _checkpointing(on: bool) -> dict:
+def checkpointing_args(on: bool) -> dict:
     """TrainingArguments for activation checkpointing (named so only when on: the name changed in v5)."""
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
 

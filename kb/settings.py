@@ -371,6 +371,10 @@ class FinetuneConfig(BaseModel):
     """Cross-entropy fused with the LM head in chunks, only on answer tokens: no full logits."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each decoder layer (auto: on CUDA)."""
+    fused_layers: Literal["auto", "on", "off"] = "auto"
+    """Llama-style decoder layers (Qwen2, Llama, Mistral) trained through one fused, compiled
+    function each, recomputing only what the backward pass reads (auto: LoRA on CUDA without
+    DeepSpeed; layers it cannot compute exactly keep the transformers forward)."""
     deepspeed: str | None = None
     """A DeepSpeed config (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json)."""
     save_steps: int = 200
