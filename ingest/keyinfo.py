@@ -11,7 +11,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import Protocol
 
 from ingest.sentences import is_chinese, split_sentences
@@ -58,10 +58,51 @@ def _spacy_ner():
         return None
 
 
+BLOCK_CACHE = 1 << 16
+"""Blocks (runs of Han characters and alphanumerics) whose jieba cut each process keeps."""
+
+
+class _CachedCuts:
+    """jieba's cuts, computed block by block with each block's words kept: jieba cuts a text
+    block by block (`Tokenizer.cut`, `POSTokenizer.cut` split on their block regexes and cut each
+    block on its own), so the concatenation is exactly jieba's result, and an article, its
+    segments and its sentences (and BM25 over their key text) cut each block once."""
+
+    def __init__(self) -> None:
+        jieba = _jieba()
+        self._re_words = jieba.re_han_default
+        self._re_tagged = jieba.posseg.re_han_internal
+        self._words = lru_cache(BLOCK_CACHE)(lambda blk: tuple(jieba.dt.cut(blk)))
+        self._tagged = lru_cache(BLOCK_CACHE)(lambda blk: tuple(jieba.posseg.dt.cut(blk)))
+
+    def cut(self, text: str) -> list[str]:
+        """`jieba.lcut(text)`; also the tokenizer of `_tfidf()` (TFIDF.extract_tags calls `cut`)."""
+        return [w for blk in self._re_words.split(text) if blk for w in self._words(blk)]
+
+    def tagged(self, text: str) -> list:
+        """`list(jieba.posseg.cut(text))`: (word, flag) pairs."""
+        return [p for blk in self._re_tagged.split(text) if blk for p in self._tagged(blk)]
+
+
+@cache
+def _cuts() -> _CachedCuts:
+    return _CachedCuts()
+
+
+@cache
+def _tfidf():
+    """jieba's default TF-IDF keyword extractor (its IDF table and stopwords) over the cached cuts."""
+    import copy
+
+    tfidf = copy.copy(_jieba().analyse.default_tfidf)
+    tfidf.tokenizer = _cuts()
+    return tfidf
+
+
 def tokens(text: str) -> list[str]:
     """Content words: jieba words for Chinese, lower-cased non-stopwords for English."""
     if is_chinese(text):
-        return [w for w in _jieba().lcut(text) if len(w.strip()) > 1 and w not in _ZH_STOP]
+        return [w for w in _cuts().cut(text) if len(w.strip()) > 1 and w not in _ZH_STOP]
     stop = _en_stopwords()
     return [w.lower() for w in _WORD.findall(text) if w.lower() not in stop and len(w) > 1]
 
@@ -70,7 +111,7 @@ def keywords(text: str, k: int = 8) -> list[str]:
     if not text.strip() or k <= 0:
         return []
     if is_chinese(text):
-        return list(_jieba().analyse.extract_tags(text, topK=k))
+        return list(_tfidf().extract_tags(text, topK=k))
     return _rake(text, k)
 
 
@@ -110,7 +151,7 @@ def entities(text: str, k: int = 10) -> list[str]:
         return []
     found: Counter[str] = Counter()
     if is_chinese(text):
-        for w, flag in _jieba().posseg.cut(text):
+        for w, flag in _cuts().tagged(text):
             if flag in _ZH_ENTITY_FLAGS and len(w) > 1:
                 found[w] += 1
     else:
