@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 
@@ -88,13 +89,16 @@ def provenance(settings=None, data=()) -> dict:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " dirty"
+    if os.environ.get("KB_SOURCE_COMMIT"):
+        # a copy of the tree whose git metadata is not its own (the GPU machine's): the sender
+        # names the commit it sent, and the copy's own reading is kept beside it
+        commit = f"{os.environ['KB_SOURCE_COMMIT']} (sent; the copy's git read {commit})"
     try:
         import torch
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     except Exception:  # noqa: BLE001
         device = ""
-    import os
 
     device = device or f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     out = {"command": " ".join(sys.argv), "commit": commit, "device": device, "date": time.strftime("%Y-%m-%d %H:%M")}
