@@ -89,10 +89,10 @@ def provenance(settings=None, data=()) -> dict:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " dirty"
-    if os.environ.get("KB_SOURCE_COMMIT"):
+    if os.environ.get("BENCH_SOURCE_COMMIT"):
         # a copy of the tree whose git metadata is not its own (the GPU machine's): the sender
         # names the commit it sent, and the copy's own reading is kept beside it
-        commit = f"{os.environ['KB_SOURCE_COMMIT']} (sent; the copy's git read {commit})"
+        commit = f"{os.environ['BENCH_SOURCE_COMMIT']} (sent; the copy's git read {commit})"
     try:
         import torch
 
