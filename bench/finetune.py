@@ -306,6 +306,38 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+LABELS = {"project": "project", "baseline": "Trainer + peft", "recipe": "Liger + flattening",
+          "recipe_packed": "Liger, packed rows"}
+
+
+def plot(names: list[str], out: Path) -> Path:
+    """Tokens/s of every side, one panel per result file, bars grouped by lengths; peak GiB on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(n, json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text())["runs"]) for n in names]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4))
+    for ax, (name, rows) in zip(axes if len(runs) > 1 else [axes], runs):
+        for j, side in enumerate(SIDES):
+            xs = [i + (j - 1.5) * 0.2 for i in range(len(rows))]
+            ys = [r.get(side, {}).get("tokens_per_s", 0) for r in rows]
+            bars = ax.bar(xs, ys, 0.2, label=LABELS[side])
+            for bar, r in zip(bars, rows):
+                if side in r:
+                    ax.annotate(f"{r[side]['peak_mem_gib']:.1f}", (bar.get_x() + 0.1, bar.get_height()), ha="center",
+                                va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), [f"{r['setting']['lengths']} rows" for r in rows])
+        ax.set_title(f"{rows[0]['setting']['shape']} (GiB over bars)")
+        ax.set_ylabel("tokens/s")
+        ax.grid(axis="y", alpha=0.3)
+    (axes[0] if len(runs) > 1 else axes).legend(fontsize=8)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="0.5b,7b")
@@ -319,7 +351,11 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 3 timed steps per side")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")
     args = ap.parse_args()
+    if args.plot:
+        print(plot(args.plot.split(","), ROOT / "bench" / "results" / "finetune_gpu.png"))
+        return None
     if args.child:
         return child(args)
     import torch

@@ -210,18 +210,47 @@ def generate_gpu_table() -> str:
 
 @table("finetune_gpu")
 def finetune_gpu_table() -> str:
-    """Fine-tuning speed and memory, the project's trainer vs plain Trainer + peft (finetune_gpu_*.json)."""
+    """Fine-tuning speed and memory: the project's trainer, plain Trainer + peft, Liger + flattening,
+    Liger on packed rows, one run per shape (finetune_gpu_*.json)."""
     rows = []
+    sides = ("project", "baseline", "recipe", "recipe_packed")
     for name in ("finetune_gpu_0.5b", "finetune_gpu_7b"):
         for r in load(name)["runs"]:
-            s, p, b = r["setting"], r["project"], r["baseline"]
-            width = f"{s['batch_rows']} x {s['max_length']}"
-            width += ", checkpointing" if s["gradient_checkpointing"] else ""
-            rows.append([s["shape"][:-1] + s["shape"][-1].upper(), s["lengths"], width, num(p["tokens_per_s"], 0),
-                         num(b["tokens_per_s"], 0), f"{num(r['speedup'], 2)}x", num(p["peak_mem_gib"], 1),
-                         num(b["peak_mem_gib"], 1), f"{pct(p['mfu'])} / {pct(b['mfu'])}"])
-    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s", "baseline tokens/s", "speed-up",
-                     "project GiB", "baseline GiB", "MFU project / baseline"])
+            s, p = r["setting"], r["project"]
+            width = f"{s['batch_rows']} x {s['max_length']}" + (", ckpt" if s["gradient_checkpointing"] else "")
+            rows.append([s["shape"][:-1] + s["shape"][-1].upper(), s["lengths"], width,
+                         *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" for x in sides),
+                         f"{num(r['speedup_vs_recipe'], 2)}x / {num(r['speedup_vs_recipe_packed'], 2)}x",
+                         f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
+    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s (GiB)", "Trainer + peft", "Liger + flattening",
+                     "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
+
+
+@table("embed_finetune_gpu")
+def embed_finetune_gpu_table() -> str:
+    """Embedder fine-tuning: the project's loop vs SentenceTransformerTrainer (embed_finetune_gpu.json)."""
+    rows = []
+    for r in load("embed_finetune_gpu")["runs"]:
+        p, b = r["project"], r["baseline"]
+        rows.append([r["shape"], r["method"], num(p["examples_per_s"], 0), num(b["examples_per_s"], 0),
+                     f"{num(r['speedup'], 2)}x", f"{num(p['peak_mem_gib'], 1)} / {num(b['peak_mem_gib'], 1)}",
+                     f"{num(p['first_loss'], 4)} / {num(b['first_loss'], 4)}"])
+    return md(rows, ["shape", "method", "project examples/s", "sentence-transformers examples/s", "speed-up",
+                     "GiB project / ST", "first loss project / ST"])
+
+
+@table("ingest_e2e_gpu")
+def ingest_e2e_gpu_table() -> str:
+    """kb ingest end to end on the GPU: throughput and the largest stages (ingest_e2e_gpu.json)."""
+    rows = []
+    for r in load("ingest_e2e_gpu")["runs"]:
+        s, p = r["setting"], r["project"]
+        top = sorted(p["stage_share"].items(), key=lambda kv: -kv[1])[:3]
+        rows.append([f"{s['device']}, {s['model_shape']} shapes, {s['dtype']}", num(s["docs"], 0), num(p["docs_per_s"], 2),
+                     num(p["chunks_per_s"], 1), num(p["nsp_pairs_per_s_in_model"], 0),
+                     num(p["embedded_texts_per_s_in_model"], 0), ", ".join(f"{k} {pct(v, 0)}" for k, v in top)])
+    return md(rows, ["run", "documents", "docs/s", "chunks/s", "NSP pairs/s (in model calls)", "texts embedded/s (in model calls)",
+                     "largest stages"])
 
 
 DIST_RUNS = {"ddp_lora": ("DDP", "LoRA", " (includes compiling the layers)"), "zero2_lora": ("ZeRO-2", "LoRA", ""),
