@@ -62,19 +62,29 @@ def examples(n: int, vocab: int, kind: str, max_length: int, seed: int = 0):
     return out
 
 
-def build(shape: str, targets: list[str] | str, r: int, seed: int = 0):
+LOGIT_STD = 3.0
+"""Spread of the random model's logits: at the default initialisation every token's loss is about
+ln(vocab) whatever the mask, so agreeing first losses would prove nothing; with logits this spread
+the loss depends on which positions are labelled and on the targets."""
+
+
+def build(shape: str, targets: list[str] | str, r: int, seed: int = 0, device: str = "cuda", **config):
+    """A Qwen2 model of `shape` (random weights, bf16 on `device`) with LoRA adapters; the LM head
+    scaled so the logits have a standard deviation of about LOGIT_STD."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    cfg = Qwen2Config(**{**SHAPES.get(shape, {}), **config}, max_position_embeddings=4096, attn_implementation="sdpa")
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = Qwen2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(LOGIT_STD / (cfg.initializer_range * cfg.hidden_size ** 0.5))
     torch.manual_seed(seed + 1)
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                             target_modules=targets))
@@ -89,17 +99,31 @@ def linear_params(model) -> dict:
     linears = [(name, m.weight.numel()) for name, m in base.named_modules()
                if isinstance(m, torch.nn.Linear) and "lora_" not in name]
     return {"all": sum(n for _, n in linears), "in_layers": sum(n for name, n in linears if ".layers." in name),
+            "head": base.get_output_embeddings().weight.numel(),
             "down": sum(n for name, n in linears if name.endswith("down_proj") or name.endswith("down_proj.base_layer")),
             "layers": base.config.num_hidden_layers, "d_model": base.config.hidden_size}
 
 
-def flops_per_token(p: dict, mean_len: float, recomputed_weights: int = 0, recompute_attention: bool = False) -> float:
+def flops_per_token(p: dict, attn_len: float, head_share: float = 1.0, recomputed_weights: int = 0,
+                    recompute_attention: bool = False) -> float:
     """FLOPs per trained token, LoRA (frozen base): forward 2 per weight and 2*len*d per layer for
-    causal attention (QK^T and PV over half the square); backward twice that for activations (no
-    weight gradients of frozen weights; LoRA's own are under 1%); plus what checkpointing runs
-    again: 2 per `recomputed_weights` and the attention forward."""
-    attn = 2 * p["layers"] * mean_len * p["d_model"]
-    return 2 * 2 * p["all"] + 3 * attn + 2 * recomputed_weights + (attn if recompute_attention else 0)
+    causal attention (QK^T and PV over half the square; `attn_len` = sum(len^2) / sum(len) over the
+    examples); backward twice that for activations (no weight gradients of frozen weights; LoRA's
+    own are under 1%). The LM head runs on `head_share` of the positions (the model needs it only
+    where a label is). Plus what checkpointing runs again: 2 per `recomputed_weights` and the
+    attention forward."""
+    attn = 2 * p["layers"] * attn_len * p["d_model"]
+    body = p["all"] - p["head"]
+    return 4 * body + 4 * p["head"] * head_share + 3 * attn + 2 * recomputed_weights + (attn if recompute_attention else 0)
+
+
+def shares(exs) -> tuple[float, float]:
+    """(sum(len^2) / sum(len), share of positions whose next token is labelled) over examples."""
+    from finetune.sft import IGNORE
+
+    tokens = sum(len(e) for e in exs)
+    labelled = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in exs)
+    return sum(len(e) ** 2 for e in exs) / tokens, labelled / tokens
 
 
 def recomputed(side: str, p: dict, checkpointing: bool, kernels: dict | None) -> int:
@@ -178,7 +202,7 @@ def counting(collate, tokens: dict):
         batch.pop("label_index", None)
         batch.pop("label_targets", None)
         n = batch.pop("n_tokens", None)
-        tokens["n"] += int(n) if n is not None else int((batch["labels"] != -100).numel())
+        tokens["n"] += int(n) if n is not None else int((batch["labels"] != -100).sum())
         return batch
     return call
 
@@ -274,8 +298,12 @@ def child(args) -> None:
     p = linear_params(model)
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
-    model_flops = flops_per_token(p, mean_len)
-    done_flops = flops_per_token(p, mean_len, recomputed(side, p, cfg.gradient_checkpointing, out.get("kernels")),
+    attn_len, labelled = shares(exs)
+    model_flops = flops_per_token(p, attn_len, labelled)
+    # the project's fused loss runs the head on labelled positions only; Liger's and the plain
+    # Trainer's run it on every position
+    done_flops = flops_per_token(p, attn_len, labelled if side == "project" else 1.0,
+                                 recomputed(side, p, cfg.gradient_checkpointing, out.get("kernels")),
                                  cfg.gradient_checkpointing)
     out["mfu"] = round(out["tokens_per_s"] * model_flops / peak, 4) if peak else None
     out["flops_done_per_token"] = done_flops
@@ -287,7 +315,8 @@ def child(args) -> None:
                "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
                "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
                "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16",
-               "model_flops_per_token": model_flops, "peak_bf16_flops": peak}
+               "model_flops_per_token": model_flops, "labelled_share": round(labelled, 4),
+               "attention_length": round(attn_len, 1), "peak_bf16_flops": peak}
     print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
 
 
@@ -304,6 +333,42 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
         print(f"{shape} {kind} {side} failed:\n{proc.stderr[-3000:]}", flush=True)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def recount(name: str) -> Path:
+    """Recompute the MFU and HFU of a result file with this file's formula (the examples and model
+    shapes are deterministic), recording the recount beside the original provenance."""
+    import torch
+
+    from eval.report import provenance
+
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    data = json.loads(path.read_text())
+    for row in data["runs"]:
+        s = row["setting"]
+        shape = s["shape"].split("-")[-1].lower()
+        with torch.device("meta"):
+            p = linear_params(build(shape, s["lora_targets"], s["lora_r"], device="meta"))
+        per_batch = 6 if s["lengths"] == "sft" else 1
+        exs = examples((s["warmup_steps"] + s["timed_steps"] + 2) * s["batch_rows"] * per_batch,
+                       SHAPES[shape]["vocab_size"], s["lengths"], s["max_length"])
+        attn_len, labelled = shares(exs)
+        s.update(model_flops_per_token=flops_per_token(p, attn_len, labelled), labelled_share=round(labelled, 4),
+                 attention_length=round(attn_len, 1))
+        for side in SIDES:
+            if side in row:
+                out = row[side]
+                done = flops_per_token(p, attn_len, labelled if side == "project" else 1.0,
+                                       recomputed(side, p, s["gradient_checkpointing"], out.get("kernels")),
+                                       s["gradient_checkpointing"])
+                out.update(mfu=round(out["tokens_per_s"] * s["model_flops_per_token"] / s["peak_bf16_flops"], 4),
+                           flops_done_per_token=done, hfu=round(out["tokens_per_s"] * done / s["peak_bf16_flops"], 4))
+    prov = provenance()
+    data["recounted"] = {"command": prov["command"], "commit": prov["commit"], "date": prov["date"],
+                         "what": "mfu and hfu with the head counted on labelled positions only in model FLOPs (and in "
+                                 "the project's FLOPs done), attention over sum(len^2)/sum(len)"}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
 LABELS = {"project": "project", "baseline": "Trainer + peft", "recipe": "Liger + flattening",
@@ -352,7 +417,12 @@ def main() -> None:
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")
+    ap.add_argument("--recount", default="", help="result names (comma-separated): recompute MFU/HFU in place")
     args = ap.parse_args()
+    if args.recount:
+        for name in args.recount.split(","):
+            print(recount(name))
+        return None
     if args.plot:
         print(plot(args.plot.split(","), ROOT / "bench" / "results" / "finetune_gpu.png"))
         return None

@@ -107,7 +107,8 @@ class _Collate:
         return features, len(batch), sum(int(f["attention_mask"].sum()) for f in features)
 
 
-def _loader(plan: list[list[dict]], collate: _Collate, cuda: bool, workers: int | None):
+def make_loader(plan: list[list[dict]], collate: _Collate, cuda: bool, workers: int | None):
+    """Batches of `plan` tokenised by `collate` in `workers` processes (default: 2 on CUDA, 0 elsewhere)."""
     from torch.utils.data import DataLoader
 
     workers = (2 if cuda else 0) if workers is None else workers
@@ -140,7 +141,7 @@ def train_embedder(st, pairs: list[dict], opts: EmbedTrainOptions, device: str) 
     params = [p for p in st.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=opts.learning_rate, fused=cuda or None)
     sched = get_linear_schedule_with_warmup(opt, int(0.1 * len(plan)), len(plan))
-    loader = _loader(plan, _Collate(prepare, model_prompts(st), opts.hard_negatives), cuda, opts.workers)
+    loader = make_loader(plan, _Collate(prepare, model_prompts(st), opts.hard_negatives), cuda, opts.workers)
     st.train()
     losses, seen, tokens, mark = [], 0, 0, (time.perf_counter(), 0, 0)
     bar = tqdm(loader, total=len(plan), desc="embed fine-tune", unit="batch", disable=not opts.progress)

@@ -55,6 +55,12 @@ def unsupported(layer) -> str | None:
     attn, cfg = layer.self_attn, layer.self_attn.config
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(attn, "sliding_window", None):
         return "activation other than SiLU or sliding-window attention"
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        # flash-attention kernels take packed rows as position ids with no mask: causal over the
+        # whole row here would let packed examples see each other
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} (the fused forward is SDPA's)"
+    if getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout > 0"
     try:
         for part, name in LINEARS:
             linear_parts(getattr(getattr(layer, part), name))
@@ -119,24 +125,37 @@ def layer_step(x, cos, sin, mask, norms, linears, dims, recompute: bool) -> torc
     return layer_math(x, cos, sin, mask, norms, linears, dims)
 
 
-_COMPILED: dict[bool, object] = {}
+COMPILE_BACKEND = "inductor"
+"""torch.compile's backend for the layer function (tests use "eager": same graph capture, no codegen)."""
+_COMPILED: dict[str, object] = {}
 
 
 def _step_fn(compiled: bool):
+    """The layer function, compiled once per backend: shapes that change (a last, smaller batch,
+    padded widths) make dynamo mark their dimensions dynamic instead of compiling per shape."""
     if not compiled:
         return layer_step
-    if compiled not in _COMPILED:
-        _COMPILED[compiled] = torch.compile(layer_step, fullgraph=True, dynamic=False)
-    return _COMPILED[compiled]
+    if COMPILE_BACKEND not in _COMPILED:
+        _COMPILED[COMPILE_BACKEND] = torch.compile(layer_step, fullgraph=True, dynamic=None, backend=COMPILE_BACKEND)
+    return _COMPILED[COMPILE_BACKEND]
+
+
+def _unfused(self, hidden_states, **kwargs):
+    """The transformers forward, checkpointed as transformers would have when the fused one recomputes."""
+    if self._fused_recompute and self.training and torch.is_grad_enabled():
+        return checkpoint(self._unfused_forward, hidden_states, use_reentrant=False, **kwargs)
+    return self._unfused_forward(hidden_states, **kwargs)
 
 
 def fused_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                   position_embeddings=None, **kwargs):
-    """The replacement `forward` of a decoder layer in training (inference takes the original)."""
+    """The replacement `forward` of a decoder layer in training (inference, caches and masks other
+    than boolean ones take the original)."""
     if not self.training or cache is not None or kwargs.get("past_key_values") is not None \
             or position_embeddings is None or (attention_mask is not None and attention_mask.dtype != torch.bool):
-        return self._unfused_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                                     use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        return _unfused(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    self._fused_calls += 1
     attn = self.self_attn
     linears = tuple(linear_parts(getattr(getattr(self, part), name)) for part, name in LINEARS)
     norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
@@ -162,5 +181,11 @@ def install(model, *, recompute: bool, compile: bool) -> int:
         if not hasattr(layer, "_unfused_forward"):
             layer._unfused_forward = layer.forward
         layer.forward = MethodType(fused_forward, layer)
-        layer._fused_recompute, layer._fused_compile = recompute, compile
+        layer._fused_recompute, layer._fused_compile, layer._fused_calls = recompute, compile, 0
     return len(layers)
+
+
+def calls(model) -> int:
+    """How many times the fused forward ran (over all layers) since `install`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return sum(getattr(layer, "_fused_calls", 0) for layer in getattr(inner.get_decoder(), "layers", []))

@@ -202,7 +202,8 @@ def forward_final_hidden(model, inner, inputs: dict):
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     norm = getattr(decoder, "norm", None)
-    if not isinstance(norm, torch.nn.Module):
+    if not isinstance(norm, torch.nn.Module) or isinstance(model, torch.nn.DataParallel):
+        # DataParallel replicas would each call the hook with their shard
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         return out, out.hidden_states[-1]
     seen: dict = {}
@@ -341,6 +342,18 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
+def fused_layers_wanted(cfg, method: str, on_cuda: bool) -> bool:
+    """Whether `finetune.fused_layers` applies: never for prefix tuning, under ZeRO-3 (sharded
+    weights) or the Trainer's single-process DataParallel (replicas would share the bound forward)."""
+    if cfg.fused_layers == "off" or method == "ptuning" or zero_stage(cfg.deepspeed) >= 3:
+        return False
+    data_parallel = torch.cuda.is_available() and torch.cuda.device_count() > 1 and \
+        int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    if data_parallel:
+        return False
+    return cfg.fused_layers == "on" or (on_cuda and not cfg.deepspeed and method == "lora")
+
+
 def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, method: str = "lora",
           prec: str = "fp32", resume: bool = False, progress: bool = True, max_steps: int | None = None,
           save: bool = True, timing_from_step: int = 0, callbacks: Sequence = ()) -> TrainResult:
@@ -362,12 +375,13 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning")
     fused_layers = 0
-    if cfg.fused_layers == "on" or (cfg.fused_layers == "auto" and on_cuda and not cfg.deepspeed and method == "lora"):
+    if fused_layers_wanted(cfg, method, on_cuda):
         from finetune.fused_layers import install
 
         fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled)
     if compiled and not fused_layers:
         compile_layers(model)
+    from finetune.fused_layers import calls as fused_calls
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -392,7 +406,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
         bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, **checkpointing_args(cfg.gradient_checkpointing and not fused_layers), deepspeed=cfg.deepspeed,
+        save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed,
+        **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
         remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda, seed=cfg.seed,
         save_strategy="steps" if save else "no", use_cpu=not on_cuda)
     trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
@@ -438,7 +453,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
                       round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens, round(seconds, 2),
                       next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
-                      {"fused_layers": fused_layers, "fused_ce": fused, "compiled": compiled, "packing": packing})
+                      {"fused_layers": fused_layers, "fused_layer_calls": fused_calls(model) if fused_layers else 0,
+                       "fused_ce": fused, "compiled": compiled, "packing": packing})
     if save and main_rank:
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))

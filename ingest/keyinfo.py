@@ -58,8 +58,10 @@ def _spacy_ner():
         return None
 
 
-BLOCK_CACHE = 1 << 16
+BLOCK_CACHE = 8192
 """Blocks (runs of Han characters and alphanumerics) whose jieba cut each process keeps."""
+BLOCK_CACHE_CHARS = 256
+"""Longer blocks (OCR text without punctuation, say) are cut without being kept."""
 
 
 class _CachedCuts:
@@ -72,16 +74,20 @@ class _CachedCuts:
         jieba = _jieba()
         self._re_words = jieba.re_han_default
         self._re_tagged = jieba.posseg.re_han_internal
-        self._words = lru_cache(BLOCK_CACHE)(lambda blk: tuple(jieba.dt.cut(blk)))
-        self._tagged = lru_cache(BLOCK_CACHE)(lambda blk: tuple(jieba.posseg.dt.cut(blk)))
+        self._cut_words = lambda blk: tuple(jieba.dt.cut(blk))
+        self._cut_tagged = lambda blk: tuple((p.word, p.flag) for p in jieba.posseg.dt.cut(blk))
+        self._words = lru_cache(BLOCK_CACHE)(self._cut_words)
+        self._tagged = lru_cache(BLOCK_CACHE)(self._cut_tagged)
 
     def cut(self, text: str) -> list[str]:
         """`jieba.lcut(text)`; also the tokenizer of `_tfidf()` (TFIDF.extract_tags calls `cut`)."""
-        return [w for blk in self._re_words.split(text) if blk for w in self._words(blk)]
+        return [w for blk in self._re_words.split(text) if blk
+                for w in (self._words(blk) if len(blk) <= BLOCK_CACHE_CHARS else self._cut_words(blk))]
 
-    def tagged(self, text: str) -> list:
-        """`list(jieba.posseg.cut(text))`: (word, flag) pairs."""
-        return [p for blk in self._re_tagged.split(text) if blk for p in self._tagged(blk)]
+    def tagged(self, text: str) -> list[tuple[str, str]]:
+        """`list(jieba.posseg.cut(text))` as (word, flag) tuples."""
+        return [p for blk in self._re_tagged.split(text) if blk
+                for p in (self._tagged(blk) if len(blk) <= BLOCK_CACHE_CHARS else self._cut_tagged(blk))]
 
 
 @cache

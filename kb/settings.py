@@ -375,6 +375,7 @@ class FinetuneConfig(BaseModel):
     """Llama-style decoder layers (Qwen2, Llama, Mistral) trained through one fused, compiled
     function each, recomputing only what the backward pass reads (auto: LoRA on CUDA without
     DeepSpeed; layers it cannot compute exactly keep the transformers forward)."""
+
     deepspeed: str | None = None
     """A DeepSpeed config (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json)."""
     save_steps: int = 200
@@ -400,6 +401,12 @@ class FinetuneConfig(BaseModel):
     rerank_lora_r: int = 16
     rerank_top_layers: int = 4
     """Encoder layers (from the top) that get the LoRA adapter."""
+
+    @field_validator("compile", "fused_layers", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads a bare on/off as true/false: take them as the words."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class Settings(BaseSettings):

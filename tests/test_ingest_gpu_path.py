@@ -56,7 +56,10 @@ def direct(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keyinfo, "_tfidf", lambda: jieba.analyse.default_tfidf)
 
 
-@pytest.mark.parametrize("text", TEXTS + cmrc_texts(10))
+LONG_BLOCK = "北京大学学生在图书馆学习明天去上海参加比赛" * 20  # one 400-character block: cut, not kept
+
+
+@pytest.mark.parametrize("text", TEXTS + cmrc_texts(10) + [LONG_BLOCK])
 def test_cached_cuts_equal_jieba(text: str) -> None:
     import jieba
     import jieba.analyse
