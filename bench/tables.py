@@ -246,7 +246,8 @@ def ingest_e2e_gpu_table() -> str:
     for r in load("ingest_e2e_gpu")["runs"]:
         s, p = r["setting"], r["project"]
         top = sorted(p["stage_share"].items(), key=lambda kv: -kv[1])[:3]
-        rows.append([f"{s['device']}, {s['model_shape']} shapes, {s['dtype']}", num(s["docs"], 0), num(p["docs_per_s"], 2),
+        rows.append([f"{s['device']}, {s['model_shape']} shapes, {s['dtype']}, parsing {s['parse']}", num(s["docs"], 0),
+                     num(p["docs_per_s"], 2),
                      num(p["chunks_per_s"], 1), num(p["nsp_pairs_per_s_in_model"], 0),
                      num(p["embedded_texts_per_s_in_model"], 0), ", ".join(f"{k} {pct(v, 0)}" for k, v in top)])
     return md(rows, ["run", "documents", "docs/s", "chunks/s", "NSP pairs/s (in model calls)", "texts embedded/s (in model calls)",
