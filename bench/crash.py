@@ -85,7 +85,7 @@ def write_config(folder: Path) -> Path:
 
 
 def kb_cmd(cfg: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "kb.cli", *args, "--config", str(cfg), "--json", "-q"]
+    return [sys.executable, "-m", "cli", *args, "--config", str(cfg), "--json", "-q"]
 
 
 def proc_env(home: Path, **extra: str) -> dict[str, str]:

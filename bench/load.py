@@ -41,7 +41,7 @@ def ensure_kb(home: Path, kb: str) -> None:
     if (home / kb / "store.sqlite").is_file():
         return
     env = {**os.environ, "KB_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "kb.cli", "ingest", str(ROOT / "samples" / "docs"), "--kb", kb, "-q"],
+    subprocess.run([sys.executable, "-m", "cli", "ingest", str(ROOT / "samples" / "docs"), "--kb", kb, "-q"],
                    check=True, env=env, cwd=ROOT)
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "KB_HOME": str(home), "KB_API_KEYS": json.dumps({KEY: [args.kb]})}
     log = open(home / "serve.log", "wb")
-    srv = subprocess.Popen([sys.executable, "-m", "kb.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
+    srv = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

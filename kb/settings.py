@@ -14,18 +14,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
-class ModelsConfig(BaseModel):
+class Section(BaseModel):
+    """A settings section; each field's docstring is its description (`kb config defaults` prints it)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class ModelsConfig(Section):
     """Model names or paths; resolved offline by `kb.models.resolve_model`."""
 
     embedder: str = "model:e5-small"
-    """multilingual-e5-small from `kb models install`; MiniLM (English): `model:minilm`."""
+    """multilingual-e5-small from `kb models install`; also `model:minilm` (English), a cached hub
+    name (BAAI/bge-base-zh-v1.5) or a folder."""
     nsp: str | None = None
     """A pretrained next-sentence-prediction model (e.g. bert-base-chinese). None: train a head."""
     nsp_encoder: str = "model:e5-small"
@@ -34,6 +41,7 @@ class ModelsConfig(BaseModel):
     """The generative model (`kb models install` puts it in place). A `model:` spec that is not
     installed means extractive answers (with a warning) under `llm.backend: auto`; None: no LLM."""
     reranker: str | None = None
+    """A cross-encoder reranking retrieval's candidates (e.g. `model:rerank-e5`); None: none."""
     device: str = "auto"
     """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`."""
     dir: Path | None = None
@@ -41,10 +49,13 @@ class ModelsConfig(BaseModel):
     None: `models/` beside KB_HOME."""
 
 
-class ParseConfig(BaseModel):
+class ParseConfig(Section):
     pdf_strategy: Literal["fast", "hi_res", "ocr_only", "auto"] = "fast"
+    """unstructured's PDF strategy: fast (pdfminer text, no layout model), hi_res, ocr_only, auto."""
     max_file_mb: float = 100.0
+    """Files larger than this many MiB fail with that reason before parsing."""
     languages: list[str] = Field(default_factory=lambda: ["eng", "zho"])
+    """Document languages passed to unstructured's partitioners (ISO 639-3 codes)."""
     isolate: bool = True
     """Parse each file in a worker process (reused across the files of a batch, restarted after a
     timeout or crash) under the time and memory limits below; False parses in-process, unlimited."""
@@ -77,14 +88,16 @@ class ParseConfig(BaseModel):
     """Resolution at which scanned PDF pages are rendered for OCR (and told to tesseract)."""
 
 
-class CleanConfig(BaseModel):
+class CleanConfig(Section):
     drop_repeated_headers: bool = True
+    """Drop short lines repeated across pages (running headers and footers)."""
     repeat_min_pages: int = 3
     """A short line on at least this many pages (and half of them) is a header/footer."""
     min_chars: int = 2
+    """Blocks shorter than this (after normalising) are junk and dropped."""
 
 
-class ChunkingConfig(BaseModel):
+class ChunkingConfig(Section):
     method: Literal["nsp", "fixed", "sentence"] = "nsp"
     """nsp: merge adjacent units while the NSP model says the next continues the last; fixed:
     langchain's RecursiveCharacterTextSplitter (`fixed_size`, `fixed_overlap`); sentence: every unit
@@ -93,13 +106,19 @@ class ChunkingConfig(BaseModel):
     """Merge the next unit while P(continues) >= threshold. A trained head sees balanced pairs, so
     0.5 means no evidence either way; merging asks for some evidence of continuity."""
     temperature: float = 1.0
+    """P(continues) = softmax(logits / temperature)."""
     max_chars: int = 600
+    """A chunk never grows past this many characters (method nsp)."""
     min_chars: int = 40
     """A chunk shorter than this always takes the next unit."""
     batch_size: int = 64
+    """Sentence pairs per forward pass of the NSP model."""
     max_seq_len: int = 128
+    """Tokens of a sentence pair the NSP model sees (longer pairs are cut)."""
     fixed_size: int = 500
+    """method fixed: characters per chunk."""
     fixed_overlap: int = 50
+    """method fixed: characters shared by consecutive chunks."""
     table_whole_chars: int | None = None
     """A table whose grid text (column names line + " | " rows) is at most this many characters is
     one unit; a longer one is cut into row-wise units that repeat the column names. None:
@@ -109,7 +128,7 @@ class ChunkingConfig(BaseModel):
     would pass `max_chars`); 1 retrieves a single row best (bench/table_units.py)."""
 
 
-class NSPTrainConfig(BaseModel):
+class NSPTrainConfig(Section):
     kind: Literal["pair_head", "cross"] = "pair_head"
     """pair_head: linear head on frozen-encoder + lexical features (CPU, default);
     cross: a cross-encoder: a LoRA adapter (top `train_layers` layers) and a 2-label head, on
@@ -117,10 +136,15 @@ class NSPTrainConfig(BaseModel):
     `model:nsp-e5` to the KB), else on `models.nsp_encoder` (a BERT there gets a
     BertForNextSentencePrediction head with its top layers trained instead)."""
     max_pairs: int = 5000
+    """Most sentence pairs built from the KB's documents (half continuations, half not)."""
     epochs: int = 1
+    """Passes over the training pairs."""
     batch_size: int = 32
+    """Pairs per training step."""
     lr: float = 1e-4
+    """Learning rate of the encoder's trained layers (kind cross: of the LoRA)."""
     head_lr: float = 1e-3
+    """Learning rate of the next-sentence head."""
     train_layers: int = 2
     """Top encoder layers fine-tuned with the head; the rest stay frozen (fast on CPU)."""
     lora_r: int = 16
@@ -128,23 +152,35 @@ class NSPTrainConfig(BaseModel):
     max_seconds: float | None = None
     """kind cross: stop training after this many seconds (None: all of `epochs`)."""
     max_seq_len: int = 96
+    """Tokens of a pair the encoder sees while training."""
     heldout: float = 0.15
+    """Share of the pairs held out to report the trained model's accuracy."""
     far_gap: int = 4
+    """With a single document, a negative pair's units are at least this many units apart."""
     seed: int = 13
+    """Seed of the pair sampling and the training."""
     min_pairs: int = 40
+    """Fewer pairs than this: the KB has too little text, and training fails saying so."""
 
 
-class KeyInfoConfig(BaseModel):
+class KeyInfoConfig(Section):
     method: Literal["extractive"] = "extractive"
+    """The key-information extractor: extractive (keywords, entities, a summary; CPU, no model)."""
     keywords: int = 8
+    """Keywords kept per article and segment."""
     entities: int = 10
+    """Named entities kept per article and segment."""
     summary_sentences: int = 2
+    """Sentences in a segment's summary (an article's gets one more)."""
     summary_max_chars: int = 300
+    """A summary is cut to this many characters."""
     sentence_level: bool = True
+    """Also index each sentence of a multi-sentence segment as a sentence entry."""
     min_sentence_chars: int = 12
+    """Sentences shorter than this get no sentence entry."""
 
 
-class RetrievalConfig(BaseModel):
+class RetrievalConfig(Section):
     levels: list[Literal["article", "segment", "sentence"]] = Field(
         default_factory=lambda: ["article", "segment", "sentence"])
     """Key-information levels embedded into level 1 of the index."""
@@ -157,28 +193,39 @@ class RetrievalConfig(BaseModel):
     """Deprecated spelling kept for old configs: `false` turns `search: hybrid` into `vector`
     (an override of `retrieval.search` clears it)."""
     fusion: Literal["rrf", "zscore", "weighted"] = "zscore"
+    """How the vector and BM25 lists merge: zscore (score-aware), rrf (reciprocal rank), weighted
+    (max-normalised scores)."""
     rrf_k: int = 60
+    """The k of reciprocal-rank fusion: 1 / (k + rank)."""
     coverage_weighting: bool = True
     """Scale the vector list's weight by the share of the query's tokens the embedder knows."""
     vector_weight: float = 1.0
+    """Weight of the vector list in fusion."""
     keyword_weight: float = 1.0
+    """Weight of the BM25 list in fusion."""
     candidates: int = 50
     """Results taken from each retriever before fusion."""
     rerank: bool = True
     """Rerank with models.reranker (a cross-encoder) when one is configured."""
     rerank_candidates: int = 20
+    """Fused results the reranker scores."""
     max_article_chars: int = 1500
     """An article hit longer than this returns its first max_article_chars and does not absorb
     its segment hits."""
     index_type: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    """The FAISS index: auto (flat up to flat_max vectors, HNSW above), flat, ivf, hnsw."""
     flat_max: int = 50_000
     """auto: exact IndexFlatIP up to this many vectors, HNSW above."""
     hnsw_m: int = 32
+    """HNSW: neighbours per node."""
     hnsw_ef_search: int = 128
+    """HNSW: candidate list size at search time (recall against speed)."""
     ivf_nprobe: int = 64
+    """IVF: clusters searched per query."""
     backend: Literal["auto", "faiss", "torch"] = "auto"
     """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use."""
     embed_batch_size: int = 64
+    """Texts per batch of the embedder."""
     write_lock_timeout_s: float = 600.0
     """How long a writer of a KB (ingest, delete, reindex) waits for another process writing it."""
 
@@ -194,17 +241,20 @@ class RetrievalConfig(BaseModel):
         return self.search != "vector"
 
 
-class GenerationConfig(BaseModel):
+class GenerationConfig(Section):
     max_new_tokens: int = 96
     """Tokens per reply. Answers are a sentence or two with a citation (the answer adapter's
     training replies: 16 tokens at the median, 47 at p95, 100 at most); the cap bounds the time
     of a reply that runs on, since each token costs a full decoding step on the CPU."""
     temperature: float = 0.2
+    """Sampling temperature (0: greedy)."""
     top_p: float = 0.9
+    """Nucleus sampling: the smallest set of tokens whose probability reaches this."""
     repetition_penalty: float = 1.1
+    """Penalty on tokens already generated (1.0: none)."""
 
 
-class LLMConfig(BaseModel):
+class LLMConfig(Section):
     backend: Literal["auto", "local", "openai", "extractive"] = "auto"
     """auto: openai when openai_base_url is set, else local when models.llm is set and installed,
     else extractive."""
@@ -223,16 +273,21 @@ class LLMConfig(BaseModel):
     threads: int = 0
     """torch CPU threads, set when the local model loads (0: torch's default, one per core)."""
     openai_base_url: str | None = None
+    """An OpenAI-compatible endpoint (vLLM, llama.cpp server, ...); set: backend auto uses it."""
     openai_model: str = "default"
+    """The model name sent to the OpenAI-compatible endpoint."""
     openai_api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable that holds the endpoint's API key."""
     timeout_s: float = 60.0
+    """Seconds to wait for the OpenAI-compatible endpoint."""
     static_cache: bool = False
     """Local backend: a fixed-size KV cache, which lets transformers compile the decoding step
     (faster per token on a GPU after a warm-up; see bench/results/generate_gpu.json)."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    """Decoding settings of every backend."""
 
 
-class AnswerConfig(BaseModel):
+class AnswerConfig(Section):
     k: int = 3
     """Passages in the prompt (the shipped answer adapter was trained with 3)."""
     max_context_chars: int = 1000
@@ -240,8 +295,11 @@ class AnswerConfig(BaseModel):
     condense_history: bool = True
     """Rewrite a follow-up into a standalone question (LLM backends; extractive prepends the last turn)."""
     refusal_zh: str = "根据已知信息无法回答该问题。"
+    """The reply to a Chinese question the passages do not answer."""
     refusal_en: str = "The provided documents do not contain the answer to this question."
+    """The reply to any other question the passages do not answer."""
     extractive_sentences: int = 2
+    """Extractive backend: most sentences quoted in an answer."""
     stream_mode: Literal["live", "checked"] = "checked"
     """checked (default): nothing is sent until the whole reply passed compliance, then it is sent
     in pieces, so a withheld reply never reaches a client. live (opt-in): generated text is sent
@@ -250,8 +308,10 @@ class AnswerConfig(BaseModel):
     already seen the withheld text."""
 
 
-class ComplianceConfig(BaseModel):
+class ComplianceConfig(Section):
     approved_replies: str = "configs/approved_replies.yaml"
+    """The approved fallback replies (a YAML list of text, intent, stage, lang); a relative path
+    is taken from the repository root."""
     min_retrieval_confidence: float = 0.58
     """Below this (best hit's share of the question's content terms, or its vector similarity above
     the embedder's similarity for unrelated text, scaled by how much of the question the embedder
@@ -260,16 +320,19 @@ class ComplianceConfig(BaseModel):
     min_grounding: float = 0.5
     """Below this share of the answer's content terms found in the context, it is ungrounded."""
     sensitive_words: list[str] = Field(default_factory=list)
+    """Words that, in a question or a reply, make the answer an approved `sensitive` reply instead."""
     require_approved: bool = False
     """Also fall back when the answer's similarity to its nearest approved reply is below approved_min."""
     approved_min: float = 0.6
+    """require_approved: the least similarity to the nearest approved reply."""
 
 
-class FaqConfig(BaseModel):
+class FaqConfig(Section):
     """FAQ entries (`kb faq import`) answered directly: a question close enough to an FAQ question
     gets the FAQ's answer, cited as the entry, without retrieval or an LLM call."""
 
     enabled: bool = True
+    """Answer from the FAQ entries when a question matches one."""
     threshold: float = 0.9725
     """Answer directly when the embedder's cosine between the question and the nearest FAQ question
     (both embedded as queries) reaches this (no reranker in use). Calibrated by bench/faq.py for
@@ -288,28 +351,37 @@ class FaqConfig(BaseModel):
     0.95 precision on FAQ matching (bench/results/faq.json); a question-pair cross-encoder may."""
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Section):
     host: str = "127.0.0.1"
+    """Address the HTTP API listens on."""
     port: int = 8000
+    """Port the HTTP API listens on."""
     api_keys: dict[str, list[str]] = Field(default_factory=dict)
     """KEY -> knowledge bases it may read ("*" for all); add ":rw" to an entry ("docs:rw", "*:rw")
     to let the key also upload and delete documents. KB_API_KEYS (the same, as JSON) wins."""
     max_upload_mb: float = 50.0
+    """Largest document upload, in MiB (a larger body is refused while it is read)."""
     cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed to call the API (CORS); empty: none."""
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Section):
     choice_batch_size: int = 8
+    """Prompts per forward pass of the log-likelihood scorer (multiple choice)."""
     choice_max_length: int = 2048
     """Prompt tokens kept (from the end) for the log-likelihood scorer."""
     choice_context_k: int = 3
+    """Retrieval-augmented multiple choice (--kb): passages per question."""
     choice_context_chars: int = 1200
     """Retrieval-augmented multiple choice: passages and characters of context per question."""
     judge_model: str | None = None
     """A local model that grades open answers (LLM-as-judge); or an endpoint below."""
     judge_openai_base_url: str | None = None
+    """An OpenAI-compatible endpoint that grades open answers (instead of judge_model)."""
     judge_openai_model: str = "default"
+    """The judge endpoint's model name."""
     judge_api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable that holds the judge endpoint's API key."""
     ablate_nsp: str = "model:nsp-e5"
     """`kb eval ablate`: the NSP cross-encoder of the `chunking=nsp-cross` row."""
     ablate_reranker: str = "model:rerank-e5"
@@ -321,52 +393,75 @@ class EvalConfig(BaseModel):
     """`kb eval ablate`: the cross-encoder's threshold of `chunking=nsp-cross-tuned` (as above)."""
 
 
-class LoRASettings(BaseModel):
+class LoRASettings(Section):
     r: int = 16
+    """LoRA rank."""
     alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Module names (e.g. [q_proj, v_proj]) or "all-linear"."""
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(Section):
     # training data from a knowledge base (`kb finetune data`)
     questions_per_chunk: int = 2
+    """`kb finetune data`: questions generated per chunk."""
     hard_negatives: int = 3
+    """Hard negatives per question, mined from the KB's index: high-scoring passages without
+    the answer."""
     hard_negative_candidates: int = 20
+    """Search results per question from which hard negatives are mined."""
     sft_style: Literal["rag", "closed"] = "rag"
     """rag: the answer chain's own prompt (retrieved passages + question) -> a cited answer;
     closed: question -> answer, no context."""
     refusal_share: float = 0.1
     """Share of extra examples whose passages lack the answer and whose target is the refusal."""
     assistant_name: str = "KB Assistant"
+    """The assistant's name in the self-identity examples."""
     company: str = "Example Corp"
+    """The company named in the self-identity examples."""
     general_data: str | None = None
     """A general instruction set (JSONL, any SFT format) mixed in against forgetting."""
     general_ratio: float = 0.15
     """General examples per domain example (1:5 to 1:10 general:domain is a common start)."""
     seed: int = 42
+    """Seed of data sampling and training."""
     # LLM fine-tuning (`kb finetune llm`)
     method: Literal["lora", "qlora", "ptuning", "full"] = "lora"
+    """`kb finetune llm`: lora, qlora (4-bit base), ptuning (P-Tuning v2), full."""
     lora: LoRASettings = Field(default_factory=LoRASettings)
+    """LoRA adapter (methods lora and qlora)."""
     prefix_tokens: int = 32
     """P-Tuning v2: virtual tokens of the deep prompt (peft prefix tuning) in every layer."""
     max_length: int = 1024
+    """Tokens per training row (examples are cut; packed rows fill up to it)."""
     packing: bool = True
     """Pack short examples into full rows; each keeps its own positions and attends only to itself."""
     batch_size: int = 4
+    """Rows per device per step."""
     grad_accum: int = 4
+    """Steps whose gradients are accumulated per optimizer update."""
     epochs: float = 1.0
+    """Passes over the training data."""
     max_steps: int = -1
+    """Stop after this many optimizer updates (-1: run all epochs)."""
     learning_rate: float = 2e-4
+    """Peak learning rate."""
     warmup_ratio: float = 0.03
+    """Share of the updates spent warming the learning rate up."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     lr_scheduler: str = "cosine"
+    """transformers learning-rate schedule (cosine, linear, constant, ...)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 on a GPU that has it, fp16 on one that does not; on CPU bf16 where the CPU computes
     it natively (AVX512-BF16/AMX), else fp32."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time."""
     fused_ce: bool = True
     """Cross-entropy fused with the LM head in chunks, only on answer tokens: no full logits."""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -379,26 +474,37 @@ class FinetuneConfig(BaseModel):
     deepspeed: str | None = None
     """A DeepSpeed config (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json)."""
     save_steps: int = 200
+    """Save a checkpoint every this many updates."""
     save_total_limit: int = 2
+    """Checkpoints kept (older ones are deleted)."""
     logging_steps: int = 10
+    """Log the loss every this many updates."""
     # embedding fine-tuning (`kb finetune embed`)
     embed_method: Literal["full", "lora"] = "full"
+    """`kb finetune embed`: full (all weights) or lora."""
     embed_epochs: float = 1.0
+    """Embedder: passes over the training pairs."""
     embed_batch_size: int = 32
+    """Embedder: pairs per step (the others in a batch are its negatives)."""
     embed_learning_rate: float = 2e-5
+    """Embedder: learning rate."""
     embed_max_length: int = 256
+    """Embedder: tokens per text."""
     embed_add_chars: bool = True
     """Add the training text's characters the tokenizer lacks ([UNK]) as new tokens."""
     # reranker fine-tuning (`kb finetune rerank`)
     rerank_negatives: int = 3
     """Hard negatives per query (rows with fewer are skipped); one group = positive + these."""
     rerank_epochs: float = 1.0
+    """`kb finetune rerank`: passes over the query groups."""
     rerank_batch_size: int = 4
     """Query groups per step (each group is 1 + rerank_negatives pairs)."""
     rerank_learning_rate: float = 3.0e-4
+    """Reranker: learning rate."""
     rerank_max_length: int = 256
     """Tokens of query + passage (the passage is cut)."""
     rerank_lora_r: int = 16
+    """Reranker: LoRA rank."""
     rerank_top_layers: int = 4
     """Encoder layers (from the top) that get the LoRA adapter."""
 
@@ -412,23 +518,42 @@ class FinetuneConfig(BaseModel):
 class Settings(BaseSettings):
     """Everything configurable. Load with `load_settings()`."""
 
-    model_config = SettingsConfigDict(env_prefix="KB_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KB_", env_nested_delimiter="__", extra="ignore",
+                                      use_attribute_docstrings=True)
 
     home: Path = Field(default=Path("kb_data"))
+    """The data folder: one subfolder per knowledge base. A relative path is taken from the working
+    directory; KB_HOME wins."""
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    """Model names or paths, resolved offline (`model:<name>` specs from `kb models install`,
+    folders, cached hub names)."""
     parse: ParseConfig = Field(default_factory=ParseConfig)
+    """Reading documents (`kb ingest`): the partitioners, OCR, the parse workers' limits."""
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    """Normalising parsed blocks: junk lines and repeated headers/footers are dropped."""
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    """Cutting documents into chunks (NSP semantic merging, fixed size, or one sentence each)."""
     nsp_train: NSPTrainConfig = Field(default_factory=NSPTrainConfig)
+    """Training the chunker's next-sentence model on a KB's own text (`kb train-nsp`)."""
     keyinfo: KeyInfoConfig = Field(default_factory=KeyInfoConfig)
+    """Key information extracted per article, segment and sentence (level 1 of the index)."""
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    """Search: the two-level index, BM25, fusion and reranking."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    """The answering LLM: backend, adapter, precision, decoding."""
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
+    """The answer chain: prompt size, refusals, streaming."""
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    """Checks on every reply: retrieval confidence, grounding, sensitive words, approved
+    fallback replies."""
     faq: FaqConfig = Field(default_factory=FaqConfig)
+    """FAQ entries (`kb faq import`): a question close to an FAQ question gets its answer."""
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    """The HTTP API (`kb serve`)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation (`kb eval`): multiple choice, LLM-as-judge, the ablation's rows."""
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """Fine-tuning (`kb finetune data|llm|embed|rerank`): data, LLM, embedder, reranker."""
 
     @field_validator("home", mode="before")
     @classmethod

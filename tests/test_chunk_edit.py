@@ -118,7 +118,7 @@ def test_an_edit_is_searched_rekeyed_audited_and_survives_reingest_reparse_reind
 
 
 def test_kb_chunks_lists_and_edits_from_the_command_line(settings, tmp_path, capsys):
-    from kb.cli import main
+    from cli import main
 
     k, item = _ingest(settings, tmp_path)
     assert main(["chunks", "--kb", "handbook", "--doc", item.doc_id, "--json"]) == 0
@@ -192,7 +192,7 @@ def test_a_kill_between_the_stores_edit_and_the_index_leaves_a_consistent_kb(set
     k, item = _ingest(settings, tmp_path)
     parking = _parking(k, item.doc_id)
     gen = k.stats()["index_generation"]
-    cmd = [sys.executable, "-m", "kb.cli", "chunks", "edit", "--kb", "handbook", "--doc", item.doc_id,
+    cmd = [sys.executable, "-m", "cli", "chunks", "edit", "--kb", "handbook", "--doc", item.doc_id,
            "--chunk", str(parking["ord"]), "--text", NEW, "--user", "eve", "-q"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "KB_FAULT": "kb.before_sync"}, capture_output=True,
                        text=True, timeout=300)

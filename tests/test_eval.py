@@ -15,7 +15,7 @@ from eval.judge import Judge
 from eval.data import Question
 from eval.open import cited, content_units, evaluate_open, summarize, write_report
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
-from kb.cli import main as kb_main
+from cli import main as kb_main
 from tests.conftest import CMRC, SHARED
 
 CMMLU_TEST = SHARED / "cmmlu" / "test"

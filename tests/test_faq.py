@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kb.cli import main as kb_main
+from cli import main as kb_main
 from kb.settings import apply_overrides
 from retrieval.kb import KnowledgeBase
 from serve.chain import AnswerChain, public

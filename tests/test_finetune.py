@@ -11,7 +11,7 @@ import torch
 
 from finetune.formats import load_conversations, load_pairs, to_messages
 from finetune.sft import IGNORE, FusedLinearCrossEntropy, PackedCollator, fused_ce_sum, tokenize
-from kb.cli import main as kb_main
+from cli import main as kb_main
 
 CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "refund time?"},
         {"role": "assistant", "content": "five days"}, {"role": "user", "content": "and shipping?"},

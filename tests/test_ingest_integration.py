@@ -54,7 +54,7 @@ def test_ingest_trains_nsp_head_when_none_is_configured(tmp_path, docs_copy):
 
 
 def _kb(*args, env):
-    return subprocess.run([sys.executable, "-m", "kb.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 

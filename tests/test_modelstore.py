@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kb import modelstore
-from kb.cli import main
+from cli import main
 from kb.models import ModelNotFoundError, is_installed, resolve_model
 
 

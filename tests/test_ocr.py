@@ -161,7 +161,7 @@ def test_mixed_pdf_ocrs_the_scanned_page_or_keeps_the_text_pages_with_a_warning(
 
 
 def test_scanned_chinese_pdf_is_found_by_kb_search(settings, tmp_path, tiny_nsp_dir, monkeypatch, capsys):
-    from kb.cli import main
+    from cli import main
 
     monkeypatch.setenv("KB_MODELS__NSP", str(tiny_nsp_dir))
     monkeypatch.setenv("KB_PARSE__OCR_DPI", "150")

@@ -95,7 +95,7 @@ def test_groups_from_rows_need_enough_negatives():
 def test_finetune_rerank_cli_writes_a_cross_encoder_folder(tiny_reranker, tmp_path, monkeypatch):
     from sentence_transformers import CrossEncoder
 
-    from kb.cli import main
+    from cli import main
 
     rows = [{"query": f"问题{i}是什么", "pos": [f"答案{i}在这里。"], "neg": [f"无关{i}。", f"别的{i}。", "其他。"]}
             for i in range(12)]

@@ -173,7 +173,7 @@ def test_a_reader_whose_generation_is_removed_while_it_loads_loads_the_new_one(k
 
 
 def test_reindex_builds_beside_the_live_index_which_answers_until_the_swap(kb, monkeypatch):
-    from kb.cli import main
+    from cli import main
 
     idir = IndexDir(kb.dir)
     gen = idir.current()

@@ -222,7 +222,7 @@ def test_openai_stream_live_and_checked(server, settings):
 
 
 def test_kb_ask_stream_prints_pieces_and_json_stays_one_document(settings, kb, capsys, tmp_path, monkeypatch):
-    from kb.cli import main as kb_main
+    from cli import main as kb_main
     from serve import chain as chain_mod
 
     monkeypatch.setattr(chain_mod, "build_llm", lambda s: PiecesLLM(GROUNDED))

@@ -69,7 +69,7 @@ def test_failed_logins_wait_longer_each_time_up_to_a_cap():
 def test_without_keys_kb_ui_and_the_app_refuse_to_start(settings, monkeypatch, capsys):
     from streamlit.testing.v1 import AppTest
 
-    from kb.cli import main
+    from cli import main
 
     monkeypatch.delenv("KB_API_KEYS", raising=False)
     with pytest.raises(ConfigError, match="serve.api_keys.*KB_API_KEYS"):

@@ -576,6 +576,19 @@ def _require_kb(settings: Settings, name: str):
 
 
 # parser ----------------------------------------------------------------------------------------
+def cmd_config_defaults(args: argparse.Namespace, settings: Settings | None) -> int:
+    """Print the default configuration, generated from the typed settings, or write it to --out."""
+    from kb.defaults import default_yaml
+
+    text = default_yaml()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8", newline="\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default configs/default.yaml)")
@@ -785,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id", action="append", help="an entry id from `kb faq list` (repeatable)")
     s.add_argument("--all", action="store_true", help="remove every FAQ entry of the KB")
     s.set_defaults(func=cmd_faq_rm)
+    cf = sub.add_parser("config", help="the configuration")
+    cfsub = cf.add_subparsers(dest="config_command", required=True)
+    s = cfsub.add_parser("defaults", parents=[common],
+                         help="print the default configuration (every key, its default and documentation), "
+                              "generated from the typed settings in kb/settings.py")
+    s.add_argument("--out", help="write it to this file (e.g. configs/default.yaml) instead of stdout")
+    s.set_defaults(func=cmd_config_defaults, needs_settings=False)
     return p
 
 
@@ -800,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config) if getattr(args, "needs_settings", True) else None
         return args.func(args, settings)
     except (UsageError, ConfigError) as e:
         print(f"kb: error: {e}", file=sys.stderr)
