@@ -1,0 +1,100 @@
+"""Knowledge bases, their documents (upload, delete) and chunks (list, edit)."""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+
+from serve.routes.common import ApiError, errors, key_user
+from serve.routes.deps import Auth, Caller, DocPath, KBPath, OrdPath, Svc
+from serve.routes.schemas import ChunkEditRequest
+from serve.uploads import NoSuchDocument
+
+router = APIRouter(tags=["knowledge bases"])
+
+UPLOAD_FORM = {"type": "object", "required": ["files"], "properties": {
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 100},
+    "replace": {"type": "string", "minLength": 1, "maxLength": 64,
+                "description": "the doc_id of a document this (single) file replaces once it is ingested"}}}
+
+UPLOAD_LINKS = {
+    "ListDocuments": {"operationRef": "#/paths/~1v1~1kbs~1{kb}~1documents/get",
+                      "parameters": {"kb": "$request.path.kb"}},
+    "DeleteDocument": {"operationRef": "#/paths/~1v1~1kbs~1{kb}~1documents~1{doc_id}/delete",
+                       "parameters": {"kb": "$request.path.kb", "doc_id": "$response.body#/doc_ids/0"}},
+}
+"""OpenAPI links from an upload to its KB's documents and to deleting what it added."""
+UPLOAD_RESPONSES = {200: {"description": "the `kb ingest` JSON", "links": UPLOAD_LINKS},
+                    **errors(400, 401, 403, 404, 413, 422)}
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}}
+
+
+@router.get("/v1/kbs", responses=errors(401))
+def kbs(g: Auth, svc: Svc) -> dict:
+    return {"kbs": [k for k in svc.kbs() if g.can_read(k["name"])]}
+
+
+@router.get("/v1/kbs/{kb}/documents", responses=errors(401, 403, 404, 422))
+def documents(kb: KBPath, caller: Caller, svc: Svc) -> dict:
+    docs = svc.kb(caller.readable(kb)).documents()
+    return {"kb": kb, "documents": [{k: v for k, v in d.items() if k != "path"} for d in docs]}
+
+
+@router.post("/v1/kbs/{kb}/documents", responses=UPLOAD_RESPONSES, openapi_extra=UPLOAD_BODY)
+async def upload(kb: KBPath, request: Request, caller: Caller, svc: Svc) -> dict:
+    """Upload one or more files (multipart field `files` or `file`); returns the `kb ingest` JSON.
+
+    A document is identified by its content: an identical re-upload is skipped, two different
+    files of the same name are two documents. With the form field `replace` (a doc_id) and one
+    file, that document is removed once the new one was ingested (`replaced` in the result);
+    a file that cannot be read leaves everything as it was.
+    """
+    caller.writable(kb)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(422, "invalid_request", "send the files as multipart/form-data (field 'files')")
+    form = await request.form(max_files=100, max_fields=20)
+    try:
+        files, replace = upload_fields(form)
+        out = await run_in_threadpool(svc.upload, kb, files, replace=replace)
+    finally:
+        await form.close()
+    if out["failed"] and not out["ingested"] and not out["skipped"]:
+        reasons = "; ".join(f"{f['path']}: {f['error']}" for f in out["failed"])
+        raise ApiError(422, "unreadable_document", reasons)
+    return out
+
+
+def upload_fields(form: FormData) -> tuple[list[tuple[str | None, BinaryIO]], str | None]:
+    """The uploaded files (fields `files` and `file`) and the `replace` doc_id of an upload form."""
+    ups: list[Any] = [u for u in form.getlist("files") + form.getlist("file") if hasattr(u, "read")]
+    if not ups:
+        raise ApiError(422, "invalid_request", "no file in the multipart field 'files'")
+    replace = form.get("replace")
+    if replace is not None and (not isinstance(replace, str) or not 0 < len(replace) <= 64):
+        raise ApiError(422, "invalid_request", "'replace' must be a document id (1-64 characters)")
+    return [(u.filename, u.file) for u in ups], replace
+
+
+@router.delete("/v1/kbs/{kb}/documents/{doc_id}", responses=errors(401, 403, 404, 422))
+def delete_document(kb: KBPath, doc_id: str, caller: Caller, svc: Svc) -> dict:
+    if not svc.remove_document(caller.writable(kb), doc_id):
+        raise NoSuchDocument(f"no document {doc_id!r} in knowledge base {kb!r}")
+    return {"removed": {"kb": kb, "doc_id": doc_id}}
+
+
+@router.get("/v1/kbs/{kb}/documents/{doc_id}/chunks", responses=errors(401, 403, 404, 422))
+def chunks(kb: KBPath, doc_id: DocPath, caller: Caller, svc: Svc) -> dict:
+    """A document's chunks with their key information (the `kb chunks --json` document)."""
+    return svc.kb(caller.readable(kb)).chunks(doc_id)
+
+
+@router.put("/v1/kbs/{kb}/documents/{doc_id}/chunks/{ord}", responses=errors(400, 401, 403, 404, 413, 422))
+def edit_chunk(kb: KBPath, doc_id: DocPath, ord: OrdPath, body: ChunkEditRequest, caller: Caller, svc: Svc) -> dict:
+    """Replace a chunk's text: its key information and index entries are rebuilt, the edit is
+    audited (the user is the API key's fingerprint, with `user` when given) and survives
+    re-ingesting the document (the `kb chunks edit --json` document)."""
+    caller.writable(kb)
+    return svc.kb(kb).edit_chunk(doc_id, ord, body.text, key_user(caller.key, body.user))
