@@ -191,7 +191,8 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
     import datasets
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from transformers import TrainerCallback
+
+    from finetune.sft import step_mark
 
     try:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -207,24 +208,13 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
     if method == "lora":
         add_lora(st, args.seed)
     loading = loader_settings(cuda, args.workers)
-    steps, drawn, mark, used = [], [], {}, {}
+    steps, drawn, used = [], [], {}
 
     class Loss(MultipleNegativesRankingLoss):
         def forward(self, features, labels):
             loss = super().forward(features, labels)
             steps.append((features[0]["input_ids"].shape[0], loss.detach()))
             return loss
-
-    class Mark(TrainerCallback):
-        """Times from the end of the warm-up to the end of the last step (not the trainer's teardown)."""
-
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step in (args.warmup, a.max_steps) and cuda:
-                torch.cuda.synchronize()
-            if state.global_step == args.warmup:
-                mark["t"], mark["n"] = time.perf_counter(), sum(n for n, _ in steps)
-            if state.global_step == a.max_steps:
-                mark["end"] = time.perf_counter()
 
     class Trainer(SentenceTransformerTrainer):
         def get_batch_sampler(self, *a, **kw):
@@ -246,13 +236,15 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
         logging_steps=10**6, seed=args.seed, use_cpu=not cuda, dataloader_num_workers=loading["workers"],
         dataloader_prefetch_factor=loading["prefetch_factor"], dataloader_pin_memory=loading["pin_memory"],
         prompts={"anchor": PROMPTS["query"], "positive": PROMPTS["passage"], "negative": PROMPTS["passage"]})
-    trainer = Trainer(model=st, args=targs, train_dataset=ds, loss=Loss(st), callbacks=[Mark()])
-    mark.update(t=time.perf_counter(), n=0)
+    # times from the end of the warm-up to the end of the last step (not the trainer's teardown)
+    mark = step_mark(args.warmup, lambda: sum(n for n, _ in steps), cuda, last=total)
+    trainer = Trainer(model=st, args=targs, train_dataset=ds, loss=Loss(st), callbacks=[mark])
+    mark.t = time.perf_counter()
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
-    seconds = mark.get("end", time.perf_counter()) - mark["t"]
-    out = {"examples_per_s": (sum(n for n, _ in steps) - mark["n"]) / seconds, "first_loss": steps[0][1].item(),
+    seconds = (mark.end or time.perf_counter()) - mark.t
+    out = {"examples_per_s": (sum(n for n, _ in steps) - mark.n) / seconds, "first_loss": steps[0][1].item(),
            "steps": len(steps), "examples_per_step": round(sum(n for n, _ in steps) / len(steps), 1),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
            "attn_implementation": attn_implementation(st), **used}

@@ -223,16 +223,16 @@ def run_project(shape, exs, args, cfg, callbacks):
 def hf_side(side: str, shape, exs, args, cfg, callbacks):
     """baseline / recipe / recipe_packed through a plain transformers Trainer."""
     import torch
-    from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from finetune.sft import PackedCollator, PaddedCollator, checkpointing_args, pack
+    from finetune.sft import PackedCollator, PaddedCollator, checkpointing_args, pack, step_mark
 
     if side != "baseline":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     model = build(shape, args.targets, args.r)
-    tokens = {"n": 0, "mark": 0, "t": None}
+    tokens = {"n": 0}
     data: list = exs
     if side == "baseline":
         collate = PaddedCollator(0)
@@ -244,12 +244,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
         data = pack(exs, args.max_length)
         collate = PackedCollator(0, args.max_length)
 
-    class Mark(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == args.warmup:
-                torch.cuda.synchronize()
-                tokens["t"], tokens["mark"] = time.perf_counter(), tokens["n"]
-
+    mark = step_mark(args.warmup, lambda: tokens["n"], cuda=True)
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-4,
                               bf16=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
@@ -257,12 +252,12 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
                               **checkpointing_args(cfg.gradient_checkpointing))
     model.config.use_cache = False
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=counting(collate, tokens),
-                      callbacks=[Mark(), *callbacks])
+                      callbacks=[mark, *callbacks])
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     torch.cuda.synchronize()
     # the loader may fetch one batch ahead: at the mark and at the end alike, so the count holds
-    return model, {"tokens_per_s": (tokens["n"] - tokens["mark"]) / (time.perf_counter() - tokens["t"]),
+    return model, {"tokens_per_s": (tokens["n"] - mark.n) / (time.perf_counter() - mark.t),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "first_loss": next(h["loss"] for h in trainer.state.log_history if "loss" in h)}
 

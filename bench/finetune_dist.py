@@ -6,7 +6,7 @@ packaged WordPiece tokenizer loads as itself) and SFT conversations of varied le
 launch then prints the `kb finetune llm --json` result, and `collect` gathers them:
 
     python bench/finetune_dist.py prepare --out /tmp/dist
-    torchrun --nproc_per_node 2 -m kb.cli finetune llm --data /tmp/dist/data.jsonl --model /tmp/dist/model \\
+    torchrun --nproc_per_node 2 -m cli finetune llm --data /tmp/dist/data.jsonl --model /tmp/dist/model \\
         --out /tmp/dist/zero2 --max-steps 30 --json -q --deepspeed configs/deepspeed/zero2.json > zero2.json
     python bench/finetune_dist.py collect --name finetune_dist_gpu ddp.json zero2.json ...
 """
@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.common import table, write_result  # noqa: E402
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from finetune.formats import CHATML_TEMPLATE  # noqa: E402
 
 
 def prepare(out: Path, tokenizer: str, n: int) -> None:
@@ -36,7 +34,7 @@ def prepare(out: Path, tokenizer: str, n: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    tok.chat_template = CHATML
+    tok.chat_template = CHATML_TEMPLATE
     dims = {k: v for k, v in SHAPES["0.5b"].items() if k != "vocab_size"}
     cfg = LlamaConfig(**dims, vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)

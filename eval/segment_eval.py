@@ -34,7 +34,7 @@ def nsp_training_docs(squad: str | Path, samples: str | Path | None, settings,
     the sample documents (their titled sections), and each CMRC paragraph's most lexically
     similar other paragraphs (hard negatives for `ingest.nsp.build_pairs`)."""
     from ingest.chunking import to_units
-    from ingest.nsp import terms
+    from ingest.text import terms
     from ingest.types import Block, ParsedDocument
 
     paras = cmrc_split(squad)["train"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +177,7 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
     from finetune.formats import load_pairs
     from finetune.sft import plot_loss
     from ingest.nsp import add_unknown_chars
-    from kb.fsutil import replace_dir
+    from kb.fsutil import building_dir
     from kb.models import pick_device, resolve_model
 
     cfg = settings.finetune
@@ -211,15 +210,13 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
     if cfg.embed_method == "lora":
         peft_model.merge_and_unload()  # folds the adapters into `hf`, which the pipeline holds
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    st.save(str(tmp))
-    plot_loss(history, tmp / "loss.png")
     result = {"out": str(out), "steps": res["steps"], "train_loss": round(sum(h["loss"] for h in history[-10:]) /
                                                                        max(1, len(history[-10:])), 4),
               "pairs_per_s": round(res["pairs_per_s"], 1), "tokens_per_s": round(res["tokens_per_s"], 1),
               "peak_mem_gib": round(res["peak_mem_gib"], 3), "examples": len(pairs), "added_tokens": added,
               "method": cfg.embed_method, "seconds": round(seconds, 2), "skipped_rows": problems}
-    (tmp / "train_result.json").write_text(json.dumps(result, indent=2))
-    replace_dir(tmp, out)
+    with building_dir(out, mode=0o755) as tmp:
+        st.save(str(tmp))
+        plot_loss(history, tmp / "loss.png")
+        (tmp / "train_result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -13,6 +13,9 @@ from kb.jsonl import by_line, read_jsonl, write_jsonl  # noqa: F401  (write_json
 
 Messages = list[dict[str, str]]
 ROLES = {"system", "user", "assistant"}
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""The ChatML chat template (Qwen's turn format) for tokenizers built without one."""
 
 
 def to_messages(row: dict) -> Messages:

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -417,18 +417,9 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     if fused:
         trainer.loss_is_scaled_for_ga = True
     trainer._tokens, trainer._last_tokens, trainer._last_t = 0, 0, time.perf_counter()
-    mark = {"t": None, "tokens": 0}
-    if timing_from_step:
-        from transformers import TrainerCallback
-
-        class Mark(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step == timing_from_step:
-                    if on_cuda:
-                        torch.cuda.synchronize()
-                    mark["t"], mark["tokens"] = time.perf_counter(), trainer._tokens
-
-        trainer.add_callback(Mark())
+    mark = step_mark(timing_from_step, lambda: trainer._tokens, on_cuda) if timing_from_step else None
+    if mark is not None:
+        trainer.add_callback(mark)
     last = get_last_checkpoint(str(out)) if resume else None
     if resume and last is None:
         log.info("no checkpoint in %s: starting from the beginning", out)
@@ -441,7 +432,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds = end - t0
-    timed_tokens, timed_s = (trainer._tokens - mark["tokens"], end - mark["t"]) if mark["t"] else (trainer._tokens, seconds)
+    timed_tokens, timed_s = (trainer._tokens - mark.n, end - mark.t) if mark and mark.t else (trainer._tokens, seconds)
     world = max(1, args.world_size)  # every rank trains on its own rows: tokens/s counts all of them
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
     main_rank = trainer.is_world_process_zero()
@@ -459,6 +450,28 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))
     return res
+
+
+def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None = None):
+    """A TrainerCallback timing throughput past the warm-up: at the end of step `step` it notes
+    the time in `.t` (None until then) and `count()` in `.n`; at the end of step `last`, when
+    given, the time in `.end` (None until then). With `cuda` it synchronizes first."""
+    from transformers import TrainerCallback
+
+    class StepMark(TrainerCallback):
+        t: float | None = None
+        n: int = 0
+        end: float | None = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda and state.global_step in (step, last):
+                torch.cuda.synchronize()
+            if state.global_step == step:
+                self.t, self.n = time.perf_counter(), count()
+            if state.global_step == last:
+                self.end = time.perf_counter()
+
+    return StepMark()
 
 
 def checkpointing_args(on: bool) -> dict:
@@ -530,11 +543,10 @@ def finetune_llm(settings, data: str | Path, out: str | Path, *, method: str | N
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
     """Fold a LoRA adapter into the base weights; writes a plain model folder (write, then rename)."""
-    import shutil
-
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kb.fsutil import building_dir
     from kb.models import resolve_model
 
     pc = PeftConfig.from_pretrained(str(adapter))
@@ -544,13 +556,9 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
-    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with building_dir(out, mode=0o755) as tmp:
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
     return {"out": str(out), "base": base, "adapter": str(adapter),
             "params": sum(p.numel() for p in merged.parameters())}

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ingest.sentences import _CJK, split_sentences
+from ingest.sentences import CJK_CHAR, split_sentences
 from ingest.tables import table_units
 from ingest.types import Chunk, ParsedDocument, Unit
 
@@ -109,7 +109,7 @@ def join_units(a: str, b: str, atomic: bool = False) -> str:
 
 def separator(a: str, b: str) -> str:
     """What goes between text `a` and text `b`: nothing after CJK or CJK punctuation, else a space."""
-    return "" if _CJK.match(a[-1]) or _CJK.match(b[0]) or a[-1] in "。！？；" else " "
+    return "" if CJK_CHAR.match(a[-1]) or CJK_CHAR.match(b[0]) or a[-1] in "。！？；" else " "
 
 
 def section_text(units: Sequence[Unit]) -> str:

@@ -8,7 +8,7 @@ import unicodedata
 import ftfy
 from collections import defaultdict
 
-from ingest.sentences import _CJK
+from ingest.sentences import CJK_CHAR
 from ingest.types import Block
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -36,7 +36,7 @@ def normalize_text(text: str, keep_lines: bool = False) -> str:
             continue
         if not out or out.endswith("\n"):
             out += ln
-        elif _CJK.match(out[-1]) or _CJK.match(ln[0]):
+        elif CJK_CHAR.match(out[-1]) or CJK_CHAR.match(ln[0]):
             out += ln  # Chinese has no spaces between words
         else:
             out += " " + ln
@@ -49,7 +49,7 @@ def _is_junk(text: str, min_chars: int, structured: bool = False) -> bool:
         return True
     tokens = text.split()
     # rotated or letter-spaced PDF text ("0 2 0 2", "p e S"): mostly one-character tokens
-    if not structured and len(tokens) >= 3 and not _CJK.search(text):
+    if not structured and len(tokens) >= 3 and not CJK_CHAR.search(text):
         singles = sum(len(t) == 1 for t in tokens)
         if singles / len(tokens) > 0.6:
             return True

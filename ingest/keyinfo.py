@@ -15,6 +15,7 @@ from functools import cache, lru_cache
 from typing import Protocol
 
 from ingest.sentences import is_chinese, split_sentences
+from ingest.text import en_stopwords
 from ingest.types import Chunk, KeyInfo, ParsedDocument
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,6 @@ log = logging.getLogger(__name__)
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'&.-]*[A-Za-z0-9]|[A-Za-z]")
 _ZH_ENTITY_FLAGS = {"nr", "nrt", "nrfg", "ns", "nt", "nz", "nrf"}
 _ZH_STOP = set("的 了 和 是 在 与 及 或 等 对 中 为 以 于 上 下 其 这 那 之 也 并 而 被 将 从 由 到 个 有 一 不".split())
-
-
-@cache
-def _en_stopwords() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    return frozenset(ENGLISH_STOP_WORDS)
 
 
 @cache
@@ -47,9 +41,9 @@ def _spacy_ner():
     try:
         import spacy
 
-        from ingest.loaders import _point_unstructured_at_packaged_spacy_model
+        from ingest.loaders import point_unstructured_at_packaged_spacy_model
 
-        _point_unstructured_at_packaged_spacy_model()
+        point_unstructured_at_packaged_spacy_model()
         import unstructured.nlp.tokenize as tok
 
         return spacy.load(tok._SPACY_MODEL_NAME, exclude=["parser", "lemmatizer", "senter"])
@@ -109,7 +103,7 @@ def tokens(text: str) -> list[str]:
     """Content words: jieba words for Chinese, lower-cased non-stopwords for English."""
     if is_chinese(text):
         return [w for w in _cuts().cut(text) if len(w.strip()) > 1 and w not in _ZH_STOP]
-    stop = _en_stopwords()
+    stop = en_stopwords()
     return [w.lower() for w in _WORD.findall(text) if w.lower() not in stop and len(w) > 1]
 
 
@@ -123,7 +117,7 @@ def keywords(text: str, k: int = 8) -> list[str]:
 
 def _rake(text: str, k: int) -> list[str]:
     """RAKE: phrases between stopwords, scored by the sum of word degree/frequency."""
-    stop = _en_stopwords()
+    stop = en_stopwords()
     phrases: list[list[str]] = []
     for sent in re.split(r"[.!?,;:()\[\]\"\n|]+", text):
         cur: list[str] = []

@@ -57,9 +57,6 @@ def point_unstructured_at_packaged_spacy_model() -> None:
         tok._SPACY_MODEL_NAME = str(model_dirs[-1])  # spacy.load accepts a directory
 
 
-_point_unstructured_at_packaged_spacy_model = point_unstructured_at_packaged_spacy_model  # old name
-
-
 def parse_file(path: str | Path, max_file_mb: float = 100.0, pdf_strategy: str = "fast",
                languages: list[str] | None = None, limits: ZipLimits | None = None,
                max_line_chars: int = 10_000, ocr: OcrOptions | None = None) -> list[Block]:

@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import random
-import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.text import terms
 from kb.cross_encoder import is_sequence_classifier
-from kb.fsutil import replace_dir
+from kb.fsutil import building_dir
 from kb.models import pick_device
 
 log = logging.getLogger(__name__)
@@ -189,25 +188,6 @@ class PairFeatures:
         return np.hstack([(u * v).sum(1, keepdims=True), lex]).astype(np.float32)
 
 
-_ZH_STOP_CHARS = set("的了是在和与及或等对为以于其这那之也并而被将从由到个有一不我你他她它们中上下")
-_LATIN = re.compile(r"[A-Za-z][A-Za-z0-9]+")
-_CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
-
-
-def terms(text: str) -> set[str]:
-    """Language-neutral content terms: Chinese character bigrams (no function characters) and
-    English non-stopwords cut to 5 letters (a cheap stem: coffee/coffees, cherry/cherries)."""
-    from ingest.keyinfo import _en_stopwords
-
-    out: set[str] = set()
-    for run in _CJK_RUN.findall(text):
-        chars = [c for c in run if c not in _ZH_STOP_CHARS]
-        out.update(chars[i] + chars[i + 1] for i in range(len(chars) - 1))
-    stop = _en_stopwords()
-    out.update(w.lower()[:5] for w in _LATIN.findall(text) if w.lower() not in stop)
-    return out
-
-
 def lexical_features(a: str, b: str) -> list[float]:
     """Overlap of content terms of two units, and their length ratio."""
     ta, tb = terms(a), terms(b)
@@ -326,16 +306,13 @@ def train_pair_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str 
     bias = np.array([0.0, clf.intercept_[0]], dtype=np.float32)
     acc = float((pred == yh).mean())
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({"weight": torch.tensor(weight), "bias": torch.tensor(bias),
-               "mean": torch.tensor(mean), "std": torch.tensor(std)}, str(tmp / "head.safetensors"))
-    meta = {"kind": "pair_head", "out": str(out), "pairs": len(pairs), "train_pairs": len(yt),
-            "heldout_pairs": len(yh), "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir),
-            "final_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 2), "device": dev}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    replace_dir(tmp, out)
+    with building_dir(out, mode=0o755) as tmp:
+        save_file({"weight": torch.tensor(weight), "bias": torch.tensor(bias),
+                   "mean": torch.tensor(mean), "std": torch.tensor(std)}, str(tmp / "head.safetensors"))
+        meta = {"kind": "pair_head", "out": str(out), "pairs": len(pairs), "train_pairs": len(yt),
+                "heldout_pairs": len(yh), "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir),
+                "final_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 2), "device": dev}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     log.info("NSP pair head: held-out accuracy %.3f on %d pairs -> %s", acc, len(yh), out)
     return meta
 
@@ -431,12 +408,10 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
         "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "seconds": round(time.perf_counter() - t0, 2), "device": dev, "added_tokens": added,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    replace_dir(tmp, out)
+    with building_dir(out, mode=0o755) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     log.info("NSP head: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
     return meta
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+"""One CJK character (Han, kana, Hangul)."""
 # Chinese/Japanese full stops end a sentence wherever they are; closing quotes stay with it.
 _ZH_END = re.compile(r"([。！？!?；;…]+[”’」』）)\]\"']*)")
 # English: . ! ? followed by space and an upper-case letter, digit or quote.
@@ -18,7 +19,7 @@ _ABBREV = re.compile(
 def cjk_ratio(text: str) -> float:
     """Share of CJK characters among non-space characters."""
     chars = [c for c in text if not c.isspace()]
-    return sum(1 for c in chars if _CJK.match(c)) / len(chars) if chars else 0.0
+    return sum(1 for c in chars if CJK_CHAR.match(c)) / len(chars) if chars else 0.0
 
 
 def is_chinese(text: str) -> bool:

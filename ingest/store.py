@@ -20,6 +20,7 @@ from pathlib import Path
 from ingest.sentences import split_sentences
 from ingest.types import Chunk, KeyInfo, ParsedDocument
 from kb import faults
+from kb.sqlutil import in_batches
 
 SCHEMA_VERSION = 2
 """Bumped when tables are added; an older store gets the new tables (CREATE ... IF NOT EXISTS) on open."""
@@ -239,12 +240,7 @@ class DocStore:
             q += " WHERE k.doc_id=?"
             args = (doc_id,)
         elif ki_ids is not None:
-            rows: list[dict] = []
-            for i in range(0, len(ki_ids), 900):
-                part = ki_ids[i : i + 900]
-                rows += [_decode(dict(r)) for r in self.conn.execute(
-                    q + f" WHERE k.ki_id IN ({','.join('?' * len(part))})", part)]
-            return rows
+            return [_decode(dict(r)) for r in in_batches(self.conn, q + " WHERE k.ki_id IN ({})", ki_ids)]
         return [_decode(dict(r)) for r in self.conn.execute(q + " ORDER BY k.ki_id", args)]
 
     def iter_unit_texts(self) -> Iterator[tuple[str, list[str]]]:

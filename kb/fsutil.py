@@ -21,13 +21,16 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 
 
 @contextmanager
-def building_dir(dest: Path) -> Iterator[Path]:
+def building_dir(dest: Path, *, mode: int | None = None) -> Iterator[Path]:
     """A fresh temporary folder beside `dest` that replaces `dest` when the block succeeds and
-    is removed when it fails: a crash never leaves a half-written `dest`."""
+    is removed when it fails: a crash never leaves a half-written `dest`. The folder starts
+    private (0700) unless `mode` is given."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
+        if mode is not None:
+            tmp.chmod(mode)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -43,18 +46,29 @@ def make_readable(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers see the old or the
-    new content, never a part."""
+@contextmanager
+def replacing_file(path: Path, *, mode: int | None = None) -> Iterator[Path]:
+    """A fresh temporary file beside `path` (`<name>.<random>.tmp`, private (0600) unless `mode`
+    is given) that, when the block succeeds, is fsynced and renamed over `path`, and is removed
+    when it fails: readers see the old or the new content, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with tmp.open("rb") as f:
             os.fsync(f.fileno())
+        if mode is not None:
+            tmp.chmod(mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (`replacing_file`)."""
+    with replacing_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

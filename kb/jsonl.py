@@ -6,6 +6,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from kb.fsutil import replacing_file
+
 
 def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """(line number, object) pairs and problems (bad JSON, not an object), each naming its line."""
@@ -36,13 +38,9 @@ def by_line(problems: list[str]) -> list[str]:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows to `path` atomically (a temporary file renamed into place); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with replacing_file(Path(path), mode=0o644) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from kb.models import pick_device, resolve_model
+from kb.sqlutil import in_batches
 
 Kind = Literal["query", "passage"]
 KINDS: tuple[str, ...] = ("query", "passage")
@@ -145,13 +146,9 @@ class EmbeddingCache:
     def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         uniq = list(dict.fromkeys(keys))
-        for i in range(0, len(uniq), 900):
-            part = uniq[i : i + 900]
-            rows = self.conn.execute(
-                f"SELECT key, vec FROM vectors WHERE model=? AND key IN ({','.join('?' * len(part))})",
-                [self.model_id, *part])
-            for key, blob in rows:
-                found[key] = np.frombuffer(blob, dtype=np.float32)
+        for key, blob in in_batches(self.conn, "SELECT key, vec FROM vectors WHERE model=? AND key IN ({})", uniq,
+                                    (self.model_id,)):
+            found[key] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:

@@ -29,7 +29,9 @@ import numpy as np
 
 from ingest.store import DocStore
 from kb import faults
+from kb.fsutil import replacing_file
 from kb.settings import RetrievalConfig
+from kb.sqlutil import in_batches
 from kb.writelock import write_lock
 from retrieval.embedder import Embedder, EmbeddingCache
 from retrieval.keyword import KeywordIndex, tokenize
@@ -182,19 +184,9 @@ class IndexDir:
 
     def _point_to(self, gen: str) -> None:
         """Replace CURRENT atomically with one naming `gen`."""
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{POINTER}.", suffix=".tmp", dir=self.root)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(gen)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.chmod(0o644)
+        with replacing_file(self.root / POINTER, mode=0o644) as tmp:
+            tmp.write_text(gen)
             faults.point("publish.pointer_written")
-            os.replace(tmp, self.root / POINTER)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         _fsync_dir(self.root)
 
     def _next_number(self) -> int:
@@ -312,10 +304,8 @@ def cached_tokens(cache: EmbeddingCache, texts: list[str]) -> list[list[str]]:
     keys = [text_key(t) for t in texts]
     have: dict[str, list[str]] = {}
     uniq = list(dict.fromkeys(keys))
-    for i in range(0, len(uniq), 900):
-        part = uniq[i : i + 900]
-        for k, toks in conn.execute(f"SELECT key, toks FROM tokens WHERE key IN ({','.join('?' * len(part))})", part):
-            have[k] = json.loads(toks)
+    for k, toks in in_batches(conn, "SELECT key, toks FROM tokens WHERE key IN ({})", uniq):
+        have[k] = json.loads(toks)
     new = {k: tokenize(t) for k, t in zip(keys, texts) if k not in have}
     if new:
         with conn:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from ingest.nsp import terms
+from ingest.text import terms
 from ingest.sentences import is_chinese
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ingest.nsp import terms
+from ingest.text import terms
 from ingest.sentences import is_chinese
 from kb.settings import REPO_ROOT, ComplianceConfig
 from serve.injection import repeats

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import kb  # noqa: F401  (offline environment)
+from finetune.formats import CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -75,10 +76,6 @@ def tiny_reranker_dir(tmp_path_factory, minilm_dir) -> Path:
     return out
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def _tiny_llm(out: Path, minilm_dir: Path, chat_template: str | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -107,7 +104,7 @@ def tiny_llm_dir(tmp_path_factory, minilm_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_llm_dir(tmp_path_factory, minilm_dir) -> Path:
     """The same tiny model with a ChatML chat template (SFT masks everything but the replies)."""
-    return _tiny_llm(tmp_path_factory.mktemp("tiny_qwen_chat"), minilm_dir, CHATML)
+    return _tiny_llm(tmp_path_factory.mktemp("tiny_qwen_chat"), minilm_dir, CHATML_TEMPLATE)
 
 
 @pytest.fixture()
