@@ -55,8 +55,8 @@ def split_rows(result: dict, work: Path) -> list[dict]:
         bad = damaged_ids(work / "kb" / rows[0]["build"]["kb"], work / corpus / "questions.jsonl")
         for r in rows:
             entry = {"corpus": corpus, "row": r["row"], "damaged": len(bad)}
-            for part, keep in (("intact", lambda i: i not in bad), ("damaged", lambda i: i in bad)):
-                qs = [q for q in r["per_question"] if keep(q["id"])]
+            for part, damaged in (("intact", False), ("damaged", True)):
+                qs = [q for q in r["per_question"] if (q["id"] in bad) == damaged]
                 pair = paired(rows[0]["per_question"], qs, "answer_in_budget")
                 gained, lost = pair["gained"], pair["lost"]
                 entry[part] = {"n": len(qs), "answer_in_budget": round(sum(bool(q.get("answer_in_budget")) for q in qs)
@@ -78,8 +78,9 @@ def main() -> None:
                                     "rows": rows}, data=(Path(args.result),))
     for r in rows:
         i, d = r["intact"], r["damaged"]
-        print(f"{r['corpus']:<11}{r['row']:<26} intact n={i['n']} {i['answer_in_budget']:.3f} +{i['gained']}/-{i['lost']} "
-              f"p={i['sign_test_p']:.3f} | damaged n={d['n']} {d['answer_in_budget']:.3f} +{d['gained']}/-{d['lost']}")
+        print(f"{r['corpus']:<11}{r['row']:<26} intact n={i['n']} {i['answer_in_budget']:.3f} "
+              f"+{i['gained']}/-{i['lost']} p={i['sign_test_p']:.3f} | "
+              f"damaged n={d['n']} {d['answer_in_budget']:.3f} +{d['gained']}/-{d['lost']}")
     print(path)
 
 

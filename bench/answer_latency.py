@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name].append(ask_once(chains[name], recs[name], q, golds))
             if name == names[0] and recs[name].messages and i % 5 == 0:
                 prompts.append(recs[name].messages)
-        print(f"[{i + 1}/{len(questions)}] {q} " + " ".join(f"{n}={rows[n][-1]['seconds']}s" for n in names), flush=True)
+        print(f"[{i + 1}/{len(questions)}] {q} " + " ".join(f"{n}={rows[n][-1]['seconds']}s" for n in names),
+              flush=True)
         save(partial=True)
     summary = [{"variant": n, **summarize(rows[n])} for n in names]
     print(table(summary, ["variant", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s", "model_ttft_p50_s",

@@ -73,7 +73,8 @@ def fuzz(base: str, key: str, max_examples: int, seed: int, workdir: Path, phase
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={**os.environ, "NO_COLOR": "1"})
     seconds = round(time.perf_counter() - t0, 1)
     if not report.is_file():
-        raise RuntimeError(f"schemathesis wrote no report (exit {proc.returncode}): {proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise RuntimeError(f"schemathesis wrote no report (exit {proc.returncode}): "
+                           f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     doc = json.loads(report.read_text())
     failures = [{k: g.get(k) for k in ("title", "code", "count", "operations")} for g in doc.get("failures", [])]
     return {"cases": doc["test_cases"]["generated"], "failures": failures, "errors": doc.get("errors", []),

@@ -348,9 +348,9 @@ def start_server(cfg: Path, home: Path, name: str) -> tuple[subprocess.Popen, st
 
     port = free_port()
     env = proc_env(home, KB_API_KEYS=json.dumps({KEY: [name]}))
-    log = open(home / "serve.log", "wb")
-    srv = subprocess.Popen(kb_cmd(cfg, "serve", "--port", str(port)), env=env, cwd=ROOT, stdout=log,
-                           stderr=subprocess.STDOUT)
+    with open(home / "serve.log", "wb") as log:
+        srv = subprocess.Popen(kb_cmd(cfg, "serve", "--port", str(port)), env=env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     wait_until_healthy(base, srv, 300, home / "serve.log")
     httpx.post(f"{base}/v1/search", json={"kb": name, "query": "warm up", "k": 1},

@@ -97,7 +97,8 @@ def char_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=200))
     tok.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
 
@@ -197,7 +198,9 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
     try:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
         from sentence_transformers.sentence_transformer.training_args import (
-            BatchSamplers, SentenceTransformerTrainingArguments)
+            BatchSamplers,
+            SentenceTransformerTrainingArguments,
+        )
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import MultipleNegativesRankingLoss
         from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = compare(shape, method, folder, rows, args, device)
                 row.update(tokenizer=tok_from, precision="bf16 autocast" if device.startswith("cuda") else "fp32")
                 runs.append(row)
-    setting = {"examples": len(rows), "data": str(data) if data.is_file() else "synthetic", "batch_size": args.batch_size,
+    setting = {"examples": len(rows), "data": str(data) if data.is_file() else "synthetic",
+               "batch_size": args.batch_size,
                "timed_steps": args.steps, "warmup_steps": args.warmup, "max_seq_length": args.max_seq_length,
                "dropout": args.dropout, "lora": vars(LORA.lora), "prompts": PROMPTS, "device": device,
                "workers": loader_settings(device.startswith("cuda"), args.workers)["workers"], **versions()}

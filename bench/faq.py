@@ -153,7 +153,8 @@ def evaluate(name: str, matcher, queries: list[Query], grid: list[float], min_pr
     folds = []
     for calib, test in (halves, halves[::-1]):
         chosen = choose(curve(*sub(calib), grid), min_precision)
-        folds.append({"calibration": chosen, "held_out": curve(*sub(test), [chosen["threshold"]])[0] if chosen else None})
+        held_out = curve(*sub(test), [chosen["threshold"]])[0] if chosen else None
+        folds.append({"calibration": chosen, "held_out": held_out})
     picks = [f["calibration"]["threshold"] for f in folds if f["calibration"]]
     threshold = max(picks) if len(picks) == len(folds) else None
     at = curve(queries, ids, scores, [threshold])[0] if threshold is not None else None
@@ -225,9 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.reranker:
         rr = Reranker(args.reranker, "cpu")
         with_rr = FaqMatcher(settings.faq, emb, entries, base.vectors, rr)
-        results.append(evaluate(f"embedder + {args.reranker}", with_rr, queries,
-                                [round(0.01 * i, 2) for i in range(90)] + [round(0.9 + 0.001 * i, 3) for i in range(101)],
-                                args.min_precision))
+        grid = [round(0.01 * i, 2) for i in range(90)] + [round(0.9 + 0.001 * i, 3) for i in range(101)]
+        results.append(evaluate(f"embedder + {args.reranker}", with_rr, queries, grid, args.min_precision))
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, png)

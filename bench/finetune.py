@@ -100,7 +100,7 @@ def linear_params(model) -> dict:
                if isinstance(m, torch.nn.Linear) and "lora_" not in name]
     return {"all": sum(n for _, n in linears), "in_layers": sum(n for name, n in linears if ".layers." in name),
             "head": base.get_output_embeddings().weight.numel(),
-            "down": sum(n for name, n in linears if name.endswith("down_proj") or name.endswith("down_proj.base_layer")),
+            "down": sum(n for name, n in linears if name.endswith(("down_proj", "down_proj.base_layer"))),
             "layers": base.config.num_hidden_layers, "d_model": base.config.hidden_size}
 
 
@@ -114,7 +114,8 @@ def flops_per_token(p: dict, attn_len: float, head_share: float = 1.0, recompute
     attention forward."""
     attn = 2 * p["layers"] * attn_len * p["d_model"]
     body = p["all"] - p["head"]
-    return 4 * body + 4 * p["head"] * head_share + 3 * attn + 2 * recomputed_weights + (attn if recompute_attention else 0)
+    return (4 * body + 4 * p["head"] * head_share + 3 * attn + 2 * recomputed_weights
+            + (attn if recompute_attention else 0))
 
 
 def shares(exs) -> tuple[float, float]:
@@ -163,7 +164,8 @@ class Profile:
                 if self.prof is not None and state.global_step == start + n:
                     torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
-                    text = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+                    text = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
+                                                          max_name_column_width=70)
                     Path(path).write_text(text)
                     self.prof = None
 
@@ -379,7 +381,7 @@ def plot(names: list[str], out: Path) -> Path:
 
     runs = [(n, json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text())["runs"]) for n in names]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4))
-    for ax, (name, rows) in zip(axes if len(runs) > 1 else [axes], runs):
+    for ax, (_name, rows) in zip(axes if len(runs) > 1 else [axes], runs):
         for j, side in enumerate(SIDES):
             xs = [i + (j - 1.5) * 0.2 for i in range(len(rows))]
             ys = [r.get(side, {}).get("tokens_per_s", 0) for r in rows]
@@ -439,14 +441,16 @@ def main() -> None:
                     print(shape, kind, side, res["result"], flush=True)
             for other in ("baseline", "recipe", "recipe_packed"):
                 if "project" in row and other in row:
-                    row[f"speedup_vs_{other}"] = round(row["project"]["tokens_per_s"] / row[other]["tokens_per_s"], 2)
-                    row[f"memory_ratio_vs_{other}"] = round(row["project"]["peak_mem_gib"] / row[other]["peak_mem_gib"], 2)
+                    mine, theirs = row["project"], row[other]
+                    row[f"speedup_vs_{other}"] = round(mine["tokens_per_s"] / theirs["tokens_per_s"], 2)
+                    row[f"memory_ratio_vs_{other}"] = round(mine["peak_mem_gib"] / theirs["peak_mem_gib"], 2)
             if "setting" in row:
                 runs.append(row)
     path = write_result(args.name, {"runs": runs})
     cols = ["shape", "lengths"] + [f"{s}_{k}" for s in SIDES for k in ("tokens_per_s", "peak_mem_gib")] + \
         ["project_mfu", "project_hfu", "speedup_vs_recipe", "speedup_vs_recipe_packed"]
-    print(table([{**r["setting"], **{f"{s}_{k}": r.get(s, {}).get(k) for s in SIDES for k in ("tokens_per_s", "peak_mem_gib", "mfu", "hfu")},
+    stats = ("tokens_per_s", "peak_mem_gib", "mfu", "hfu")
+    print(table([{**r["setting"], **{f"{s}_{k}": r.get(s, {}).get(k) for s in SIDES for k in stats},
                   **{k: v for k, v in r.items() if k.startswith("speedup")}} for r in runs], cols))
     print(f"-> {path}")
 

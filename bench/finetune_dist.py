@@ -47,7 +47,8 @@ def prepare(out: Path, tokenizer: str, n: int) -> None:
         for _ in range(n):
             q = " ".join(rng.choices(words, k=rng.randint(40, 600)))
             a = " ".join(rng.choices(words, k=rng.randint(10, 200)))
-            fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
 
 
 def collect(name: str, files: list[str]) -> None:

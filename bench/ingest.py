@@ -14,6 +14,7 @@ per forward pass (the naive baseline), for the packaged MiniLM shape and a BERT-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,7 +43,8 @@ def cmrc_sentence_pairs(n: int) -> list[tuple[str, str]]:
                 s = split_sentences(p["context"])
                 pairs += list(zip(s, s[1:]))
     else:  # synthetic fallback with realistic lengths
-        pairs = [(f"第{i}句话讲述了一件与公司产品相关的事情。", f"接着第{i}句补充了更多的细节和说明。") for i in range(n)]
+        pairs = [(f"第{i}句话讲述了一件与公司产品相关的事情。", f"接着第{i}句补充了更多的细节和说明。")
+                 for i in range(n)]
     while len(pairs) < n:
         pairs += pairs
     return pairs[:n]
@@ -208,10 +210,8 @@ def bench_pipeline(docs_dir: Path, cmrc_docs: int) -> list[dict]:
         t = time.perf_counter()
         parsed = []
         for it in items:
-            try:
+            with contextlib.suppress(ParseError):
                 parsed.append(parse_item(it, settings))
-            except ParseError:
-                pass
         parse_s = time.perf_counter() - t
         scorer = NSPScorer(nsp_model_dir("minilm-l6", Path(tmp)), device="cpu", batch_size=64)
         chunker = NSPChunker(scorer, max_chars=settings.chunking.max_chars)
@@ -241,7 +241,8 @@ E2E_SHAPES = {"e5-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_att
 `model:nsp-e5` are) and a tiny one that leaves the pipeline around the model calls in view."""
 
 ST_FILES = {"modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                             {"idx": 1, "name": "1", "path": "1_Pooling",
+                              "type": "sentence_transformers.models.Pooling"},
                              {"idx": 2, "name": "2", "path": "2_Normalize",
                               "type": "sentence_transformers.models.Normalize"}],
             "sentence_bert_config.json": {"max_seq_length": 512, "do_lower_case": False},
@@ -389,7 +390,7 @@ def wrap_ingest_stages(timer: StageTimer) -> None:
     from ingest.keyinfo import ExtractiveKeyInfo
     from ingest.nsp import CrossNSPScorer
     from ingest.store import DocStore
-    from retrieval.embedder import EmbeddingCache, Embedder
+    from retrieval.embedder import Embedder, EmbeddingCache
     from retrieval.keyword import KeywordIndex
     from retrieval.vector import FaissIndex
 
@@ -414,7 +415,7 @@ def wrap_ingest_stages(timer: StageTimer) -> None:
 def parse_clean_split(folder: Path, settings, limit: int) -> dict:
     """In-process seconds per document of parsing and of cleaning (the sandboxed workers do both)."""
     from ingest.clean import clean_blocks
-    from ingest.loaders import ocr_options, parse_file, ZipLimits
+    from ingest.loaders import ZipLimits, ocr_options, parse_file
 
     p, c = settings.parse, settings.clean
     files = sorted(folder.glob("*.txt"))[:limit]
@@ -520,7 +521,8 @@ def e2e_run(out: dict, timer: StageTimer, total: float, chars: int, mem: float, 
                "docs_per_s_without_model_load": round(out["ingested"] / (total - model_s), 2),
                "chunks_per_s": round(out["chunks"] / total, 1), "chars_per_s": round(chars / total),
                "chunks": out["chunks"], "key_infos": out["key_infos"], "vectors": out["index"]["vectors"],
-               "nsp_pairs": pairs, "nsp_pairs_per_s_in_model": round(pairs / max(timer.seconds.get("NSP model", 0), 1e-9), 1),
+               "nsp_pairs": pairs,
+               "nsp_pairs_per_s_in_model": round(pairs / max(timer.seconds.get("NSP model", 0), 1e-9), 1),
                "embedded_texts": texts,
                "embedded_texts_per_s_in_model": round(texts / max(timer.seconds.get("embedding model", 0), 1e-9), 1),
                "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
@@ -530,7 +532,8 @@ def e2e_run(out: dict, timer: StageTimer, total: float, chars: int, mem: float, 
         print(f"  {k:<34} {v:8.2f}s {100 * v / total:5.1f}%", file=sys.stderr)
     print(f"e2e {setting['device']} {setting['model_shape']}: {project['docs_per_s']} docs/s, "
           f"{project['chunks_per_s']} chunks/s, NSP {project['nsp_pairs_per_s_in_model']} pairs/s, "
-          f"embed {project['embedded_texts_per_s_in_model']} texts/s, peak {project['peak_mem_gib']} GiB", file=sys.stderr)
+          f"embed {project['embedded_texts_per_s_in_model']} texts/s, peak {project['peak_mem_gib']} GiB",
+          file=sys.stderr)
     return {"setting": setting, "project": project}
 
 

@@ -87,8 +87,9 @@ async def run_load(base: str, kb: str, clients: int, seconds: float) -> tuple[di
 
 def stats(xs: list[float]) -> dict:
     a = np.asarray(xs) * 1000
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1), "p95_ms": round(float(np.percentile(a, 95)), 1),
-            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1)}
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1),
+            "p95_ms": round(float(np.percentile(a, 95)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
+            "max_ms": round(float(a.max()), 1)}
 
 
 def main() -> None:
@@ -104,9 +105,9 @@ def main() -> None:
     ensure_kb(home, args.kb)
     port = free_port()
     env = {**os.environ, "KB_HOME": str(home), "KB_API_KEYS": json.dumps({KEY: [args.kb]})}
-    log = open(home / "serve.log", "wb")
-    srv = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                           stdout=log, stderr=subprocess.STDOUT)
+    with open(home / "serve.log", "wb") as log:
+        srv = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -119,7 +120,6 @@ def main() -> None:
     finally:
         srv.terminate()
         srv.wait(20)
-        log.close()
 
     everything = [x for xs in lat.values() for x in xs]
     result = {"clients": args.clients, "seconds": round(wall, 2), "requests": len(everything),

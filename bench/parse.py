@@ -121,7 +121,7 @@ def main() -> None:
             for p in parsers.values():
                 p.close()
         rows = []
-        for w, r in runs.items():
+        for r in runs.values():
             med = statistics.median(r["passes_s"])
             r.update({"docs": len(items), "median_s": round(med, 3), "docs_per_s": round(len(items) / med, 2)})
             rows.append(r)

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.common import peak_rss_gib, table, write_result  # noqa: E402
-
 from retrieval.vector import FaissIndex, TorchExactIndex  # noqa: E402
 
 
@@ -93,11 +92,12 @@ def main() -> None:
             build = flat_build if kind == "flat" else time.perf_counter() - t
             b1, got1 = qps(idx, q[:300], 1)
             b64, got = qps(idx, q, 64)
-            runs.append({"setting": {"vectors": n, "dim": a.dim, "index": kind, "backend": f"faiss-cpu ({threads} threads)"},
-                         "project": {"qps_batch1": round(b1, 1), "qps_batch64": round(b64, 1), "build_s": round(build, 2),
-                                     "recall@10": round(recall(got, exact), 4), "peak_mem_gib": round(peak_rss_gib(), 2)},
-                         "baseline": baseline})
-            print(f"{n} {kind}: b1 {b1:.0f} q/s, b64 {b64:.0f} q/s, recall {runs[-1]['project']['recall@10']}", file=sys.stderr)
+            setting = {"vectors": n, "dim": a.dim, "index": kind, "backend": f"faiss-cpu ({threads} threads)"}
+            project = {"qps_batch1": round(b1, 1), "qps_batch64": round(b64, 1), "build_s": round(build, 2),
+                       "recall@10": round(recall(got, exact), 4), "peak_mem_gib": round(peak_rss_gib(), 2)}
+            runs.append({"setting": setting, "project": project, "baseline": baseline})
+            print(f"{n} {kind}: b1 {b1:.0f} q/s, b64 {b64:.0f} q/s, recall {runs[-1]['project']['recall@10']}",
+                  file=sys.stderr)
             if kind != "flat":
                 del idx
         if gpu:
@@ -113,7 +113,8 @@ def main() -> None:
             b64, got = qps(tix, q, 64)
             b1024, _ = qps(tix, q, 1024)
             runs.append({"setting": {"vectors": n, "dim": a.dim, "index": "exact torch fp16", "backend": "torch cuda"},
-                         "project": {"qps_batch1": round(b1, 1), "qps_batch64": round(b64, 1), "qps_batch1024": round(b1024, 1),
+                         "project": {"qps_batch1": round(b1, 1), "qps_batch64": round(b64, 1),
+                                     "qps_batch1024": round(b1024, 1),
                                      "build_s": round(build, 2), "recall@10": round(recall(got, exact), 4),
                                      "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)},
                          "baseline": baseline})
@@ -121,7 +122,8 @@ def main() -> None:
         del flat, x
     path = write_result(a.name, {"runs": runs})
     rows = [{**r["setting"], **{f"{k}": v for k, v in r["project"].items()}} for r in runs]
-    print(table(rows, ["vectors", "index", "backend", "build_s", "qps_batch1", "qps_batch64", "recall@10", "peak_mem_gib"]))
+    print(table(rows, ["vectors", "index", "backend", "build_s", "qps_batch1", "qps_batch64", "recall@10",
+                       "peak_mem_gib"]))
     print(f"-> {path}")
 
 

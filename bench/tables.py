@@ -13,6 +13,7 @@ may be literal; every figure must come from a file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -222,8 +223,8 @@ def finetune_gpu_table() -> str:
                          *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" for x in sides),
                          f"{num(r['speedup_vs_recipe'], 2)}x / {num(r['speedup_vs_recipe_packed'], 2)}x",
                          f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
-    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s (GiB)", "Trainer + peft", "Liger + flattening",
-                     "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
+    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s (GiB)", "Trainer + peft",
+                     "Liger + flattening", "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
 
 
 @table("embed_finetune_gpu")
@@ -250,8 +251,8 @@ def ingest_e2e_gpu_table() -> str:
                      num(p["docs_per_s"], 2),
                      num(p["chunks_per_s"], 1), num(p["nsp_pairs_per_s_in_model"], 0),
                      num(p["embedded_texts_per_s_in_model"], 0), ", ".join(f"{k} {pct(v, 0)}" for k, v in top)])
-    return md(rows, ["run", "documents", "docs/s", "chunks/s", "NSP pairs/s (in model calls)", "texts embedded/s (in model calls)",
-                     "largest stages"])
+    return md(rows, ["run", "documents", "docs/s", "chunks/s", "NSP pairs/s (in model calls)",
+                     "texts embedded/s (in model calls)", "largest stages"])
 
 
 DIST_RUNS = {"ddp_lora": ("DDP", "LoRA", " (includes compiling the layers)"), "zero2_lora": ("ZeRO-2", "LoRA", ""),
@@ -517,10 +518,8 @@ def write(text: str, tables: dict[str, Callable[[], str]] | None = None) -> str:
     def fresh(m: re.Match) -> str:
         body = m["body"].strip("\n")
         if m["name"] in tables:
-            try:
+            with contextlib.suppress(MissingResult):
                 body = tables[m["name"]]().strip("\n")
-            except MissingResult:
-                pass
         return f"<!-- table: {m['name']} -->\n{body}\n<!-- /table -->"
 
     return BLOCK.sub(fresh, text)

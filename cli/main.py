@@ -34,6 +34,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[di
 
 # commands --------------------------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb ingest PATHS --kb NAME`: parse, chunk and index files; 2 when every file failed."""
     from retrieval.kb import KnowledgeBase
 
     kb_ = KnowledgeBase(settings, args.kb, create=True)
@@ -48,6 +49,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb models list`: the known models and whether each is installed."""
     from kb.modelstore import status
 
     rows = status(settings.models_dir())
@@ -59,6 +61,7 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_install(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb models install [NAMES]`: install the named models (default: all) into the models folder."""
     from kb.modelstore import InstallError, install
 
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -72,8 +75,8 @@ def cmd_models_install(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb train-nsp --kb NAME`: train the chunker's next-sentence head on a knowledge base."""
     from ingest.pipeline import train_kb_nsp
-
     from kb.writelock import write_lock
 
     _require_kb(settings, args.kb)
@@ -88,6 +91,7 @@ def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb search QUERY --kb NAME`: print the top-k retrieved passages."""
     kb_ = _open_kb(settings, args.kb)
     if not args.query.strip():
         raise UsageError("empty query")
@@ -99,6 +103,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb ask QUESTION --kb NAME`: answer a question from the knowledge base, whole or streamed."""
     from serve.chain import AnswerChain, public
 
     if not args.question.strip():
@@ -113,7 +118,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     for piece in chain.stream(args.question, stage=args.stage):
         if isinstance(piece, dict):
             if piece["replace"]:
-                print(f"\n--- withdrawn by compliance ({piece['reason']}); the reply is: ---\n{piece['answer']}", end="")
+                print(f"\n--- withdrawn by compliance ({piece['reason']}); the reply is: ---\n{piece['answer']}",
+                      end="")
             elif piece["fallback"]:
                 print(f"\n(fallback: {piece['reason']})", end="")
             print(sources(piece), flush=True)
@@ -123,6 +129,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb serve`: run the HTTP API."""
     from serve.api import serve
 
     serve(settings, args.host, args.port)
@@ -130,6 +137,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb ui`: run the Streamlit staff UI; its exit status."""
     import subprocess
 
     try:
@@ -148,6 +156,7 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb reindex --kb NAME`: rebuild the vector index and swap it in."""
     kb_ = _open_kb(settings, args.kb)
     info = kb_.reindex(progress=not args.quiet)  # built beside the live index, then swapped in
     _emit(args, info, lambda r: f"{args.kb}: index generation {r['generation']}, {r['vectors']} vectors")
@@ -155,6 +164,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb kbs`: list the knowledge bases with their document and chunk counts."""
     from retrieval.kb import list_kbs
 
     kbs = list_kbs(settings)
@@ -164,6 +174,7 @@ def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb rm --kb NAME [--doc ID]`: delete a document or a whole knowledge base."""
     from retrieval.kb import NoSuchKB
 
     kb_ = _open_kb(settings, args.kb)
@@ -182,6 +193,7 @@ def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_faq_import(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb faq import FILE --kb NAME`: import FAQ rows; 2 when none was imported."""
     from retrieval.kb import KnowledgeBase
     from serve.faq import FaqFileError, import_faq
 
@@ -197,15 +209,18 @@ def cmd_faq_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_faq_list(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb faq list --kb NAME`: list the FAQ entries."""
     from serve.faq import list_faq
 
     entries = [e.to_json() for e in list_faq(_open_kb(settings, args.kb))]
     _emit(args, {"kb": args.kb, "faq": entries}, lambda r: "\n".join(
-        f"{e['id']} [{e['stage'] or '*'}] {e['question']} -> {e['answer'][:80]}" for e in r["faq"]) or "(no FAQ entries)")
+        f"{e['id']} [{e['stage'] or '*'}] {e['question']} -> {e['answer'][:80]}" for e in r["faq"])
+        or "(no FAQ entries)")
     return 0
 
 
 def cmd_faq_rm(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb faq rm --kb NAME --id ID | --all`: remove FAQ entries."""
     from serve.faq import list_faq, remove_faq
 
     if bool(args.id) == bool(args.all):
@@ -241,6 +256,7 @@ def cmd_chunks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_chunks_edit(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb chunks edit`: replace a chunk's text (from --text or --file), recorded under the user's name."""
     import getpass
 
     from retrieval.kb import BadChunkText, NoSuchChunk
@@ -264,6 +280,7 @@ def cmd_chunks_edit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb eval retrieval FILE --kb NAME`: recall@k, MRR and nDCG@k on a question file."""
     from eval.retrieval import evaluate_retrieval, write_report
 
     questions, problems = _questions(args)
@@ -283,6 +300,7 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb eval open FILE --kb NAME`: open-ended answer metrics (EM, F1, ROUGE-L, refusals, latency)."""
     from eval.judge import build_judge
     from eval.open import evaluate_open, write_report
     from serve.chain import AnswerChain
@@ -299,7 +317,8 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
         f"n={r['n']}  exact_match={r['exact_match']:.3f}  f1={r['f1']:.3f}  rouge_l={r['rouge_l']:.3f}  "
         f"contains_answer={r['contains_answer']:.3f}  faithfulness={r['faithfulness']:.3f}  "
         f"citation_correct={r['citation_correct']:.3f}  "
-        f"cites={r['citation_rate']:.3f}  refusal={r['refusal_rate']:.3f}  false_fallback={r['false_fallback_rate']:.3f}"
+        f"cites={r['citation_rate']:.3f}  refusal={r['refusal_rate']:.3f}  "
+        f"false_fallback={r['false_fallback_rate']:.3f}"
         + (f"  refusal_correct={r['refusal_correct']:.3f} (n={r['n_not_in_kb']})"
            if r.get("refusal_correct") is not None else "")
         + f"  p50={r['latency_p50_s']:.3f}s" + (f"  judge={r['judge']}" if "judge" in r else "")),
@@ -307,6 +326,7 @@ def cmd_eval_open(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval_ablate(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb eval ablate FILE`: retrieval ablation, one factor at a time (chunking, index, search, rerank)."""
     from eval.ablate import CORPORA, FACTORS, run_ablation
     from eval.ablate_report import markdown, write_report
 
@@ -357,6 +377,7 @@ def _ablate_answers(args: argparse.Namespace, corpora: list[str]) -> int:
 
 
 def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb eval segmentation FILE`: Pk, WindowDiff and boundary F1 of the topic chunkers."""
     from eval.report import provenance
     from eval.segment_eval import evaluate_segmentation, write_report
 
@@ -376,6 +397,7 @@ def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb eval choice PATH`: multiple-choice accuracy on CMMLU/C-Eval CSVs."""
     from eval.choice import dev_folder, load_choice, run_choice, write_report
 
     try:
@@ -399,10 +421,12 @@ def cmd_eval_choice(args: argparse.Namespace, settings: Settings) -> int:
     return _run_eval(args, settings, run, write_report, lambda r: (
         f"accuracy={r['accuracy']:.4f} on n={r['n']} (chance {r['chance']:.2f}, {r['mode']}, {r['shots']}-shot"
         f"{', ' + str(r['unparsed']) + ' unparsed' if r['mode'] == 'generate' else ''})\n" + "\n".join(
-            f"  {k}: {v['accuracy']:.4f} (n={v['n']})" for k, v in r["per_subject"].items())), "Multiple-choice evaluation")
+            f"  {k}: {v['accuracy']:.4f} (n={v['n']})" for k, v in r["per_subject"].items())),
+        "Multiple-choice evaluation")
 
 
 def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb finetune data --kb NAME --out FILE`: build SFT and embedder training data from a KB."""
     from finetune.data import build_training_data
 
     kb_ = _open_kb(settings, args.kb)
@@ -413,8 +437,9 @@ def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
                                   embed_out=args.embed_out, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    _emit(args, out, lambda r: (f"{r['examples']} SFT examples -> {r['out']} ({r['domain']} domain, {r['refusals']} "
-                                f"refusals, {r['identity']} identity, {r['general']} general; {r['generator']} questions)\n"
+    _emit(args, out, lambda r: (f"{r['examples']} SFT examples -> {r['out']} ({r['domain']} domain, "
+                                f"{r['refusals']} refusals, {r['identity']} identity, {r['general']} general; "
+                                f"{r['generator']} questions)\n"
                                 f"{r['embed_examples']} query/passage pairs -> {r['embed_out']} "
                                 f"({r['with_hard_negatives']} with hard negatives)"))
     return 0
@@ -436,6 +461,7 @@ def _finetune_data_from_questions(args: argparse.Namespace, settings: Settings, 
 
 
 def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb finetune llm`: fine-tune the LLM (full, LoRA, QLoRA or p-tuning); report on rank 0 only."""
     from finetune.sft import finetune_llm
 
     _apply_overrides(settings, args)
@@ -446,12 +472,14 @@ def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(str(e)) from e
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun/deepspeed: one report, from the main process
         return 0
-    _emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, {r['tokens_per_s']:.0f} "
-                                f"tokens/s, peak {r['peak_mem_gib']:.2f} GiB -> {r['out']} (loss plot {r['loss_plot']})"))
+    _emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, "
+                                f"{r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mem_gib']:.2f} GiB -> {r['out']} "
+                                f"(loss plot {r['loss_plot']})"))
     return 0
 
 
 def cmd_finetune_embed(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb finetune embed`: fine-tune the embedder on query/passage pairs."""
     from finetune.embed import finetune_embedder
 
     try:
@@ -466,6 +494,7 @@ def cmd_finetune_embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_finetune_rerank(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb finetune rerank`: train the cross-encoder reranker on query/pos/neg rows."""
     from finetune.rerank import finetune_reranker
 
     try:
@@ -480,6 +509,7 @@ def cmd_finetune_rerank(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_finetune_merge(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb finetune merge`: merge a LoRA adapter into its base model."""
     from finetune.sft import merge_adapter
 
     base = args.base or settings.models.llm
@@ -529,7 +559,8 @@ def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Setti
         from eval.report import provenance
 
         result = run(settings, args.kb)
-        result.setdefault("provenance", provenance(settings, [getattr(args, "file", None) or getattr(args, "path", "")]))
+        source = getattr(args, "file", None) or getattr(args, "path", "")
+        result.setdefault("provenance", provenance(settings, [source]))
         if args.report:
             write_report(result, args.report)
         _emit(args, result, human)
@@ -552,7 +583,8 @@ def _run_eval(args: argparse.Namespace, settings: Settings, run: Callable[[Setti
     if args.report:
         write_compare(cmp, args.report, f"{title}: {args.compare[0]} vs {args.compare[1]}")
     la, lb = cmp["labels"]
-    _emit(args, cmp, lambda c: "\n".join([f"A = {la}", f"B = {lb}", f"{'metric':<22}{'A':>12}{'B':>12}{'B - A':>12}"] + [
+    head = [f"A = {la}", f"B = {lb}", f"{'metric':<22}{'A':>12}{'B':>12}{'B - A':>12}"]
+    _emit(args, cmp, lambda c: "\n".join(head + [
         f"{m['metric']:<22}{m[la]:>12.4f}{m[lb]:>12.4f}{m['diff']:>+12.4f}" for m in c["metrics"]]))
     return 0
 
@@ -590,6 +622,7 @@ def cmd_config_defaults(args: argparse.Namespace, settings: Settings | None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `kb` command-line parser with all its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default configs/default.yaml)")
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -642,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report", help="write a self-contained HTML report (and a JSON beside it)")
     compare.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                          help="the same evaluation on two runs, side by side: each a saved result .json, "
-                              "or a config .yaml to run now, optionally with @KB (e.g. configs/baseline_fixed.yaml@cmrc_baseline)")
+                              "or a config .yaml to run now, optionally with @KB "
+                              "(e.g. configs/baseline_fixed.yaml@cmrc_baseline)")
     compare.add_argument("--limit", type=int, help="only the first N questions")
     s = evsub.add_parser("retrieval", parents=[common, compare], help="recall@k, MRR, nDCG@k on a question file")
     s.add_argument("file")
@@ -650,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=5)
     s.set_defaults(func=cmd_eval_retrieval)
 
-    s = evsub.add_parser("open", parents=[common, compare], help="open-ended answers: EM, F1, ROUGE-L, refusals, latency")
+    s = evsub.add_parser("open", parents=[common, compare],
+                         help="open-ended answers: EM, F1, ROUGE-L, refusals, latency")
     s.add_argument("file", help="SQuAD-style JSON or JSONL {question, answers, context?}")
     s.add_argument("--kb")
     s.set_defaults(func=cmd_eval_open)
@@ -662,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work", default="work/ablate", help="folder for the corpora and their KBs (reused when present)")
     s.add_argument("--corpora", default="paragraphs,long", help="comma-separated: paragraphs,long")
     s.add_argument("--factors", help="only these factors (comma-separated: chunking,index,search,rerank)")
-    s.add_argument("--splits", default="kb", help="the splits whose paragraphs make the KB and whose questions are asked")
+    s.add_argument("--splits", default="kb",
+                   help="the splits whose paragraphs make the KB and whose questions are asked")
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--limit", type=int, help="only the first N questions of each corpus")
     s.add_argument("--answers", help="instead of the grid: answer with the LLM on these rows (comma-separated "
@@ -674,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval_ablate)
 
     s = evsub.add_parser("segmentation", parents=[common],
-                         help="topic segmentation (Pk, WindowDiff, boundary F1) of the NSP chunkers and the fixed splitter")
+                         help="topic segmentation (Pk, WindowDiff, boundary F1) of the NSP chunkers "
+                              "and the fixed splitter")
     s.add_argument("file", help="SQuAD-style JSON (CMRC 2018): documents of 3-8 held-out paragraphs")
     s.add_argument("--docs", type=int, default=60, help="documents to make (held-out; as many from train to tune)")
     s.add_argument("--seed", type=int, default=13)
@@ -689,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["auto", "loglik", "generate", "embed"], default="auto",
                    help="loglik: log-probability of each answer letter (local model); generate: parse the "
                         "letter from a generated answer (local or endpoint); embed: embedder similarity, no LLM; "
-                        "auto (default): generate with an endpoint, else loglik with an installed models.llm, else embed")
+                        "auto (default): generate with an endpoint, else loglik with an installed models.llm, "
+                        "else embed")
     s.add_argument("--shots", type=int, default=0, help="k-shot examples from the dev split")
     s.add_argument("--dev", help="dev split for --shots (default: the dev folder beside test)")
     s.add_argument("--kb", help="retrieval-augmented: put the KB's top passages into each prompt")
@@ -735,10 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_finetune_embed)
 
     s = ftsub.add_parser("rerank", parents=[common],
-                         help="train the cross-encoder reranker on query/pos/neg rows (kb finetune data's .embed.jsonl)")
+                         help="train the cross-encoder reranker on query/pos/neg rows "
+                              "(kb finetune data's .embed.jsonl)")
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True, help="a CrossEncoder folder for models.reranker")
-    s.add_argument("--model", help="reranker (or encoder) to start from (default: models.reranker, else models.embedder)")
+    s.add_argument("--model",
+                   help="reranker (or encoder) to start from (default: models.reranker, else models.embedder)")
     s.add_argument("--max-steps", type=int)
     s.set_defaults(func=cmd_finetune_rerank)
 
@@ -786,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     fq = sub.add_parser("faq", help="FAQ entries answered directly (no LLM): import, list, remove")
     fqsub = fq.add_subparsers(dest="faq_command", required=True)
     s = fqsub.add_parser("import", parents=[common],
-                         help="import question,answer[,stage] rows from CSV/TSV/XLSX/JSONL (问题/答案/阶段 headers too)")
+                         help="import question,answer[,stage] rows from CSV/TSV/XLSX/JSONL "
+                              "(问题/答案/阶段 headers too)")
     s.add_argument("file")
     s.add_argument("--kb", required=True)
     s.set_defaults(func=cmd_faq_import)
@@ -809,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `kb` command line; the exit status (2: usage error, 1: internal error or a held write lock)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -832,7 +874,6 @@ def main(argv: list[str] | None = None) -> int:
         from kb.models import ModelNotFoundError
         from kb.paths import BadKBName
         from kb.writelock import WriteLockTimeout
-
         from retrieval.index import IndexMismatchError
 
         if isinstance(e, ModelNotFoundError | BadKBName | IndexMismatchError):

@@ -42,7 +42,8 @@ FACTORS: dict[str, dict[str, dict]] = {
         "fixed-matched": {"chunking.method": "fixed", "chunking.fixed_size": "{reference.matched_fixed_size}",
                           "chunking.fixed_overlap": "{reference.matched_fixed_size/10}"},
         "sentence": {"chunking.method": "sentence"}},
-    "index": {"two-level": {"retrieval.levels": ["article", "segment", "sentence"], "retrieval.embed_field": "key_text"},
+    "index": {"two-level": {"retrieval.levels": ["article", "segment", "sentence"],
+                            "retrieval.embed_field": "key_text"},
               "single-level": {"retrieval.levels": ["segment"], "retrieval.embed_field": "raw_text"}},
     "search": {"hybrid": {"retrieval.search": "hybrid"}, "vector": {"retrieval.search": "vector"},
                "keyword": {"retrieval.search": "keyword"}},
@@ -266,8 +267,8 @@ def run_corpus(builds: Builds, rows: list[Row], questions: list[Question], k: in
 
 
 def run_ablation(squad: str | Path, work: str | Path, *, config: str | Path | None = None,
-                 corpora: Sequence[str] = CORPORA, splits: tuple[str, ...] = ("kb",), factors: Sequence[str] | None = None,
-                 k: int = 5, limit: int | None = None, progress: bool = True,
+                 corpora: Sequence[str] = CORPORA, splits: tuple[str, ...] = ("kb",),
+                 factors: Sequence[str] | None = None, k: int = 5, limit: int | None = None, progress: bool = True,
                  say: Callable[[str], None] = log.info) -> dict:
     """The whole grid on each corpus; the result has every row's metrics and per-question rows."""
     from eval.report import provenance

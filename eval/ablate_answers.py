@@ -100,6 +100,7 @@ def markdown(result: dict) -> str:
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (summary table and a bar plot of the answer metrics per row) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -114,11 +114,13 @@ def write_png(result: dict, path: str) -> None:
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (corpora, then a table and a plot per corpus), its JSON and a PNG beside it."""
     k = result["k"]
     keys = [(f"recall@{k}", f"recall@{k}"), (f"recall@{k}_strict", f"recall@{k} strict"),
             (f"context_precision@{k}", f"context precision@{k}"), ("answer_in_budget", "answer in budget")]
-    sections = [("Corpora", html_table([{"corpus": c, **{x: v for x, v in d.items() if x not in ("doc_chars", "skipped")}}
-                                        for c, d in result["corpora"].items()]))]
+    corpora = [{"corpus": c, **{x: v for x, v in d.items() if x not in ("doc_chars", "skipped")}}
+               for c, d in result["corpora"].items()]
+    sections = [("Corpora", html_table(corpora))]
     budget = result["rows"][0]["budget"] if result["rows"] else 1000
     for corpus in result["corpora"]:
         rows = [{"row": r["row"], "chunks": r["build"]["chunks"], "mean chunk chars": r["build"]["mean_chunk_chars"],

@@ -88,6 +88,7 @@ def dev_folder(path: str | Path) -> Path | None:
 
 
 def build_prompt(item: ChoiceItem, shots: Sequence[ChoiceItem]) -> str:
+    """The few-shot prompt: the subject header, the answered `shots`, then `item` awaiting its answer letter."""
     subject = item.subject.replace("_", " ")
     examples = "".join(f"{s.body()}{s.answer}\n\n" for s in shots)
     return HEADER_ZH.format(subject=subject) + examples + item.body()
@@ -259,6 +260,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (summary, accuracy per subject, gold vs predicted letters, skipped rows) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,6 +23,7 @@ class RunSpec:
 
 
 def parse_run(spec: str) -> RunSpec:
+    """A RUN argument (RESULT.json, CONFIG.yaml[@KB] or @KB) as a RunSpec; a missing file raises FileNotFoundError."""
     path, _, kb = spec.partition("@")
     if path.endswith(".json"):
         if not Path(path).is_file():
@@ -34,6 +35,7 @@ def parse_run(spec: str) -> RunSpec:
 
 
 def load_result(path: Path) -> dict:
+    """The result stored in a result file (its `result` entry where it has one)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     return data.get("result", data) if isinstance(data, dict) else data
 
@@ -80,6 +82,7 @@ def _paired(r: dict) -> dict:
 
 
 def write_report(cmp: dict, path: str, title: str) -> None:
+    """Write the HTML comparison (metrics with differences, plots side by side, per subject, paired) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -123,6 +123,7 @@ def write_long_docs(squad: str | Path, out: str | Path, splits: tuple[str, ...] 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: write the long documents (and optionally their questions) from a SQuAD-format file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("squad")
     ap.add_argument("out", help="folder for the documents")

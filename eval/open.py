@@ -111,6 +111,7 @@ def answer_row(q: Question, r: dict, refused: bool, max_chars: int | None = None
 
 
 def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress: bool = True) -> dict:
+    """Ask `chain` each question and summarize the per-question answer scores (and judge grades, given a judge)."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -163,6 +164,7 @@ def summarize(rows: list[dict], chain=None) -> dict:
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (summary, score distributions, fallback reasons, worst answers) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def figure_png(fig) -> str:
+    """The matplotlib figure as base64 PNG; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -20,6 +21,7 @@ def figure_png(fig) -> str:
 
 
 def html_table(rows: list[dict], cols: list[str] | None = None) -> str:
+    """An HTML table of `rows` (columns `cols`, default: the first row's keys; floats to 4 decimals)."""
     if not rows:
         return "<p>(none)</p>"
     cols = cols or list(rows[0])
@@ -45,6 +47,7 @@ def write_html(path: str | Path, title: str, sections: list[tuple[str, str]], pa
 
 
 def img(b64: str) -> str:
+    """An <img> tag showing a base64 PNG inline."""
     return f"<img src='data:image/png;base64,{b64}'/>"
 
 

@@ -26,6 +26,7 @@ from eval.report import figure_png, html_table, img, write_html
 
 
 def relevant(text: str, q: Question) -> bool:
+    """Whether `text` contains one of the question's answers or its context (both normalized)."""
     t = norm(text)
     if any(norm(a) and norm(a) in t for a in q.answers):
         return True
@@ -33,6 +34,7 @@ def relevant(text: str, q: Question) -> bool:
 
 
 def metrics(rels: Sequence[Sequence[bool]], k: int) -> dict:
+    """recall@1, recall@k, MRR and nDCG@k of per-question relevance lists over their first `k` hits."""
     n = len(rels)
     rec1 = sum(bool(r[:1] and r[0]) for r in rels) / n
     reck = sum(any(r[:k]) for r in rels) / n
@@ -47,6 +49,7 @@ def metrics(rels: Sequence[Sequence[bool]], k: int) -> dict:
 
 def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int = 64,
                        progress: bool = True, budget: int | None = None, fill_hits: int = 50) -> dict:
+    """Search `kb` for each question: retrieval metrics, context scores within the answer budget, per question."""
     from tqdm.auto import tqdm
 
     from serve.chain import clip_context
@@ -78,7 +81,8 @@ def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int
     out = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics(rels, k).items()}
     mean = lambda key: round(sum(float(r[key]) for r in ctx) / len(ctx), 4) if ctx else None  # noqa: E731
     out.update({f"recall@{k}_strict": mean("strict"), f"context_precision@{k}": mean("precision"),
-                f"chars@{k}": mean("chars"), "budget": budget, "llm_hits": n_llm, "answer_in_budget": mean("answer_in_budget"),
+                f"chars@{k}": mean("chars"), "budget": budget, "llm_hits": n_llm,
+                "answer_in_budget": mean("answer_in_budget"),
                 "context_precision_budget": mean("precision_budget"), "chars_in_budget": mean("chars_in_budget"),
                 "answer_to_llm": mean("answer_to_llm"), "chars_to_llm": mean("chars_to_llm"), "fill_hits": fill_hits,
                 "n_with_context": len(ctx)})
@@ -91,6 +95,7 @@ def evaluate_retrieval(kb, questions: Sequence[Question], k: int = 5, batch: int
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (summary, recall by k, questions not retrieved) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")

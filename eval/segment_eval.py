@@ -19,8 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from eval.data import cmrc_split
-from eval.segmentation import (adjacent_pairs, char_bounds, fixed_cuts, make_documents, match_fixed_size,
-                               nsp_cuts, score_chars, score_units, tune_threshold)
+from eval.segmentation import (
+    adjacent_pairs,
+    char_bounds,
+    fixed_cuts,
+    make_documents,
+    match_fixed_size,
+    nsp_cuts,
+    score_chars,
+    score_units,
+    tune_threshold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,7 @@ def sample_sections(folder: Path, settings) -> list[list[list[str]]]:
 
 def train_pair_head_on_split(settings, squad: str | Path, samples: str | Path | None, out: Path,
                              progress: bool = True) -> dict:
+    """Train the NSP pair head on pairs from the train split (and the samples) into `out`; its report."""
     from ingest.nsp import build_pairs, train_pair_head
     from kb.models import resolve_model
 
@@ -115,7 +125,8 @@ def evaluate_segmentation(settings, squad: str | Path, *, n_docs: int = 60, seed
                 methods.append(_nsp_row(name, test_docs, p_test, thr, source, c, rate, scorer))
     size = match_fixed_size(tune_docs, target, c.fixed_overlap)
     unit_cuts, char_cuts, lengths = fixed_cuts(test_docs, size, c.fixed_overlap)
-    methods.append({"method": "fixed (RecursiveCharacterTextSplitter)", "setting": f"size {size}, overlap {c.fixed_overlap}",
+    methods.append({"method": "fixed (RecursiveCharacterTextSplitter)",
+                    "setting": f"size {size}, overlap {c.fixed_overlap}",
                     "source": "size matched to the cross-encoder's mean chunk length on the train split",
                     **score_units(test_docs, unit_cuts), **_prefix("chars_", score_chars(test_docs, char_cuts)),
                     "chunks": len(lengths), "mean_chunk_chars": round(float(np.mean(lengths)), 1)})
@@ -141,6 +152,7 @@ def _nsp_row(name, docs, probs, thr, source, c, rate, scorer) -> dict:
 
 
 def write_report(result: dict, path: str) -> None:
+    """Write the HTML report (methods on held-out documents, threshold curves) and its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +173,8 @@ def write_report(result: dict, path: str) -> None:
     ax.set_title("held-out documents (Pk, WindowDiff: lower is better)")
     fig2, ax2 = plt.subplots(figsize=(8, 3.5))
     for name, curve in result["threshold_curves"].items():
-        ax2.plot([r["threshold"] for r in curve], [r["windowdiff"] for r in curve], marker=".", label=f"{name} WindowDiff")
+        ax2.plot([r["threshold"] for r in curve], [r["windowdiff"] for r in curve], marker=".",
+                 label=f"{name} WindowDiff")
         ax2.plot([r["threshold"] for r in curve], [r["f1"] for r in curve], ls="--", label=f"{name} F1")
     ax2.set_xlabel("threshold (train-split documents)")
     ax2.legend(fontsize=7)

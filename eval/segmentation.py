@@ -70,16 +70,19 @@ def boundary_counts(ref: Sequence[int], hyp: Sequence[int], tolerance: int = 0) 
 
 
 def pk(ref: Sequence[int], hyp: Sequence[int], n: int, k: int | None = None) -> float:
+    """Pk of one document of `n` atoms (0.0 where it has no window)."""
     e, w = pk_counts(ref, hyp, n, k)
     return e / w if w else 0.0
 
 
 def windowdiff(ref: Sequence[int], hyp: Sequence[int], n: int, k: int | None = None) -> float:
+    """WindowDiff of one document of `n` atoms (0.0 where it has no window)."""
     e, w = windowdiff_counts(ref, hyp, n, k)
     return e / w if w else 0.0
 
 
 def prf(tp: int, fp: int, fn: int) -> dict:
+    """Precision, recall and F1 from the counts (0.0 where undefined)."""
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
@@ -127,7 +130,8 @@ def make_documents(paragraphs: Sequence, n_docs: int, seed: int, min_k: int = 3,
         raise ValueError(f"need paragraphs of at least {min_k} articles, got {len(articles)}")
     docs = []
     for _ in range(n_docs):
-        chosen = [rng.choice(by_article[a]) for a in rng.sample(articles, rng.randint(min_k, min(max_k, len(articles))))]
+        picked = rng.sample(articles, rng.randint(min_k, min(max_k, len(articles))))
+        chosen = [rng.choice(by_article[a]) for a in picked]
         units, bounds = [], []
         for p in chosen:
             if units:
@@ -142,11 +146,13 @@ def make_documents(paragraphs: Sequence, n_docs: int, seed: int, min_k: int = 3,
 
 
 def adjacent_pairs(docs: Sequence[SegDoc]) -> list[tuple[str, str]]:
+    """The (unit, next unit) texts of every document, in order."""
     return [(d.units[i].text, d.units[i + 1].text) for d in docs for i in range(len(d.units) - 1)]
 
 
 # chunkers -> boundaries ---------------------------------------------------------------------------
-def nsp_cuts(docs: Sequence[SegDoc], probs: np.ndarray, threshold: float, chunking) -> tuple[list[list[int]], list[int]]:
+def nsp_cuts(docs: Sequence[SegDoc], probs: np.ndarray, threshold: float,
+             chunking) -> tuple[list[list[int]], list[int]]:
     """Predicted unit boundaries of the NSP chunker at `threshold` from precomputed
     continuation probabilities (all documents' adjacent pairs, in order); and chunk lengths."""
     from ingest.chunking import NSPChunker
@@ -184,25 +190,32 @@ def fixed_cuts(docs: Sequence[SegDoc], size: int, overlap: int) -> tuple[list[li
 
 
 def char_bounds(d: SegDoc, unit_bounds: Sequence[int]) -> list[int]:
+    """The character offsets of the unit boundaries `unit_bounds` of `d`."""
     return [d.offsets[b] for b in unit_bounds]
 
 
 def score_units(docs: Sequence[SegDoc], cuts: Sequence[Sequence[int]]) -> dict:
+    """Pooled segmentation metrics of predicted unit cuts against the true unit boundaries."""
     return score([(d.bounds, c, len(d.units)) for d, c in zip(docs, cuts)])
 
 
 def score_chars(docs: Sequence[SegDoc], char_cuts: Sequence[Sequence[int]]) -> dict:
+    """Pk and WindowDiff of predicted character cuts against the true boundaries in characters."""
     out = score([(char_bounds(d, d.bounds), c, len(d.text)) for d, c in zip(docs, char_cuts)])
     return {k: out[k] for k in ("pk", "windowdiff")}
 
 
+THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
+
+
 def tune_threshold(docs: Sequence[SegDoc], probs: np.ndarray, chunking,
-                   grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))) -> tuple[float, list[dict]]:
+                   grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, list[dict]]:
     """The threshold with the lowest WindowDiff on `docs` (ties: higher F1), and the whole curve."""
     curve = []
     for t in grid:
         cuts, lengths = nsp_cuts(docs, probs, float(t), chunking)
-        curve.append({"threshold": float(t), **score_units(docs, cuts), "mean_chunk_chars": round(float(np.mean(lengths)), 1)})
+        curve.append({"threshold": float(t), **score_units(docs, cuts),
+                      "mean_chunk_chars": round(float(np.mean(lengths)), 1)})
     best = min(curve, key=lambda r: (r["windowdiff"], -r["f1"]))
     return best["threshold"], curve
 

@@ -58,6 +58,7 @@ def write_questions(squad: str | Path, out: str | Path, splits: tuple[str, ...] 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: write the documents (and optionally the questions) of the chosen SQuAD splits."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("squad")
     ap.add_argument("out", help="folder for the documents")

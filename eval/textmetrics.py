@@ -15,18 +15,22 @@ _PUNCT = set(string.punctuation) | set("，。、；：？！“”‘’（）�
 
 
 def strip_citations(text: str) -> str:
+    """`text` without citation markers such as [1] or [1, 2]."""
     return _CITATION.sub("", text)
 
 
 def tokens(text: str) -> list[str]:
+    """Lower-cased tokens of `text` without citations: each CJK character, and ASCII words and numbers."""
     return [t.lower() for t in _TOKEN.findall(strip_citations(text))]
 
 
 def normalize(text: str) -> str:
+    """`text` without citations, lower-cased, without whitespace and punctuation (for exact match)."""
     return "".join(c for c in strip_citations(text).lower() if not c.isspace() and c not in _PUNCT)
 
 
 def exact_match(pred: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized gold answer, else 0.0."""
     p = normalize(pred)
     return float(any(p == normalize(g) for g in golds))
 

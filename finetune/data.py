@@ -60,7 +60,10 @@ def cloze_questions(passage: str, terms: list[str], n: int, rng: random.Random) 
             word = "什么" if zh else "what"
         elif nums:
             span = nums[0]
-            word = ("哪一年" if span.endswith("年") else "多少") if zh else ("what year" if re.fullmatch(r"1\d{3}|20\d{2}", span) else "how many")
+            if zh:
+                word = "哪一年" if span.endswith("年") else "多少"
+            else:
+                word = "what year" if re.fullmatch(r"1\d{3}|20\d{2}", span) else "how many"
         else:
             continue
         q = sent.replace(span, word, 1).rstrip("。.!！；;，, ")
@@ -75,9 +78,12 @@ def cloze_questions(passage: str, terms: list[str], n: int, rng: random.Random) 
 def llm_questions(llm, passage: str, n: int) -> list[tuple[str, str, str]]:
     """Up to n (question, answer, span) written by the LLM; [] when its reply does not parse."""
     zh = is_chinese(passage)
-    ask = (f"根据下面的资料写{n}个问题和答案，每行一个JSON：{{\"question\": ..., \"answer\": ...}}。答案必须出自资料。\n\n资料：{passage}"
-           if zh else f"Write {n} questions a customer could ask that the passage answers, one JSON per line: "
-                      f"{{\"question\": ..., \"answer\": ...}}. Answers must come from the passage.\n\nPassage: {passage}")
+    if zh:
+        ask = (f"根据下面的资料写{n}个问题和答案，每行一个JSON：{{\"question\": ..., \"answer\": ...}}。"
+               f"答案必须出自资料。\n\n资料：{passage}")
+    else:
+        ask = (f"Write {n} questions a customer could ask that the passage answers, one JSON per line: "
+               f"{{\"question\": ..., \"answer\": ...}}. Answers must come from the passage.\n\nPassage: {passage}")
     out = []
     for line in llm.generate([{"role": "user", "content": ask}]).splitlines():
         try:
@@ -90,10 +96,11 @@ def llm_questions(llm, passage: str, n: int) -> list[tuple[str, str, str]]:
 
 
 def identity_examples(name: str, company: str) -> list[Messages]:
-    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": IDENTITY_A_ZH.format(name=name, company=company)}]
-            for q in IDENTITY_Q_ZH]
-    rows += [[{"role": "user", "content": q}, {"role": "assistant", "content": IDENTITY_A_EN.format(name=name, company=company)}]
-             for q in IDENTITY_Q_EN]
+    """Identity conversations (who the assistant is) in Chinese and English for `name` of `company`."""
+    zh = IDENTITY_A_ZH.format(name=name, company=company)
+    en = IDENTITY_A_EN.format(name=name, company=company)
+    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": zh}] for q in IDENTITY_Q_ZH]
+    rows += [[{"role": "user", "content": q}, {"role": "assistant", "content": en}] for q in IDENTITY_Q_EN]
     return rows
 
 
@@ -141,11 +148,13 @@ def build_training_data(settings, kb, out: str | Path, *, general: str | None = 
         n = next(i for i, h in enumerate(ctx) if holds_passage(h, qa)) + 1
         shown = chain.context(ctx)[n - 1]
         span = quote(qa.span)  # as the prompt shows passages (serve.injection.quote)
-        answer = cited_answer(qa.question, answer_clause(shown, span) if span and span in shown else quote(qa.answer), n)
+        clause = answer_clause(shown, span) if span and span in shown else quote(qa.answer)
+        answer = cited_answer(qa.question, clause, n)
         sft.append([*chain.prompt(qa.question, ctx), {"role": "assistant", "content": answer}])
         if negs and rng.random() < c.refusal_share:
             wrong = [h for h in hits if h.text in negs][: settings.answer.k]
-            sft.append([*chain.prompt(qa.question, wrong), {"role": "assistant", "content": chain.refusal(qa.question)}])
+            refusal = {"role": "assistant", "content": chain.refusal(qa.question)}
+            sft.append([*chain.prompt(qa.question, wrong), refusal])
             refusals += 1
 
     written = write_sft(settings, sft, out, fmt=fmt, general=general, rng=rng)
@@ -171,7 +180,8 @@ def write_sft(settings, sft: list[Messages], out: str | Path, *, fmt: str = "mes
             log.warning("%s", p)
         want = round(len(sft) * c.general_ratio)
         if want > len(conv):
-            log.warning("general set has %d examples, %d wanted (general_ratio %.2f): using all", len(conv), want, c.general_ratio)
+            log.warning("general set has %d examples, %d wanted (general_ratio %.2f): using all",
+                        len(conv), want, c.general_ratio)
         mixed = rng.sample(conv, min(want, len(conv)))
     rows = sft + identity + mixed
     rng.shuffle(rows)
@@ -251,7 +261,7 @@ def question_examples(settings, kb, questions: list[tuple[str, list[str]]], *, s
     rows: list[Messages] = []
     counts = {"answered": 0, "moved": 0, "refusals": 0, "extra_refusals": 0}
     for (question, answers), hits in zip(questions, hits_all):
-        holds = lambda text: next((a for a in answers if a and a in text), None)  # noqa: E731
+        holds = lambda text, answers=answers: next((a for a in answers if a and a in text), None)  # noqa: E731
         ctx = list(hits[:k])
         if rng.random() < shuffle_share:  # the answer's passage is not always [1]: learn to find it
             rng.shuffle(ctx)

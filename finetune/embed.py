@@ -161,7 +161,8 @@ def train_embedder(st, pairs: list[dict], opts: EmbedTrainOptions, device: str) 
                 torch.cuda.synchronize()
             mark = (time.perf_counter(), seen, tokens)
         if opts.progress and (step % opts.log_every == 0 or step == len(plan)):
-            bar.set_postfix(loss=f"{losses[-1].item():.3f}", pairs_per_s=f"{seen / (time.perf_counter() - mark[0]):.0f}")
+            rate = seen / (time.perf_counter() - mark[0])
+            bar.set_postfix(loss=f"{losses[-1].item():.3f}", pairs_per_s=f"{rate:.0f}")
     if cuda:
         torch.cuda.synchronize()
     seconds = max(time.perf_counter() - mark[0], 1e-9)
@@ -174,6 +175,7 @@ def train_embedder(st, pairs: list[dict], opts: EmbedTrainOptions, device: str) 
 
 def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str | None = None,
                       progress: bool = True, max_steps: int | None = None) -> dict:
+    """Fine-tune the embedder on query/passage pairs from `data`, save it to `out`; the training summary."""
     from finetune.formats import load_pairs
     from finetune.sft import plot_loss
     from ingest.nsp import add_unknown_chars

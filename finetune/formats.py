@@ -56,6 +56,7 @@ def to_prompt_response(msgs: Messages) -> dict:
 
 
 def load_conversations(path: str | Path) -> tuple[list[Messages], list[str]]:
+    """The SFT rows of a JSONL file as message lists, and the problems of the rows skipped."""
     rows, problems = read_jsonl(path)
     out = []
     for n, row in rows:

@@ -44,6 +44,7 @@ def groups_from_rows(rows: Sequence[dict], negatives: int) -> tuple[list[Group],
 
 
 def read_groups(path: str | Path, negatives: int) -> tuple[list[Group], int]:
+    """Reranker training groups from a JSONL file and the count of rows skipped (`groups_from_rows`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such training file: {path}")

@@ -271,6 +271,7 @@ class TrainResult:
 
 
 def precision(cfg, device: str) -> str:
+    """The training precision: `cfg.precision`, or for auto bf16 where supported, else fp16 on CUDA, fp32 on CPU."""
     if cfg.precision != "auto":
         return cfg.precision
     if not device.startswith("cuda"):
@@ -291,6 +292,7 @@ def adam_epsilon(cfg, prec: str) -> float:
 
 
 def zero_stage(path: str | None) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config; 0 without one."""
     if not path:
         return 0
     cfg = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -324,7 +326,8 @@ def load_for_training(spec: str, method: str, prec: str, device: str, *, adapter
     from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg and cfg.gradient_checkpointing))
+        checkpointing = bool(cfg and cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     if adapter:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     if method == "ptuning":
@@ -408,8 +411,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed,
         **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
-        remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda, seed=cfg.seed,
-        save_strategy="steps" if save else "no", use_cpu=not on_cuda)
+        remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda,
+        seed=cfg.seed, save_strategy="steps" if save else "no", use_cpu=not on_cuda)
     trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
     trainer.fused_ce = fused
     for cb in callbacks:
@@ -442,7 +445,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
             tok.save_pretrained(str(out))
             plot_loss(trainer.state.log_history, out / "loss.png")
     res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
-                      round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens, round(seconds, 2),
+                      round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens,
+                      round(seconds, 2),
                       next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
                       {"fused_layers": fused_layers, "fused_layer_calls": fused_calls(model) if fused_layers else 0,
                        "fused_ce": fused, "compiled": compiled, "packing": packing})

@@ -100,6 +100,7 @@ def _hard_wrap(text: str, max_chars: int) -> list[str]:
 
 
 def join_units(a: str, b: str, atomic: bool = False) -> str:
+    """Text `a` followed by `b`: on a new line when `atomic`, else with `separator`."""
     if not a:
         return b
     if atomic:

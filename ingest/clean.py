@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import defaultdict
 
 import ftfy
-from collections import defaultdict
 
 from ingest.sentences import CJK_CHAR
 from ingest.types import Block

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'&.-]*[A-Za-z0-9]|[A-Za-z]")
 _ZH_ENTITY_FLAGS = {"nr", "nrt", "nrfg", "ns", "nt", "nz", "nrf"}
-_ZH_STOP = set("的 了 和 是 在 与 及 或 等 对 中 为 以 于 上 下 其 这 那 之 也 并 而 被 将 从 由 到 个 有 一 不".split())
+_ZH_STOP = set("的了和是在与及或等对中为以于上下其这那之也并而被将从由到个有一不")  # one-character stop words
 
 
 @cache
@@ -108,6 +108,7 @@ def tokens(text: str) -> list[str]:
 
 
 def keywords(text: str, k: int = 8) -> list[str]:
+    """Up to `k` keywords of the text: jieba TF-IDF for Chinese, RAKE phrases otherwise."""
     if not text.strip() or k <= 0:
         return []
     if is_chinese(text):
@@ -147,6 +148,7 @@ def _rake(text: str, k: int) -> list[str]:
 
 
 def entities(text: str, k: int = 10) -> list[str]:
+    """Up to `k` named entities of the text, most frequent first (jieba tags, spaCy NER or capitalised runs)."""
     if not text.strip() or k <= 0:
         return []
     found: Counter[str] = Counter()

@@ -209,6 +209,7 @@ NSPScorer = CrossNSPScorer
 
 
 def continuation_prob(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probability of class 0 (continuation) for each row of NSP logits, at `temperature`."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
     z = logits / temperature

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ingest.chunking import FixedChunker, NSPChunker, SentenceChunker, to_units
-from ingest.clean import clean_blocks
 from ingest.keyinfo import build_extractor
 from ingest.loaders import ParseError, discover, parse_document
 from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head, train_pair_head
@@ -62,6 +61,7 @@ class IngestReport:
 
 
 def doc_id_for(key: str) -> str:
+    """A 16-hex-digit document id derived from `key` (SHA-1)."""
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
 
 
@@ -80,6 +80,7 @@ def items_from_paths(paths: Sequence[str | Path]) -> tuple[list[FileItem], list[
 
 
 def file_hash(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -181,6 +182,7 @@ class FileParser:
 
 
 def nsp_dir(settings: Settings, kb: str) -> Path:
+    """The folder of a knowledge base's trained NSP head."""
     return settings.kb_dir(kb) / "nsp"
 
 

@@ -82,14 +82,15 @@ def partition_plain_text(text: str) -> list[Any]:
     """unstructured elements (Title, NarrativeText, ListItem, Text) for plain text, every
     non-whitespace character kept in order except the bullets of list items."""
     from unstructured.documents.elements import ListItem, NarrativeText, Text, Title
-    from unstructured.partition.text_type import (is_possible_narrative_text,
-                                                  is_possible_numbered_list, is_possible_title)
+    from unstructured.partition.text_type import (
+        is_possible_narrative_text,
+        is_possible_numbered_list,
+        is_possible_title,
+    )
 
     elements: list[Any] = []
     for para, is_item in paragraphs(text):
-        if is_item:
-            elements.append(ListItem(text=para))
-        elif is_possible_numbered_list(para):
+        if is_item or is_possible_numbered_list(para):
             elements.append(ListItem(text=para))
         elif para.endswith(_SENTENCE_END) or is_possible_narrative_text(para):
             elements.append(NarrativeText(text=para))

@@ -28,7 +28,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -69,10 +69,8 @@ def _limit_memory(max_memory_mb: float) -> float:
 def _lead_process_group() -> bool:
     """Make this worker the leader of its own process group, so that killing the group also ends
     the programs a parse runs (tesseract, soffice, pandoc); whether it is."""
-    try:
+    with suppress(OSError):
         os.setpgid(0, 0)
-    except OSError:
-        pass
     return os.getpgrp() == os.getpid()
 
 
@@ -163,10 +161,12 @@ def _run(fn: Callable[..., Any], args: tuple, limits: Limits) -> tuple[str, Any]
 
 
 def memory_reason(limits: Limits) -> str:
+    """The failure message for a parse that went over the memory limit."""
     return f"parsing needed more than parse.max_memory_mb={limits.max_memory_mb:g} MiB"
 
 
 def timeout_reason(limits: Limits) -> str:
+    """The failure message for a parse that went over the time limit."""
     return f"parsing took longer than parse.timeout_s={limits.timeout_s:g} s"
 
 

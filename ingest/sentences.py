@@ -23,6 +23,7 @@ def cjk_ratio(text: str) -> float:
 
 
 def is_chinese(text: str) -> bool:
+    """Whether more than 30% of the text's non-space characters are CJK."""
     return cjk_ratio(text) > 0.3
 
 

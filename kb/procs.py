@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -9,7 +10,5 @@ import signal
 def kill_group(pid: int) -> None:
     """SIGKILL the process group that `pid` leads (a converter, OCR program or parse worker and the
     programs it started); nothing when the group is already gone or not ours."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

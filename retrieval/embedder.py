@@ -30,6 +30,7 @@ def model_prompts(model) -> dict[str, str]:
 
 
 def check_kind(kind: str) -> str:
+    """`kind` when it is one of KINDS; ValueError otherwise."""
     if kind not in KINDS:
         raise ValueError(f"embedding kind must be one of {KINDS}, not {kind!r}")
     return kind
@@ -126,6 +127,7 @@ still, so they are left out of the null)."""
 
 
 def text_key(text: str) -> str:
+    """The SHA-1 hex digest of a text (its embedding cache key)."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 

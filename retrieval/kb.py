@@ -106,10 +106,12 @@ def shared_embedder(spec: str, device: str, batch_size: int) -> Embedder:
 
 @lru_cache(maxsize=2)
 def shared_reranker(spec: str, device: str) -> Reranker:
+    """One reranker per model and device in a process."""
     return Reranker(spec, device)
 
 
 def list_kbs(settings: Settings) -> list[dict]:
+    """Name, document and chunk counts of each knowledge base under `settings.home`."""
     out = []
     home = Path(settings.home)
     if home.is_dir():

@@ -62,4 +62,5 @@ class KeywordIndex:
 
 
 def tokens_json(text: str) -> str:
+    """The text's keyword-index tokens as a JSON list."""
     return json.dumps(tokenize(text), ensure_ascii=False)

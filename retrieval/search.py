@@ -79,9 +79,7 @@ def to_units(rows: list[dict], scores: dict[int, float], store: DocStore, cfg: R
     for r in sorted(rows, key=lambda r: -scores[r["ki_id"]]):
         s = scores[r["ki_id"]]
         level = r["level"]
-        if r["doc_id"] in small_articles:
-            key, unit_level = ("art", r["doc_id"]), "article"
-        elif level == "article":
+        if r["doc_id"] in small_articles or level == "article":
             key, unit_level = ("art", r["doc_id"]), "article"
         else:
             key, unit_level = ("seg", r["chunk_id"]), "segment"

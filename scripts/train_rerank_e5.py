@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 import kb  # noqa: E402,F401
 
 CMRC = ROOT.parent / "shared" / "data" / "cmrc2018" / "cmrc2018_trial.json"
-TRAINED_ON = "CMRC 2018 trial, train-split questions and paragraphs (i % 5 in (0, 1), eval.data.cmrc_split; CC BY-SA 4.0)"
+TRAINED_ON = ("CMRC 2018 trial, train-split questions and paragraphs "
+              "(i % 5 in (0, 1), eval.data.cmrc_split; CC BY-SA 4.0)")
 
 
 def hard_negative_groups(paragraphs: list, embedder: str, negatives: int, depth: int = 10) -> list:
@@ -44,7 +45,7 @@ def hard_negative_groups(paragraphs: list, embedder: str, negatives: int, depth:
     qv = model.encode(["query: " + q.question for _, q in questions], batch_size=32, normalize_embeddings=True)
     groups = []
     for (i, q), v in zip(questions, qv):
-        ok = lambda j: j != i and not any(a in texts[j] for a in q.answers)  # noqa: E731
+        ok = lambda j, i=i, q=q: j != i and not any(a in texts[j] for a in q.answers)  # noqa: E731
         kw = [j for j, _ in bm25.search(q.question, depth + 1) if ok(j)]
         vec = [int(j) for j in np.argsort(-(pv @ v))[: depth + 1] if ok(int(j))]
         picked: list[int] = []

@@ -26,8 +26,16 @@ from kb.settings import ConfigError, Settings
 from kb.writelock import WriteLockTimeout
 from retrieval.kb import BadChunkText, NoSuchChunk, NoSuchKB
 from serve.auth import NO_KEYS, KeyRing
-from serve.middleware import (BodyLimitMiddleware, BodyStats, RequestIdMiddleware, RequestIdFilter, Scope,
-                              error_body, install_log_context, internal_error_body)
+from serve.middleware import (
+    BodyLimitMiddleware,
+    BodyStats,
+    RequestIdFilter,
+    RequestIdMiddleware,
+    Scope,
+    error_body,
+    install_log_context,
+    internal_error_body,
+)
 from serve.routes import ROUTERS
 from serve.routes.common import ApiError, key_user
 from serve.service import Service
@@ -193,6 +201,7 @@ def log_config() -> dict:
     for handler in cfg["handlers"].values():
         handler["filters"] = ["request_id"]
     cfg["formatters"]["default"]["fmt"] = "%(levelprefix)s [%(request_id)s] %(name)s: %(message)s"
-    cfg["formatters"]["access"]["fmt"] = '%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" %(status_code)s'
+    cfg["formatters"]["access"]["fmt"] = ('%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" '
+                                          "%(status_code)s")
     cfg["loggers"][""] = {"handlers": ["default"], "level": "WARNING"}
     return cfg

@@ -29,6 +29,7 @@ class Grant:
 
 
 def parse_grant(entries: list[str]) -> Grant:
+    """The KBs an API key may read and write, from `NAME` or `NAME:r` (read) and `NAME:rw` entries."""
     read, write = set(), set()
     for e in entries:
         name, _, mode = str(e).partition(":")

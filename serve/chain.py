@@ -16,8 +16,8 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from ingest.text import terms
 from ingest.sentences import is_chinese
+from ingest.text import terms
 from kb.settings import Settings
 from retrieval.kb import KnowledgeBase
 from serve.compliance import Compliance, ReplyLibrary, StreamGuard, find_sensitive, question_confidence
@@ -69,6 +69,7 @@ def grounded_prompt(question: str, passages: list[tuple[str, str]], refusal: str
 
 
 def system_prompt(question: str, refusal: str) -> str:
+    """The system prompt in the question's language, with its refusal sentence."""
     return (SYSTEM_ZH if is_chinese(question) else SYSTEM_EN).format(refusal=refusal)
 
 
@@ -79,6 +80,7 @@ def drop_unknown_citations(answer: str, n_passages: int) -> str:
 
 
 def pieces(text: str, size: int) -> Iterator[str]:
+    """The text in consecutive slices of `size` characters."""
     for i in range(0, len(text), size):
         yield text[i : i + size]
 
@@ -206,9 +208,11 @@ class AnswerChain:
         """condense → retrieve → confidence and prompt → precheck (`early`: a fallback verdict or None)."""
         from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-        return (RunnablePassthrough.assign(standalone=RunnableLambda(lambda s: self.condense(s["question"], s.get("history"))))
+        condense = RunnableLambda(lambda s: self.condense(s["question"], s.get("history")))
+        confidence = RunnableLambda(lambda s: self.confidence(s["standalone"], s["hits"]))
+        return (RunnablePassthrough.assign(standalone=condense)
                 | RunnablePassthrough.assign(hits=RunnableLambda(lambda s: self.retrieve(s["standalone"])))
-                | RunnablePassthrough.assign(confidence=RunnableLambda(lambda s: self.confidence(s["standalone"], s["hits"])),
+                | RunnablePassthrough.assign(confidence=confidence,
                                              messages=RunnableLambda(lambda s: self.prompt(s["standalone"], s["hits"])))
                 | RunnablePassthrough.assign(early=RunnableLambda(self.precheck)))
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ingest.text import terms
 from ingest.sentences import is_chinese
+from ingest.text import terms
 from kb.settings import REPO_ROOT, ComplianceConfig
 from serve.injection import repeats
 
@@ -177,7 +177,8 @@ class Compliance:
         if v is not None:
             return v
         if confidence < self.cfg.min_retrieval_confidence:
-            return Verdict(True, f"weak retrieval (confidence {confidence:.2f} < {self.cfg.min_retrieval_confidence:.2f})",
+            floor = self.cfg.min_retrieval_confidence
+            return Verdict(True, f"weak retrieval (confidence {confidence:.2f} < {floor:.2f})",
                            self.library.pick("fallback", stage, "zh" if is_chinese(question) else "en"))
         return None
 

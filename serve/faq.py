@@ -104,7 +104,8 @@ def read_faq_file(path: str | Path) -> tuple[list[FaqRow], list[dict]]:
         raise FaqFileError(f"no such file: {p}")
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
-        raise FaqFileError(f"{p.name}: unsupported FAQ file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+        raise FaqFileError(f"{p.name}: unsupported FAQ file type {suffix or '(none)'}; "
+                           f"use one of {', '.join(SUFFIXES)}")
     if suffix == ".jsonl":
         return rows_from_jsonl(p)
     records = xlsx_records(p) if suffix == ".xlsx" else csv_records(p, "\t" if suffix == ".tsv" else ",")
@@ -150,6 +151,7 @@ def xlsx_records(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def column_of(header: list[str], keys: tuple[str, ...]) -> int | None:
+    """The column of the first of `keys` that the header names (case-insensitive); None without any."""
     names = [h.strip().lower() for h in header]
     return next((names.index(k) for k in keys if k in names), None)
 
@@ -168,7 +170,7 @@ def rows_from_table(records: Iterator[tuple[int, list[str]]], name: str) -> tupl
                 raise FaqFileError(f"{name}: line {line}: the header must name a question and an answer column "
                                    f"(question/问题, answer/答案, optional stage/阶段); it has {cells}")
             continue
-        cell = lambda i: cells[i] if i is not None and i < len(cells) else ""  # noqa: E731
+        cell = lambda i, cells=cells: cells[i] if i is not None and i < len(cells) else ""  # noqa: E731
         checked = check_row(line, cell(cols[0]), cell(cols[1]), cell(cols[2]))
         (failed if isinstance(checked, dict) else rows).append(checked)
     if header is None:
@@ -190,7 +192,7 @@ def rows_from_jsonl(path: Path) -> tuple[list[FaqRow], list[dict]]:
         if not isinstance(obj, dict):
             failed.append({"line": line, "error": "not a JSON object"})
             continue
-        get = lambda keys: next((obj[k] for k in keys if k in obj), "")  # noqa: E731
+        get = lambda keys, obj=obj: next((obj[k] for k in keys if k in obj), "")  # noqa: E731
         q, a, s = get(QUESTION_KEYS), get(ANSWER_KEYS), get(STAGE_KEYS)
         if not all(isinstance(v, str) or v is None for v in (q, a, s)):
             failed.append({"line": line, "error": "question, answer and stage must be strings"})
@@ -242,11 +244,13 @@ def import_faq(kb, path: str | Path) -> dict:
 
 
 def unchanged(stored: dict | None, row: FaqRow, model_id: str) -> bool:
+    """Whether the stored FAQ entry has this row's question, answer and stage and was embedded with `model_id`."""
     return (stored is not None and stored["question"] == row.question and stored["answer"] == row.answer
             and stored["stage"] == row.stage and stored["model_id"] == model_id)
 
 
 def list_faq(kb) -> list[FaqEntry]:
+    """The knowledge base's FAQ entries."""
     with kb.store() as store:
         return [FaqEntry(e["faq_id"], e["question"], e["answer"], e["stage"]) for e in store.faq_entries()]
 

@@ -16,10 +16,12 @@ from difflib import SequenceMatcher
 
 from ingest.sentences import split_sentences
 
-CONTROL_TOKENS = re.compile(r"<\|im_start\|>\s*(?:system|user|assistant|developer|tool)?\b|<\|[^|>\n]{1,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<\|?(?:im_start|im_end|endoftext)\|?>", re.I)
+CONTROL_TOKENS = re.compile(r"<\|im_start\|>\s*(?:system|user|assistant|developer|tool)?\b|<\|[^|>\n]{1,40}\|>"
+                            r"|\[/?INST\]|<</?SYS>>|</?s>|<\|?(?:im_start|im_end|endoftext)\|?>", re.I)
 """Chat-template markers of common model families (ChatML, Llama, Mistral)."""
 CITATION_MARK = re.compile(r"[\[［【]\s*\d{1,3}\s*[\]］】]")
-QUALIFIER = r"(?:all\s+|any\s+)?(?:of\s+)?(?:the\s+|your\s+|my\s+|these\s+|those\s+)?(?:previous|above|prior|earlier|preceding|foregoing|system|original|initial|other)?\s*"
+QUALIFIER = (r"(?:all\s+|any\s+)?(?:of\s+)?(?:the\s+|your\s+|my\s+|these\s+|those\s+)?"
+             r"(?:previous|above|prior|earlier|preceding|foregoing|system|original|initial|other)?\s*")
 INSTRUCTION = re.compile("|".join([
     rf"\b(?:ignore|disregard|forget|override|bypass)\s+{QUALIFIER}(?:instructions?|prompts?|directions|rules|guidelines)\b",
     r"\b(?:ignore|disregard)\s+(?:everything|all|the)\s+(?:above|before|previously\s+said)\b(?!\s+(?:version|form|section|table|figure|paragraph|list|page))",

@@ -9,8 +9,8 @@ when complete, so an aborted, oversize or unreadable upload never touches anothe
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -68,6 +68,7 @@ def fit_bytes(name: str, max_bytes: int) -> str:
 
 
 def uploads_dir(kb_dir: Path) -> Path:
+    """The folder under a knowledge base's folder that holds its uploads."""
     return Path(kb_dir) / "uploads"
 
 

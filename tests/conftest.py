@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import kb  # noqa: F401  (offline environment)
+import kb as _kb  # noqa: F401  (offline environment)
 from finetune.formats import CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 
@@ -78,7 +77,8 @@ def test_upload_list_and_delete_documents(server, tmp_path):
     doc_id = out["doc_ids"][0]
     docs = client(server, "reader").get("/v1/kbs/policies/documents").json()["documents"]
     assert "warranty.md" in [d["source"] for d in docs] and all("path" not in d for d in docs)
-    ans = client(server, "reader").post("/v1/ask", json={"kb": "policies", "question": "How long is the laptop warranty?"})
+    ans = client(server, "reader").post("/v1/ask",
+                                        json={"kb": "policies", "question": "How long is the laptop warranty?"})
     assert "three years" in ans.json()["answer"]
     assert w.delete(f"/v1/kbs/policies/documents/{doc_id}").json() == {"removed": {"kb": "policies", "doc_id": doc_id}}
     assert w.delete(f"/v1/kbs/policies/documents/{doc_id}").status_code == 404
@@ -97,11 +97,13 @@ def test_bad_uploads(server, settings):
 
     def chunked():  # no Content-Length: the limit is enforced while saving
         for _ in range(4):
-            yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.txt\"\r\n\r\n" if _ == 0 else b""
+            head = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.txt\"\r\n\r\n"
+            yield head if _ == 0 else b""
             yield b"y" * (40 * 1024)
         yield b"\r\n--b--\r\n"
 
-    r = w.post("/v1/kbs/policies/documents", content=chunked(), headers={"content-type": "multipart/form-data; boundary=b"})
+    r = w.post("/v1/kbs/policies/documents", content=chunked(),
+               headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 413
     r = w.post("/v1/kbs/policies/documents", files={"files": ("empty.txt", b"", "text/plain")})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unreadable_document"
@@ -139,9 +141,11 @@ def test_openai_client_chat_completions_with_and_without_streaming(server):
             finish = ev.choices[0].finish_reason
     assert "".join(pieces) == text and len(pieces) > 1 and finish == "stop"
     with pytest.raises(PermissionDeniedError):
-        OpenAI(base_url=f"{server}/v1", api_key="other", max_retries=0).chat.completions.create(model="policies", messages=msgs)
+        OpenAI(base_url=f"{server}/v1", api_key="other", max_retries=0).chat.completions.create(model="policies",
+                                                                                              messages=msgs)
     with pytest.raises(AuthenticationError):
-        OpenAI(base_url=f"{server}/v1", api_key="bad", max_retries=0).chat.completions.create(model="policies", messages=msgs)
+        OpenAI(base_url=f"{server}/v1", api_key="bad", max_retries=0).chat.completions.create(model="policies",
+                                                                                              messages=msgs)
 
 
 def test_openai_compatible_backend_talks_to_an_openai_endpoint(server, settings, monkeypatch):

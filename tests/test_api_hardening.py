@@ -51,8 +51,8 @@ def test_chunked_upload_100x_over_the_limit_is_refused_after_reading_a_small_mul
     assert limit < stats.last_read <= stats.last_limit + (400 << 10) and stats.last_read < 100 * limit / 5
     assert out["sent"] < 100 * limit / 5  # the client was stopped long before it sent it all
     # the same for a JSON route (MAX_JSON_BODY): a chunked body with no Content-Length
-    r = client(server, "reader").post("/v1/ask", content=iter([b'{"kb": "policies", "question": "' + b"x" * (MAX_JSON_BODY + 1)]),
-                                      headers={"content-type": "application/json"})
+    body = b'{"kb": "policies", "question": "' + b"x" * (MAX_JSON_BODY + 1)
+    r = client(server, "reader").post("/v1/ask", content=iter([body]), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -98,7 +98,8 @@ def test_request_ids_on_every_response_and_error_body(server):
     for bad in ("x" * 200, "a b", "<script>", "a;b"):
         r = client(server, "reader", **{"X-Request-ID": bad}).get("/v1/nope")
         assert r.status_code == 404 and r.headers["x-request-id"] != bad
-        assert r.json()["error"] == {"code": "not_found", "message": "Not Found", "request_id": r.headers["x-request-id"]}
+        assert r.json()["error"] == {"code": "not_found", "message": "Not Found",
+                                     "request_id": r.headers["x-request-id"]}
     r = client(server, "reader").request("PATCH", "/v1/ask")
     assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["code"] == "method_not_allowed"
 
@@ -146,12 +147,14 @@ def test_length_limits_on_everything_a_client_sends(server):
     for route, body in TOO_LONG:
         r = c.post(route, json=body)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (route, r.text[:300])
-    ok = {"model": "policies", "user": "u" * 256, "messages": [{"role": "user", "content": [{"type": "text", "text": "Refund?"}]}]}
+    ok = {"model": "policies", "user": "u" * 256,
+          "messages": [{"role": "user", "content": [{"type": "text", "text": "Refund?"}]}]}
     assert c.post("/v1/chat/completions", json=ok).status_code == 200  # at the limits: accepted
 
 
 def test_json_bodies_are_capped_and_the_schema_shows_the_limits(server):
-    r = client(server, "reader").post("/v1/ask", json={"kb": "policies", "question": "Refund?", "pad": "x" * MAX_JSON_BODY})
+    r = client(server, "reader").post("/v1/ask",
+                                      json={"kb": "policies", "question": "Refund?", "pad": "x" * MAX_JSON_BODY})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     schema = client(server).get("/openapi.json").json()
     parts = schema["components"]["schemas"]
@@ -182,7 +185,8 @@ def test_same_name_different_files_are_two_documents_and_identical_reupload_is_a
     b = upload(server, "notes.txt", b"Visitors must sign in at the reception desk on arrival.")
     assert a.status_code == b.status_code == 200 and a.json()["ingested"] == b.json()["ingested"] == 1
     assert a.json()["doc_ids"] != b.json()["doc_ids"]
-    assert sorted(d["doc_id"] for d in docs_named(server, "notes.txt")) == sorted(a.json()["doc_ids"] + b.json()["doc_ids"])
+    assert (sorted(d["doc_id"] for d in docs_named(server, "notes.txt"))
+            == sorted(a.json()["doc_ids"] + b.json()["doc_ids"]))
     again = upload(server, "notes.txt", b"Visitors must sign in at the reception desk on arrival.")
     assert again.status_code == 200 and again.json()["skipped"] == 1 and again.json()["ingested"] == 0
     assert again.json()["skipped_doc_ids"] == b.json()["doc_ids"]  # the client learns the id it already has
@@ -190,8 +194,10 @@ def test_same_name_different_files_are_two_documents_and_identical_reupload_is_a
     long_name = "政策" * 60 + ".txt"  # 363 bytes of UTF-8: over what a file system allows
     r = upload(server, long_name, b"Lockers are emptied every Friday evening by the facilities team.")
     assert r.status_code == 200 and r.json()["ingested"] == 1
-    assert docs_named(server, long_name) == [] and any(d["source"].startswith("政策政策") and d["source"].endswith(".txt") and len(d["source"].encode()) <= 200
-                                                        for d in client(server, "reader").get("/v1/kbs/policies/documents").json()["documents"])
+    listed = client(server, "reader").get("/v1/kbs/policies/documents").json()["documents"]
+    assert docs_named(server, long_name) == [] and any(
+        d["source"].startswith("政策政策") and d["source"].endswith(".txt") and len(d["source"].encode()) <= 200
+        for d in listed)
 
 
 def test_a_missing_kb_is_a_404_without_server_paths(server, settings):
@@ -255,7 +261,8 @@ def test_a_withheld_reply_is_in_no_response_byte(settings, kb):
     calls = [("/v1/ask", {"kb": "policies", "question": q}),
              ("/v1/ask", {"kb": "policies", "question": q, "stream": True}),
              ("/v1/chat/completions", {"model": "policies", "messages": [{"role": "user", "content": q}]}),
-             ("/v1/chat/completions", {"model": "policies", "stream": True, "messages": [{"role": "user", "content": q}]})]
+             ("/v1/chat/completions",
+              {"model": "policies", "stream": True, "messages": [{"role": "user", "content": q}]})]
     with serving(app) as base:
         c = client(base, "reader")
         for route, body in calls:

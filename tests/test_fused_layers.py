@@ -68,7 +68,8 @@ def test_fused_layers_match_transformers(arch, rows, recompute):
                                    atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("kind", "reason"), [("lora_dropout", "LoRA dropout"), ("attention_dropout", "attention dropout"),
+@pytest.mark.parametrize(("kind", "reason"), [("lora_dropout", "LoRA dropout"),
+                                               ("attention_dropout", "attention dropout"),
                                                ("eager", "attention implementation")])
 def test_unsupported_layers_keep_the_transformers_forward(kind, reason):
     extra = {"attention_dropout": 0.5} if kind == "attention_dropout" else {}

@@ -15,7 +15,8 @@ from serve.chain import AnswerChain, public, system_prompt
 from serve.injection import clean_source, is_instruction, quote
 from tests.conftest import CMRC, DOCS, ROOT, write_files
 
-ATTACK_ROWS = [json.loads(line) for line in (ROOT / "samples" / "attacks.jsonl").read_text(encoding="utf-8").splitlines()
+ATTACK_ROWS = [json.loads(line)
+               for line in (ROOT / "samples" / "attacks.jsonl").read_text(encoding="utf-8").splitlines()
                if json.loads(line)["kind"] != "business-language"]
 """Documents that attack the assistant (English and Chinese), a question each answers, and what
 an answer steered by the attack would contain (`payloads`). Instructions written as ordinary

@@ -6,7 +6,6 @@ import pytest
 
 from serve.llm import LocalLLM, build_llm
 
-
 MSGS = [{"role": "system", "content": "Answer from the context."},
         {"role": "user", "content": "Context: refunds take five days. Question: how long do refunds take?"}]
 

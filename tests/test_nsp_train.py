@@ -27,7 +27,8 @@ def test_single_document_negatives_are_far_apart():
 
 
 def test_train_head_saves_loadable_model_with_new_chinese_chars(tmp_path, tiny_nsp_dir):
-    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]], [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 4
+    docs = [[["天气很好。", "我们去公园散步。", "公园里有很多人。"]],
+            [["股票市场下跌。", "投资者很担心。", "银行利率上升。"]]] * 4
     pairs = build_pairs(docs, 40)
     meta = train_nsp_head(pairs, tiny_nsp_dir, tmp_path / "nsp", epochs=1, batch_size=8,
                           device="cpu", progress=False, heldout=0.25)
@@ -45,9 +46,11 @@ def test_train_head_saves_loadable_model_with_new_chinese_chars(tmp_path, tiny_n
 def test_pair_head_learns_topic_continuity(tmp_path, minilm_dir):
     from ingest.nsp import load_scorer_from, train_pair_head
 
-    topics = [["The reactor cools with water.", "Water flows through the reactor core.", "The core water is then pumped out."],
+    topics = [["The reactor cools with water.", "Water flows through the reactor core.",
+               "The core water is then pumped out."],
               ["Bakers knead the dough.", "The dough rests for an hour.", "Then bakers shape the dough into loaves."],
-              ["Our sales team meets clients.", "Clients tell the sales team their needs.", "The team writes client reports."]] * 3
+              ["Our sales team meets clients.", "Clients tell the sales team their needs.",
+               "The team writes client reports."]] * 3
     pairs = build_pairs([[t] for t in topics], 200)
     meta = train_pair_head(pairs, minilm_dir, tmp_path / "head", device="cpu", progress=False, heldout=0.3)
     assert meta["kind"] == "pair_head" and meta["heldout_accuracy"] >= 0.8

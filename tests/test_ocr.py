@@ -102,7 +102,8 @@ def test_ocr_off_or_missing_is_a_clear_per_file_error(tmp_path, monkeypatch):
     off = ParseConfig(ocr="off")
     with pytest.raises(ParseError, match=r"no text layer and OCR is off \(parse.ocr\)"):
         parse_document(image, "scan.png", "d1", "h", off, CleanConfig())
-    with pytest.raises(ParseError, match=r"the PDF has no text layer and OCR is off \(parse.ocr\) \(1 scanned page\(s\)\)"):
+    with pytest.raises(ParseError,
+                       match=r"the PDF has no text layer and OCR is off \(parse.ocr\) \(1 scanned page\(s\)\)"):
         parse_document(pdf, "scan.pdf", "d2", "h", off, CleanConfig())
 
     assert ocr.resolve("auto") == ocr.DEFAULT_ENGINE == "tesseract" and ocr.resolve("off") is None
@@ -183,8 +184,9 @@ def test_scanned_chinese_pdf_is_found_by_kb_search(settings, tmp_path, tiny_nsp_
 def test_pages_skipped_without_ocr_are_in_the_ingest_report(settings, tmp_path, monkeypatch):
     """What a file lost without failing (a scanned page with OCR off) is reported beside it, from
     the sandboxed worker too, not only logged."""
-    from ingest.pipeline import ingest, items_from_paths
     from pypdf import PdfWriter
+
+    from ingest.pipeline import ingest, items_from_paths
 
     writer = PdfWriter()
     writer.append(str(SAMPLES / "fake-memo.pdf"))

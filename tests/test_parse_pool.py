@@ -89,7 +89,7 @@ def test_two_workers_give_the_same_documents_chunks_and_notifications_as_one(set
     for n in (1, 2):
         calls: list[tuple[str, str]] = []
         report = ingest(items, f"kb{n}", with_workers(settings, n), progress=False,
-                        on_file=lambda src, st: calls.append((src, st)))
+                        on_file=lambda src, st, calls=calls: calls.append((src, st)))
         with DocStore.for_kb(settings.kb_dir(f"kb{n}")) as store:
             docs = [(d.doc_id, d.source, d.title, d.content_hash, d.n_chunks) for d in store.documents()]
             chunks = [(c["doc_id"], c["chunk_id"], c["text"]) for c in store.chunks()]

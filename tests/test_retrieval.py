@@ -15,6 +15,7 @@ from retrieval.search import fuse
 from retrieval.vector import FaissIndex, TorchExactIndex, choose_type, torch_from_faiss
 from tests.conftest import DOCS, write_files
 
+
 @pytest.fixture()
 def kb(settings, tmp_path):
     k = KnowledgeBase(settings, "t", create=True)
@@ -142,7 +143,8 @@ def test_index_types_and_torch_exact_search_agree():
 def test_reranker_orders_by_cross_encoder_scores(kb, tiny_reranker_dir):
     from sentence_transformers import CrossEncoder
 
-    s = kb.settings.model_copy(update={"models": kb.settings.models.model_copy(update={"reranker": str(tiny_reranker_dir)})})
+    models = kb.settings.models.model_copy(update={"reranker": str(tiny_reranker_dir)})
+    s = kb.settings.model_copy(update={"models": models})
     hits = KnowledgeBase(s, "t").search("refund", 4)
     ce = CrossEncoder(str(tiny_reranker_dir), device="cpu")
     expected = sorted(hits, key=lambda h: -float(ce.predict([("refund", h.text)])[0]))

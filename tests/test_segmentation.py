@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from eval.segmentation import (boundary_counts, fixed_cuts, make_documents, nsp_cuts, pk, score, tune_threshold,
-                               window_size, windowdiff)
+from eval.segmentation import (
+    boundary_counts,
+    fixed_cuts,
+    make_documents,
+    nsp_cuts,
+    pk,
+    score,
+    tune_threshold,
+    window_size,
+    windowdiff,
+)
 from kb.settings import ChunkingConfig
 
 

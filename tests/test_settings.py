@@ -49,7 +49,8 @@ def test_missing_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, msg", [
-    ("compliance:\n  sensitive_word: [secret]\n", "'compliance.sensitive_word' (did you mean compliance.sensitive_words?)"),
+    ("compliance:\n  sensitive_word: [secret]\n",
+     "'compliance.sensitive_word' (did you mean compliance.sensitive_words?)"),
     ("modles:\n  llm: null\n", "'modles' (did you mean models?)"),
     ("llm:\n  generation:\n    max_new_token: 3\n", "did you mean llm.generation.max_new_tokens?"),
 ])
@@ -70,7 +71,8 @@ def test_an_unknown_key_in_a_parent_or_an_override_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("var, msg", [
-    ("KB_COMPLIANCE__SENSITIVE_WORD", "KB_COMPLIANCE__SENSITIVE_WORD names no setting (did you mean KB_COMPLIANCE__SENSITIVE_WORDS?)"),
+    ("KB_COMPLIANCE__SENSITIVE_WORD",
+     "KB_COMPLIANCE__SENSITIVE_WORD names no setting (did you mean KB_COMPLIANCE__SENSITIVE_WORDS?)"),
     ("KB_HOEM", "did you mean KB_HOME?"),
     ("KB_API_KEY", "did you mean KB_API_KEYS?"),
     ("KB_HOME__X", "home has no sub-keys"),

@@ -12,7 +12,8 @@ def _doc(doc_id="d1", h="h1"):
 
 def _write(store, doc, n=2):
     chunks = [Chunk(f"chunk {i}", i) for i in range(n)]
-    kis = [KeyInfo("article", "k", "all", None, 0)] + [KeyInfo("segment", f"k{i}", f"chunk {i}", i, i) for i in range(n)]
+    kis = [KeyInfo("article", "k", "all", None, 0)] + [KeyInfo("segment", f"k{i}", f"chunk {i}", i, i)
+                                                         for i in range(n)]
     store.replace_document(doc, chunks, kis)
 
 

@@ -4,6 +4,7 @@ on a real uvicorn server (/v1/ask and the OpenAI-compatible route), `kb ask --st
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -40,8 +41,7 @@ class PiecesLLM:
     def stream(self, messages):
         self.calls += 1
         try:
-            for p in self.parts:
-                yield p
+            yield from self.parts
             self.done = True
         except GeneratorExit:
             self.closed_early = True
@@ -123,11 +123,21 @@ def test_a_model_refusal_is_not_streamed_but_becomes_the_fallback(settings, kb, 
     assert g.feed(refusal[:10]) == "" and g.feed(" but refunds take five days") != ""  # diverged: released
 
 
+def _noting(fn: Callable, calls: list) -> Callable:
+    """`fn`, appending 1 to `calls` at each call."""
+
+    def wrapper(*a, **kw):
+        calls.append(1)
+        return fn(*a, **kw)
+
+    return wrapper
+
+
 def test_checked_mode_sends_nothing_before_the_check(settings, kb, library):
     for mode, parts, before in (("checked", UNGROUNDED, True), ("checked", GROUNDED, True), ("live", GROUNDED, False)):
         chain = AnswerChain(settings, kb, llm=PiecesLLM(parts), library=library)
         checked, check = [], chain.compliance.check
-        chain.compliance.check = lambda *a, **kw: checked.append(1) or check(*a, **kw)
+        chain.compliance.check = _noting(check, checked)
         stream = chain.stream("How long does a refund take?", mode=mode)
         first = next(stream)
         assert bool(checked) is before, mode  # checked: compliance ran before the first piece
@@ -170,10 +180,10 @@ def server(settings, kb):
 
 
 def _sse(base: str, path: str, body: dict) -> list:
-    with httpx.Client(base_url=base, timeout=60, headers={"Authorization": "Bearer reader"}) as c:
-        with c.stream("POST", path, json=body) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    with (httpx.Client(base_url=base, timeout=60, headers={"Authorization": "Bearer reader"}) as c,
+          c.stream("POST", path, json=body) as r):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
@@ -207,7 +217,8 @@ def test_openai_stream_live_and_checked(server, settings):
     base, llm = server
     settings.answer.stream_mode = "live"
     llm.parts = UNGROUNDED
-    body = {"model": "policies", "stream": True, "messages": [{"role": "user", "content": "How long does a refund take?"}]}
+    body = {"model": "policies", "stream": True,
+            "messages": [{"role": "user", "content": "How long does a refund take?"}]}
     evs = _sse(base, "/v1/chat/completions", body)
     assert evs[-1] == "[DONE]"
     last = evs[-2]

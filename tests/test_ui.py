@@ -95,7 +95,6 @@ def _server() -> Iterator[dict]:
     if "proc" in state:
         state["proc"].terminate()
         state["proc"].wait(10)
-        state["log"].close()
 
 
 @pytest.fixture()
@@ -109,13 +108,13 @@ def app(_server, settings, tmp_path) -> dict:
         cfg.write_text("models: {device: cpu, llm: null}\n", encoding="utf-8")  # extractive answers
         port = free_port()
         log_path = tmp_path / "streamlit.log"
-        _server["log"] = open(log_path, "wb")
-        _server["proc"] = proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-             "--", "--config", str(cfg)],
-            stdout=_server["log"], stderr=subprocess.STDOUT,
-            env={**os.environ, "KB_HOME": str(settings.home), "KB_API_KEYS": json.dumps(KEYS)})
+        with open(log_path, "wb") as log:
+            _server["proc"] = proc = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.port", str(port),
+                 "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                 "--", "--config", str(cfg)],
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "KB_HOME": str(settings.home), "KB_API_KEYS": json.dumps(KEYS)})
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
         while True:
@@ -267,7 +266,6 @@ def test_a_read_only_key_asks_with_sources_but_cannot_upload_or_delete(app, brow
 
 @needs_browser
 def test_a_key_for_one_knowledge_base_does_not_see_another(app, browser):
-    from selenium.webdriver.common.by import By
 
     wait = _login(browser, app["url"], "a-key")
     _logged_in(wait)
@@ -325,7 +323,7 @@ def _textarea_holding(driver, text: str):
 def test_staff_see_a_documents_chunks_and_save_an_edit(app, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    
+
     from ingest.store import DocStore
 
     new = "Refunds reach the original card within five working days; store credit takes one hour."
@@ -341,7 +339,8 @@ def test_staff_see_a_documents_chunks_and_save_an_edit(app, browser):
         area.send_keys(Keys.CONTROL, "a")
         area.send_keys(Keys.DELETE)
         area.send_keys(new)
-        browser.find_element(By.CSS_SELECTOR, "input[aria-label='Your name (recorded with the edit)']").send_keys("Ulla")
+        name_field = "input[aria-label='Your name (recorded with the edit)']"
+        browser.find_element(By.CSS_SELECTOR, name_field).send_keys("Ulla")
 
     for attempt in range(3):  # a re-render can replace the form's elements under the driver
         try:

@@ -64,6 +64,7 @@ def _config_path() -> str | None:
 
 @st.cache_resource(show_spinner="Loading models…")
 def service(config: str | None) -> Service:
+    """The Service of the configuration `config`, cached across reruns and sessions."""
     return Service(load_settings(config))
 
 
@@ -108,10 +109,12 @@ def login(keys: KeyRing) -> Grant | None:
 
 
 def logout() -> None:
+    """Forget the session (the key, the KB choice and the chat)."""
     st.session_state.clear()
 
 
 def sidebar(svc: Service, grant: Grant) -> str | None:
+    """The sidebar (log out, pick or create a KB, dialogue stage); the chosen KB name or None."""
     st.sidebar.title("Knowledge base")
     st.sidebar.button("Log out", on_click=logout)
     existing = [k["name"] for k in svc.kbs()]
@@ -141,6 +144,7 @@ def sidebar(svc: Service, grant: Grant) -> str | None:
 
 
 def documents_tab(svc: Service, name: str, grant: Grant) -> None:
+    """The Documents tab: upload and ingest files, list and delete documents, show and edit chunks."""
     write = grant.can_write(name)
     ups = st.file_uploader("Upload documents", accept_multiple_files=True, key=f"up_{name}") if write else None
     replace = replace_choice(svc, name, ups[0].name) if ups and len(ups) == 1 else None
@@ -247,6 +251,7 @@ def replace_choice(svc: Service, name: str, filename: str) -> str | None:
 
 
 def show_sources(result: dict) -> None:
+    """The fallback reason, if any, and each source of a reply in an expander."""
     if result.get("fallback"):
         st.caption(f"Fallback reply: {result['reason']}")
     for i, h in enumerate(result.get("sources", [])):
@@ -255,6 +260,7 @@ def show_sources(result: dict) -> None:
 
 
 def chat_tab(svc: Service, name: str, grant: Grant) -> None:
+    """The Ask tab: the chat so far, then a new question's answer streamed, with its sources."""
     msgs = st.session_state.setdefault("messages", [])
     for m in msgs:
         with st.chat_message(m["role"]):
@@ -288,10 +294,12 @@ def chat_tab(svc: Service, name: str, grant: Grant) -> None:
         if result.get("replace"):  # what was shown failed the final compliance check
             box.markdown(result["answer"])
         show_sources(result)
-    msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": result["answer"], "result": result}]
+    msgs += [{"role": "user", "content": question},
+             {"role": "assistant", "content": result["answer"], "result": result}]
 
 
 def main() -> None:
+    """The app: log in with a key, pick a knowledge base, then the Ask and Documents tabs."""
     st.set_page_config(page_title="Knowledge base", layout="wide")
     config = _config_path()
     try:

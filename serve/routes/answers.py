@@ -27,6 +27,7 @@ ASK_RESPONSES = {**with_sse("the `kb ask` JSON, or with `stream` server-sent eve
 
 @router.post("/v1/search", responses=errors(400, 401, 403, 404, 413, 422))
 def search(body: SearchRequest, caller: Caller, svc: Svc) -> dict:
+    """Retrieve passages: the `kb search --json` document."""
     chain = svc.chain(caller.readable(body.kb))
     return {"hits": [h.to_json() for h in chain.kb.search(body.query, body.k)]}
 

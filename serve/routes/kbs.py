@@ -34,11 +34,13 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.get("/v1/kbs", responses=errors(401))
 def kbs(g: Auth, svc: Svc) -> dict:
+    """The knowledge bases the caller may read, with their document and chunk counts."""
     return {"kbs": [k for k in svc.kbs() if g.can_read(k["name"])]}
 
 
 @router.get("/v1/kbs/{kb}/documents", responses=errors(401, 403, 404, 422))
 def documents(kb: KBPath, caller: Caller, svc: Svc) -> dict:
+    """A knowledge base's documents (without their server paths)."""
     docs = svc.kb(caller.readable(kb)).documents()
     return {"kb": kb, "documents": [{k: v for k, v in d.items() if k != "path"} for d in docs]}
 
@@ -80,6 +82,7 @@ def upload_fields(form: FormData) -> tuple[list[tuple[str | None, BinaryIO]], st
 
 @router.delete("/v1/kbs/{kb}/documents/{doc_id}", responses=errors(401, 403, 404, 422))
 def delete_document(kb: KBPath, doc_id: str, caller: Caller, svc: Svc) -> dict:
+    """Remove a document from a knowledge base; 404 when there is none of that id."""
     if not svc.remove_document(caller.writable(kb), doc_id):
         raise NoSuchDocument(f"no document {doc_id!r} in knowledge base {kb!r}")
     return {"removed": {"kb": kb, "doc_id": doc_id}}

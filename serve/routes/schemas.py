@@ -22,7 +22,8 @@ Turn = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class AskRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"kb": "policies", "question": "How long does a refund take?"}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"kb": "policies", "question": "How long does a refund take?"}]})
     kb: KBName
     question: str = Field(min_length=1, max_length=MAX_TEXT)
     history: list[tuple[Turn, Turn]] = Field(default_factory=list, max_length=50,
@@ -74,7 +75,8 @@ class ChatRequest(BaseModel):
 
 
 class ChunkEditRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"text": "Refunds reach the card within five working days."}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"text": "Refunds reach the card within five working days."}]})
     text: str = Field(min_length=1, max_length=MAX_CHUNK_TEXT, pattern=r"\S",
                       description="the chunk's new text (not only white space)")
     user: str | None = Field(default=None, max_length=MAX_USER - 40,
