@@ -394,22 +394,18 @@ def wrap_ingest_stages(timer: StageTimer) -> None:
     from retrieval.keyword import KeywordIndex
     from retrieval.vector import FaissIndex
 
-    timer.wrap(pipeline.FileParser, "parse_each", "parse+clean (sandboxed workers)")
-    timer.wrap(pipeline, "to_units", "sentence split (units)")
-    timer.wrap(pipeline, "_chunker", "load NSP model")
-    timer.wrap(NSPChunker, "chunk_many", "NSP chunking: pairs + merge")
+    stages = [(pipeline.FileParser, "parse_each", "parse+clean (sandboxed workers)"),
+              (pipeline, "to_units", "sentence split (units)"), (pipeline, "_chunker", "load NSP model"),
+              (NSPChunker, "chunk_many", "NSP chunking: pairs + merge"), (ExtractiveKeyInfo, "extract", "key info"),
+              (DocStore, "apply_edits", "store write"), (DocStore, "replace_document", "store write"),
+              (rkb, "shared_embedder", "load embedder"), (index, "desired_entries", "index: read store"),
+              (EmbeddingCache, "embed", "embedding cache"), (index, "cached_tokens", "index: BM25"),
+              (KeywordIndex, "build", "index: BM25"), (FaissIndex, "build", "index: FAISS build"),
+              (index.IndexDir, "publish", "index: write generation")]
+    for owner, name, stage in stages:
+        timer.wrap(owner, name, stage)
     timer.wrap(CrossNSPScorer, "continue_probs", "NSP model", lambda self, pairs, *a, **k: len(pairs))
-    timer.wrap(ExtractiveKeyInfo, "extract", "key info")
-    timer.wrap(DocStore, "apply_edits", "store write")
-    timer.wrap(DocStore, "replace_document", "store write")
-    timer.wrap(rkb, "shared_embedder", "load embedder")
-    timer.wrap(index, "desired_entries", "index: read store")
-    timer.wrap(EmbeddingCache, "embed", "embedding cache")
     timer.wrap(Embedder, "encode", "embedding model", lambda self, texts, *a, **k: len(texts))
-    timer.wrap(index, "cached_tokens", "index: BM25")
-    timer.wrap(KeywordIndex, "build", "index: BM25")
-    timer.wrap(FaissIndex, "build", "index: FAISS build")
-    timer.wrap(index.IndexDir, "publish", "index: write generation")
 
 
 def parse_clean_split(folder: Path, settings, limit: int) -> dict:

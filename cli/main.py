@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ log = logging.getLogger("kb")
 
 class UsageError(Exception):
     """Bad usage or bad input: exit code 2."""
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Bad input the library reports (ValueError, FileNotFoundError) as a usage error: exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[dict], str]) -> None:
@@ -336,12 +346,10 @@ def cmd_eval_ablate(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"unknown corpus or factor {bad}: corpora {', '.join(CORPORA)}; factors {', '.join(FACTORS)}")
     if args.answers:
         return _ablate_answers(args, corpora)
-    try:
+    with usage_errors():
         result = run_ablation(args.file, args.work, config=args.config, corpora=corpora,
                               splits=tuple(args.splits.split(",")), factors=factors or None, k=args.k,
                               limit=args.limit, progress=not args.quiet, say=log.info)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     if args.report:
         write_report(result, args.report)
     _emit(args, result, markdown)
@@ -355,7 +363,7 @@ def _ablate_answers(args: argparse.Namespace, corpora: list[str]) -> int:
     if len(corpora) != 1:
         raise UsageError("--answers runs on one corpus: give --corpora long (or paragraphs)")
     names = [n for n in args.answers.split(",") if n]
-    try:
+    with usage_errors():
         grid_result = json.loads(Path(args.from_result).read_text(encoding="utf-8")) if args.from_result else None
         if len(names) == 1 and names[0].startswith("top") and names[0][3:].isdigit():
             if grid_result is None:
@@ -366,8 +374,6 @@ def _ablate_answers(args: argparse.Namespace, corpora: list[str]) -> int:
         result = run_answers(args.file, args.work, names, config=args.config, corpus_name=corpora[0],
                              splits=tuple(args.splits.split(",")), n_in=n_in, n_out=n_out,
                              progress=not args.quiet, say=log.info, docs_sha256=expect)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     if args.from_result:
         result["picked_from"] = args.from_result
     if args.report:
@@ -381,11 +387,9 @@ def cmd_eval_segmentation(args: argparse.Namespace, settings: Settings) -> int:
     from eval.report import provenance
     from eval.segment_eval import evaluate_segmentation, write_report
 
-    try:
+    with usage_errors():
         result = evaluate_segmentation(settings, args.file, n_docs=args.docs, seed=args.seed, pair_head=args.pair_head,
                                        samples=args.samples or None, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     result["provenance"] = provenance(settings, [args.file])
     if args.report:
         write_report(result, args.report)
@@ -432,11 +436,9 @@ def cmd_finetune_data(args: argparse.Namespace, settings: Settings) -> int:
     kb_ = _open_kb(settings, args.kb)
     if args.questions:
         return _finetune_data_from_questions(args, settings, kb_)
-    try:
+    with usage_errors():
         out = build_training_data(settings, kb_, args.out, general=args.general, fmt=args.format,
                                   embed_out=args.embed_out, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     _emit(args, out, lambda r: (f"{r['examples']} SFT examples -> {r['out']} ({r['domain']} domain, "
                                 f"{r['refusals']} refusals, {r['identity']} identity, {r['general']} general; "
                                 f"{r['generator']} questions)\n"
@@ -465,11 +467,9 @@ def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.sft import finetune_llm
 
     _apply_overrides(settings, args)
-    try:
+    with usage_errors():
         out = finetune_llm(settings, args.data, args.out, method=args.method, model=args.model, adapter=args.adapter,
                            resume=args.resume, progress=not args.quiet, max_steps=args.max_steps)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun/deepspeed: one report, from the main process
         return 0
     _emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, "
@@ -482,11 +482,9 @@ def cmd_finetune_embed(args: argparse.Namespace, settings: Settings) -> int:
     """`kb finetune embed`: fine-tune the embedder on query/passage pairs."""
     from finetune.embed import finetune_embedder
 
-    try:
+    with usage_errors():
         out = finetune_embedder(settings, args.data, args.out, model=args.model, progress=not args.quiet,
                                 max_steps=args.max_steps)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     _emit(args, out, lambda r: (f"{r['steps']} steps, loss {r['train_loss']:.4f}, {r['pairs_per_s']:.0f} pairs/s, "
                                 f"{r['added_tokens']} characters added -> {r['out']} (set models.embedder to it, "
                                 "then `kb reindex`)"))
@@ -497,11 +495,9 @@ def cmd_finetune_rerank(args: argparse.Namespace, settings: Settings) -> int:
     """`kb finetune rerank`: train the cross-encoder reranker on query/pos/neg rows."""
     from finetune.rerank import finetune_reranker
 
-    try:
+    with usage_errors():
         out = finetune_reranker(settings, args.data, args.out, model=args.model, progress=not args.quiet,
                                 max_steps=args.max_steps)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     _emit(args, out, lambda r: (f"{r['steps']} steps on {r['train_groups']} queries, loss {r['first_loss']:.3f} -> "
                                 f"{r['final_loss']:.3f}; held-out top-1 {r['heldout_before']['top1']} -> "
                                 f"{r['heldout_after']['top1']} -> {r['out']} (set models.reranker to it)"))
@@ -515,10 +511,8 @@ def cmd_finetune_merge(args: argparse.Namespace, settings: Settings) -> int:
     base = args.base or settings.models.llm
     if not base:
         raise UsageError("no base model: pass --base or set models.llm")
-    try:
+    with usage_errors():
         out = merge_adapter(base, args.adapter, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
     _emit(args, out, lambda r: f"merged {r['adapter']} into {r['base']} -> {r['out']}")
     return 0
 
