@@ -179,7 +179,7 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
     from finetune.formats import load_pairs
     from finetune.sft import plot_loss
     from ingest.nsp import add_unknown_chars
-    from kb.fsutil import building_dir
+    from kb.fsutil import building_dir, umask_mode
     from kb.models import pick_device, resolve_model
 
     cfg = settings.finetune
@@ -217,7 +217,7 @@ def finetune_embedder(settings, data: str | Path, out: str | Path, *, model: str
               "pairs_per_s": round(res["pairs_per_s"], 1), "tokens_per_s": round(res["tokens_per_s"], 1),
               "peak_mem_gib": round(res["peak_mem_gib"], 3), "examples": len(pairs), "added_tokens": added,
               "method": cfg.embed_method, "seconds": round(seconds, 2), "skipped_rows": problems}
-    with building_dir(out, mode=0o755) as tmp:
+    with building_dir(out, mode=umask_mode(0o777)) as tmp:
         st.save(str(tmp))
         plot_loss(history, tmp / "loss.png")
         (tmp / "train_result.json").write_text(json.dumps(result, indent=2))

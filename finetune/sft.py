@@ -550,7 +550,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kb.fsutil import building_dir
+    from kb.fsutil import building_dir, umask_mode
     from kb.models import resolve_model
 
     pc = PeftConfig.from_pretrained(str(adapter))
@@ -561,7 +561,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> dict:
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out = Path(out)
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
-    with building_dir(out, mode=0o755) as tmp:
+    with building_dir(out, mode=umask_mode(0o777)) as tmp:
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
     return {"out": str(out), "base": base, "adapter": str(adapter),

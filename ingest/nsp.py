@@ -28,7 +28,7 @@ import numpy as np
 
 from ingest.text import terms
 from kb.cross_encoder import is_sequence_classifier
-from kb.fsutil import building_dir
+from kb.fsutil import building_dir, umask_mode
 from kb.models import pick_device
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def train_pair_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str 
     bias = np.array([0.0, clf.intercept_[0]], dtype=np.float32)
     acc = float((pred == yh).mean())
     out = Path(out_dir)
-    with building_dir(out, mode=0o755) as tmp:
+    with building_dir(out, mode=umask_mode(0o777)) as tmp:
         save_file({"weight": torch.tensor(weight), "bias": torch.tensor(bias),
                    "mean": torch.tensor(mean), "std": torch.tensor(std)}, str(tmp / "head.safetensors"))
         meta = {"kind": "pair_head", "out": str(out), "pairs": len(pairs), "train_pairs": len(yt),
@@ -409,7 +409,7 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
         "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "seconds": round(time.perf_counter() - t0, 2), "device": dev, "added_tokens": added,
     }
-    with building_dir(out, mode=0o755) as tmp:
+    with building_dir(out, mode=umask_mode(0o777)) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))

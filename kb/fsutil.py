@@ -27,7 +27,9 @@ def building_dir(dest: Path, *, mode: int | None = None) -> Iterator[Path]:
     private (0700) unless `mode` is given."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    for stale in dest.parent.glob(f".{dest.name}.building-*"):  # left by a killed build of the same folder
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:
         if mode is not None:
             tmp.chmod(mode)
@@ -36,6 +38,14 @@ def building_dir(dest: Path, *, mode: int | None = None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, dest)
+
+
+def umask_mode(base: int) -> int:
+    """`base` (0o666 for a file, 0o777 for a folder) less the process umask: what open() or
+    mkdir() would have given, for temporary files and folders that start private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
 
 
 def make_readable(folder: Path) -> None:

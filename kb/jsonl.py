@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from kb.fsutil import replacing_file
+from kb.fsutil import replacing_file, umask_mode
 
 
 def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
@@ -39,7 +39,7 @@ def by_line(problems: list[str]) -> list[str]:
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows to `path` atomically (a temporary file renamed into place); returns the count."""
     n = 0
-    with replacing_file(Path(path), mode=0o644) as tmp, tmp.open("w", encoding="utf-8") as fh:
+    with replacing_file(Path(path), mode=umask_mode(0o666)) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1

@@ -3,6 +3,7 @@ step-timing callback."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from types import SimpleNamespace
 
@@ -88,3 +89,20 @@ def test_step_mark_notes_time_and_count_at_its_steps(monkeypatch):
     plain = sft.step_mark(9, lambda: 1, cuda=False)
     plain.on_step_end(None, SimpleNamespace(global_step=1), None)
     assert plain.t is None and plain.end is None and plain.n == 0
+
+
+def test_building_dir_sweeps_what_a_killed_build_left(tmp_path):
+    """A hard kill skips the cleanup: the next build of the same folder removes the leftover, and
+    leaves other folders' builds alone; modes follow the umask as mkdir would."""
+    from kb.fsutil import umask_mode
+
+    (tmp_path / ".model.building-abc").mkdir()
+    (tmp_path / ".other.building-abc").mkdir()
+    with building_dir(tmp_path / "model", mode=umask_mode(0o777)) as tmp:
+        (tmp / "w").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.building-abc", "model"]
+    mask = os.umask(0o077)
+    try:
+        assert umask_mode(0o666) == 0o600 and umask_mode(0o777) == 0o700
+    finally:
+        os.umask(mask)
