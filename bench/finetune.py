@@ -213,7 +213,7 @@ def run_project(shape, exs, args, cfg, callbacks):
     from finetune.sft import train
 
     model = build(shape, args.targets, args.r)
-    if os.environ.get("KB_BENCH_MEM"):
+    if args.mem_probe:
         callbacks = [*callbacks, MemProbe(model)]
     res = train(model, Tok(), exs, cfg, "/tmp/bench_ft_project", method="lora", prec="bf16", progress=False,
                 max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup, callbacks=callbacks)
@@ -272,16 +272,10 @@ def child(args) -> None:
 
     args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     shape, kind, side = args.shapes, args.lengths, args.child
-    if os.environ.get("KB_CE_BUDGET"):
-        import finetune.sft as sft
-
-        rows = sft.ce_chunk_rows
-        sft.ce_chunk_rows = lambda vocab, budget=int(os.environ["KB_CE_BUDGET"]): rows(vocab, budget)
     big = shape == "7b"
     cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
                          gradient_checkpointing=big, save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
-    n_ex = (args.warmup + args.steps + 2) * cfg.batch_size * (6 if kind == "sft" else 1)
-    exs = examples(n_ex, SHAPES[shape]["vocab_size"], kind, args.max_length)
+    exs = bench_examples(shape, kind, cfg.batch_size, args.warmup + args.steps, args.max_length)
     callbacks = [Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2)] \
         if args.profile else []
     torch.cuda.empty_cache()
@@ -297,14 +291,7 @@ def child(args) -> None:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
     attn_len, labelled = shares(exs)
     model_flops = flops_per_token(p, attn_len, labelled)
-    # the project's fused loss runs the head on labelled positions only; Liger's and the plain
-    # Trainer's run it on every position
-    done_flops = flops_per_token(p, attn_len, labelled if side == "project" else 1.0,
-                                 recomputed(side, p, cfg.gradient_checkpointing, out.get("kernels")),
-                                 cfg.gradient_checkpointing)
-    out["mfu"] = round(out["tokens_per_s"] * model_flops / peak, 4) if peak else None
-    out["flops_done_per_token"] = done_flops
-    out["hfu"] = round(out["tokens_per_s"] * done_flops / peak, 4) if peak else None
+    out.update(utilisation(p, exs, side, cfg.gradient_checkpointing, out, peak))
     out["tokens_per_s"] = round(out["tokens_per_s"], 1)
     out["peak_mem_gib"] = round(out["peak_mem_gib"], 2)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -317,11 +304,30 @@ def child(args) -> None:
     print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
 
 
+def bench_examples(shape: str, kind: str, batch_rows: int, steps: int, max_length: int) -> list:
+    """The examples every side of a setting trains on: enough rows for `steps` steps (and two to
+    spare), six times as many SFT-shaped examples since several pack into a row."""
+    n = (steps + 2) * batch_rows * (6 if kind == "sft" else 1)
+    return examples(n, SHAPES[shape]["vocab_size"], kind, max_length)
+
+
+def utilisation(p: dict, exs, side: str, checkpointing: bool, out: dict, peak: float) -> dict:
+    """MFU (model FLOPs) and HFU (the FLOPs `side` does) of a side's result `out`, with its FLOPs
+    done per token. The project's fused loss runs the head on labelled positions only; Liger's and
+    the plain Trainer's run it on every position."""
+    attn_len, labelled = shares(exs)
+    model_flops = flops_per_token(p, attn_len, labelled)
+    done = flops_per_token(p, attn_len, labelled if side == "project" else 1.0,
+                           recomputed(side, p, checkpointing, out.get("kernels")), checkpointing)
+    return {"mfu": round(out["tokens_per_s"] * model_flops / peak, 4) if peak else None,
+            "flops_done_per_token": done, "hfu": round(out["tokens_per_s"] * done / peak, 4) if peak else None}
+
+
 def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     """`child` in a fresh process; its JSON, or None (with the error printed) when it failed."""
     cmd = [sys.executable, __file__, "--child", side, "--shapes", shape, "--lengths", kind, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--r", str(args.r),
-           "--targets", args.targets, "--profile", args.profile]
+           "--targets", args.targets, "--profile", args.profile] + (["--mem-probe"] if args.mem_probe else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stderr.splitlines():
         if line.startswith("mem "):
@@ -346,20 +352,15 @@ def recount(name: str) -> Path:
         shape = s["shape"].split("-")[-1].lower()
         with torch.device("meta"):
             p = linear_params(build(shape, s["lora_targets"], s["lora_r"], device="meta"))
-        per_batch = 6 if s["lengths"] == "sft" else 1
-        exs = examples((s["warmup_steps"] + s["timed_steps"] + 2) * s["batch_rows"] * per_batch,
-                       SHAPES[shape]["vocab_size"], s["lengths"], s["max_length"])
+        exs = bench_examples(shape, s["lengths"], s["batch_rows"], s["warmup_steps"] + s["timed_steps"],
+                             s["max_length"])
         attn_len, labelled = shares(exs)
         s.update(model_flops_per_token=flops_per_token(p, attn_len, labelled), labelled_share=round(labelled, 4),
                  attention_length=round(attn_len, 1))
         for side in SIDES:
             if side in row:
-                out = row[side]
-                done = flops_per_token(p, attn_len, labelled if side == "project" else 1.0,
-                                       recomputed(side, p, s["gradient_checkpointing"], out.get("kernels")),
-                                       s["gradient_checkpointing"])
-                out.update(mfu=round(out["tokens_per_s"] * s["model_flops_per_token"] / s["peak_bf16_flops"], 4),
-                           flops_done_per_token=done, hfu=round(out["tokens_per_s"] * done / s["peak_bf16_flops"], 4))
+                row[side].update(utilisation(p, exs, side, s["gradient_checkpointing"], row[side],
+                                             s["peak_bf16_flops"]))
     prov = provenance()
     data["recounted"] = {"command": prov["command"], "commit": prov["commit"], "date": prov["date"],
                          "what": "mfu and hfu with the head counted on labelled positions only in model FLOPs (and in "
@@ -410,7 +411,9 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--sides", default=",".join(SIDES))
-    ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 3 timed steps per side")
+    ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 2 timed steps per side")
+    ap.add_argument("--mem-probe", action="store_true",
+                    help="print the project side's memory at each step's start, after its forward and its peak")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")

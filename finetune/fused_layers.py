@@ -168,11 +168,16 @@ def fused_forward(self, hidden_states, attention_mask=None, position_ids=None, c
                 dims, self._fused_recompute)
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of `model` (a peft model's base model's), or none."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(getattr(inner.get_decoder(), "layers", []))
+
+
 def install(model, *, recompute: bool, compile: bool) -> int:
     """Give every supported decoder layer of `model` the fused forward; the number installed (0
     when any layer is unsupported: then the model trains as before, and the reason is logged)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = list(getattr(inner.get_decoder(), "layers", []))
+    layers = decoder_layers(model)
     reasons = {r for r in (unsupported(layer) for layer in layers) if r}
     if not layers or reasons:
         log.info("fused decoder layers off: %s", "; ".join(sorted(reasons)) or "no decoder layers")
@@ -187,5 +192,4 @@ def install(model, *, recompute: bool, compile: bool) -> int:
 
 def calls(model) -> int:
     """How many times the fused forward ran (over all layers) since `install`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return sum(getattr(layer, "_fused_calls", 0) for layer in getattr(inner.get_decoder(), "layers", []))
+    return sum(getattr(layer, "_fused_calls", 0) for layer in decoder_layers(model))

@@ -377,14 +377,13 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     fused = cfg.fused_ce and method != "ptuning" and zero_stage(cfg.deepspeed) < 3
     on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning")
-    fused_layers = 0
-    if fused_layers_wanted(cfg, method, on_cuda):
-        from finetune.fused_layers import install
+    from finetune.fused_layers import calls as fused_calls
+    from finetune.fused_layers import install
 
-        fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled)
+    fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled) \
+        if fused_layers_wanted(cfg, method, on_cuda) else 0
     if compiled and not fused_layers:
         compile_layers(model)
-    from finetune.fused_layers import calls as fused_calls
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
