@@ -191,8 +191,9 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
     (as rows, recorded from its batch sampler), for the project to run."""
     import datasets
     import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainer
 
+    from finetune.embed import load_sentence_transformer
     from finetune.sft import step_mark
 
     try:
@@ -206,7 +207,7 @@ def run_baseline(folder: Path, rows: list[dict], args, device: str, method: str)
         from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
 
     cuda = device.startswith("cuda")
-    st = SentenceTransformer(str(folder), device=device, model_kwargs={"attn_implementation": "sdpa"})
+    st = load_sentence_transformer(folder, device)
     st.max_seq_length = args.max_seq_length
     if method == "lora":
         add_lora(st, args.seed)
