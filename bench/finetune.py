@@ -174,9 +174,10 @@ class Profile:
 
 class MemProbe:
     """A TrainerCallback printing, for each step, memory allocated at its start, after the forward
-    pass (the final norm's output) and the step's peak, in GiB."""
+    pass (the final norm's output) and the step's peak, in GiB; for the first timed step also what
+    the step had allocated at its peak, grouped by where (`peak_breakdown`)."""
 
-    def __new__(cls, model):
+    def __new__(cls, model, record_step: int):
         import torch
         from transformers import TrainerCallback
 
@@ -189,12 +190,61 @@ class MemProbe:
             def on_step_begin(self, args, state, control, **kw):
                 torch.cuda.reset_peak_memory_stats()
                 marks["start"] = torch.cuda.memory_allocated() / 2**30
+                if state.global_step == record_step:
+                    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
 
             def on_step_end(self, args, state, control, **kw):
                 marks["peak"] = torch.cuda.max_memory_allocated() / 2**30
                 print("mem", state.global_step, {k: round(v, 3) for k, v in marks.items()}, file=sys.stderr, flush=True)
+                if state.global_step == record_step + 1:
+                    snap = torch.cuda.memory._snapshot()
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                    for line in peak_breakdown(snap["device_traces"][0]):
+                        print("mem", line, file=sys.stderr, flush=True)
 
         return _M()
+
+
+def _where(frames: list) -> str:
+    """A short label for an allocation's Python stack: its innermost frame and the innermost one in
+    this project's code."""
+    def short(f):
+        return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+    ours = next((f for f in frames if any(k in f["filename"] for k in ("/finetune/", "/bench/"))), None)
+    return short(frames[0]) + (f" <- {short(ours)}" if ours and ours is not frames[0] else "") if frames else "?"
+
+
+def peak_breakdown(trace: list, top: int = 14) -> list[str]:
+    """Lines describing the moment a recorded step allocated most (beyond what was live when the
+    recording began): the total, the allocation that reached it and the live blocks grouped by
+    `_where`, largest first."""
+    cur = peak = 0
+    at = -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            cur += e["size"]
+            if cur > peak:
+                peak, at = cur, i
+        elif e["action"] == "free_completed":
+            cur -= e["size"]
+    live: dict = {}
+    for e in trace[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups: dict[str, list] = {}
+    for e in live.values():
+        g = groups.setdefault(_where(e.get("frames", [])), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    if at < 0:
+        return ["no allocations recorded"]
+    reached = _where(trace[at].get("frames", []))
+    lines = [f"peak +{peak / 2**30:.3f} GiB at event {at}/{len(trace)}, reached by {reached}"]
+    for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {size / 2**20:9.1f} MiB  {n:5d} blocks  {where}")
+    return lines
 
 
 def counting(collate, tokens: dict):
@@ -214,7 +264,7 @@ def run_project(shape, exs, args, cfg, callbacks):
 
     model = build(shape, args.targets, args.r)
     if args.mem_probe:
-        callbacks = [*callbacks, MemProbe(model)]
+        callbacks = [*callbacks, MemProbe(model, args.warmup)]
     res = train(model, Tok(), exs, cfg, "/tmp/bench_ft_project", method="lora", prec="bf16", progress=False,
                 max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup, callbacks=callbacks)
     out = {"tokens_per_s": res.tokens_per_s, "peak_mem_gib": res.peak_mem_gib, "first_loss": res.first_loss,
@@ -234,6 +284,8 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     model = build(shape, args.targets, args.r)
+    if args.mem_probe:
+        callbacks = [*callbacks, MemProbe(model, args.warmup)]
     tokens = {"n": 0}
     data: list = exs
     if side == "baseline":
@@ -274,7 +326,8 @@ def child(args) -> None:
     shape, kind, side = args.shapes, args.lengths, args.child
     big = shape == "7b"
     cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
-                         gradient_checkpointing=big, save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
+                         gradient_checkpointing=big if args.checkpointing == "auto" else args.checkpointing == "on",
+                         save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
     exs = bench_examples(shape, kind, cfg.batch_size, args.warmup + args.steps, args.max_length)
     callbacks = [Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2)] \
         if args.profile else []
@@ -327,7 +380,8 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     """`child` in a fresh process; its JSON, or None (with the error printed) when it failed."""
     cmd = [sys.executable, __file__, "--child", side, "--shapes", shape, "--lengths", kind, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--r", str(args.r),
-           "--targets", args.targets, "--profile", args.profile] + (["--mem-probe"] if args.mem_probe else [])
+           "--targets", args.targets, "--profile", args.profile, "--checkpointing", args.checkpointing] \
+        + (["--mem-probe"] if args.mem_probe else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stderr.splitlines():
         if line.startswith("mem "):
@@ -412,8 +466,11 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--sides", default=",".join(SIDES))
     ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 2 timed steps per side")
+    ap.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
+                    help="activation checkpointing on every side (auto: on for 7b)")
     ap.add_argument("--mem-probe", action="store_true",
-                    help="print the project side's memory at each step's start, after its forward and its peak")
+                    help="print each side's memory at each step's start, after its forward and its peak, "
+                         "and the first timed step's live blocks at its peak")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")

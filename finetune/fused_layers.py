@@ -77,12 +77,17 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, parts: tuple) -> torch.Tensor:
+    """x W^T + b, plus the LoRA term scale * (x A^T) B^T accumulated into the same output by the
+    second GEMM (addmm): no separate full-width LoRA output and sum, which in a 7B backward held
+    four more MLP-sized buffers at the peak (measured: 17.35 -> 16.72 GiB)."""
     w, b, lora = parts
     y = F.linear(x, w, b)
-    if lora is not None:
-        a, bb, scale = lora
-        y = y + F.linear(F.linear(x, a.to(x.dtype)), bb.to(x.dtype)) * scale
-    return y
+    if lora is None:
+        return y
+    a, bb, scale = lora
+    xa = F.linear(x, a.to(x.dtype))
+    return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), bb.to(x.dtype).t(),
+                       alpha=scale).view(y.shape)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

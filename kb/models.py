@@ -11,6 +11,7 @@ A model spec is one of
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -126,6 +127,18 @@ def pick_device(setting: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encoder_attention(device: str):
+    """A context for batched encoder inference: on CUDA, SDPA chooses among the flash,
+    memory-efficient and math kernels but not cuDNN's, which builds a plan for every new (batch,
+    width) shape; ingestion's padded widths rarely repeat (measured on an H200, NSP cross-encoder:
+    375 pairs/s the first time the shapes are seen, 3,400 once cached). Elsewhere a no-op."""
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def cpu_has_bf16() -> bool:
