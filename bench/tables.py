@@ -212,18 +212,19 @@ def generate_gpu_table() -> str:
 @table("finetune_gpu")
 def finetune_gpu_table() -> str:
     """Fine-tuning speed and memory: the project's trainer, plain Trainer + peft, Liger + flattening,
-    Liger on packed rows, one run per shape (finetune_gpu_*.json)."""
+    Liger on packed rows, one run per file (finetune_gpu_*.json; the 0.5B full rows twice)."""
     rows = []
     sides = ("project", "baseline", "recipe", "recipe_packed")
-    for name in ("finetune_gpu_0.5b", "finetune_gpu_7b"):
+    for name in ("finetune_gpu_0.5b", "finetune_gpu_0.5b_run2", "finetune_gpu_7b", "finetune_gpu_7b_nockpt"):
         for r in load(name)["runs"]:
             s, p = r["setting"], r["project"]
             width = f"{s['batch_rows']} x {s['max_length']}" + (", ckpt" if s["gradient_checkpointing"] else "")
-            rows.append([s["shape"][:-1] + s["shape"][-1].upper(), s["lengths"], width,
+            shape = s["shape"][:-1] + s["shape"][-1].upper()
+            rows.append([shape, s["lengths"], width, name.removeprefix("finetune_gpu_"),
                          *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" for x in sides),
                          f"{num(r['speedup_vs_recipe'], 2)}x / {num(r['speedup_vs_recipe_packed'], 2)}x",
                          f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
-    return md(rows, ["shape", "lengths", "rows x width", "project tokens/s (GiB)", "Trainer + peft",
+    return md(rows, ["shape", "lengths", "rows x width", "file", "project tokens/s (GiB)", "Trainer + peft",
                      "Liger + flattening", "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
 
 
