@@ -173,6 +173,22 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb migrate --kb NAME --to CONFIG`: the KB under another configuration's backend, verified."""
+    from kb.settings import load_settings
+    from retrieval.migrate import MigrationMismatch, migrate_kb
+
+    _open_kb(settings, args.kb)
+    try:
+        info = migrate_kb(settings, load_settings(args.to), args.kb, args.queries, args.min_agreement,
+                          progress=not args.quiet)
+    except (ValueError, MigrationMismatch) as e:
+        raise UsageError(str(e)) from e
+    _emit(args, info, lambda r: f"{r['kb']}: {r['from']} -> {r['to']}, {r['vectors']['target']} vectors, "
+                                f"same top 5 for {r['same_top5']:.1%} of {r['queries']} sampled queries")
+    return 0
+
+
 def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
     """`kb kbs`: list the knowledge bases with their document and chunk counts."""
     from retrieval.kb import list_kbs
@@ -662,6 +678,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reindex", parents=[common], help="rebuild a KB's index (e.g. after changing the embedder)")
     s.add_argument("--kb", required=True)
     s.set_defaults(func=cmd_reindex)
+
+    s = sub.add_parser("migrate", parents=[common],
+                       help="copy a KB to another configuration's backend (FAISS <-> Milvus), verified")
+    s.add_argument("--kb", required=True)
+    s.add_argument("--to", required=True, metavar="CONFIG", help="the target configuration (YAML)")
+    s.add_argument("--queries", type=int, default=100, help="sampled key texts searched on both sides")
+    s.add_argument("--min-agreement", type=float, default=0.95,
+                   help="share of those queries whose top 5 must be the same (else exit 2)")
+    s.set_defaults(func=cmd_migrate)
 
     ev = sub.add_parser("eval", help="evaluate retrieval, answers, a model")
     evsub = ev.add_subparsers(dest="eval_command", required=True)

@@ -222,8 +222,10 @@ class RetrievalConfig(Section):
     """HNSW: candidate list size at search time (recall against speed)."""
     ivf_nprobe: int = 64
     """IVF: clusters searched per query."""
-    backend: Literal["auto", "faiss", "torch"] = "auto"
-    """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use."""
+    backend: Literal["auto", "faiss", "torch", "milvus"] = "auto"
+    """auto: faiss (GPU when faiss has one); torch exact search on a GPU that faiss cannot use;
+    milvus: level 1 and its BM25 in a Milvus collection per KB (the `milvus` section), shared by
+    every process that points at the same Milvus."""
     embed_batch_size: int = 64
     """Texts per batch of the embedder."""
     write_lock_timeout_s: float = 600.0
@@ -239,6 +241,23 @@ class RetrievalConfig(Section):
     def uses_keywords(self) -> bool:
         """Whether the index needs its BM25 side (hybrid or keyword search)."""
         return self.search != "vector"
+
+
+class MilvusConfig(Section):
+    uri: str = ""
+    """Where Milvus is: a local file (Milvus Lite, e.g. /data/milvus.db) or a server
+    (http://host:19530, Milvus Standalone or Distributed, or `milvus-lite server`); empty: the
+    file milvus.db in the data folder."""
+    token: str = ""
+    """Credentials for a server with authentication ("user:password" or an API key); empty: none."""
+    db_name: str = ""
+    """The Milvus database; empty: the server's default."""
+    collection_prefix: str = "kb_"
+    """Collections are named prefix + KB name (+ _g<generation>), reached through an alias prefix + KB name."""
+    insert_batch: int = 1000
+    """Rows per insert request."""
+    timeout_s: float = 60.0
+    """Timeout of one request to Milvus."""
 
 
 class GenerationConfig(Section):
@@ -539,6 +558,8 @@ class Settings(BaseSettings):
     """Key information extracted per article, segment and sentence (level 1 of the index)."""
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     """Search: the two-level index, BM25, fusion and reranking."""
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    """The Milvus server or file of `retrieval.backend: milvus`."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     """The answering LLM: backend, adapter, precision, decoding."""
     answer: AnswerConfig = Field(default_factory=AnswerConfig)

@@ -269,6 +269,8 @@ class KnowledgeBase:
         with self.writing():
             trash = self.dir.with_name(f".deleted-{self.name}-{secrets.token_hex(4)}")
             self.dir.rename(trash)
+            if self.uses_milvus:  # after the rename: a kill between leaves collections a new KB of this name diffs away
+                self.milvus().drop()
             with self._lock:
                 self._live = None
                 self._gpu = None
@@ -279,7 +281,13 @@ class KnowledgeBase:
     def sync(self, progress: bool = False, rebuild: bool = False) -> dict:
         """Bring the index in line with the store (see retrieval.index.sync_index)."""
         with self.writing(), self.store() as store:
-            info = sync_index(store, self.dir, self.settings.retrieval, self.embedder, progress, rebuild)
+            if self.uses_milvus:
+                from retrieval.milvus import sync_milvus
+
+                info = sync_milvus(store, self.milvus(), self.settings.retrieval, self.embedder,
+                                   self.dir / "embeddings.sqlite", progress, rebuild)
+            else:
+                info = sync_index(store, self.dir, self.settings.retrieval, self.embedder, progress, rebuild)
         with self._lock:
             self._live = None
         return info
@@ -289,8 +297,30 @@ class KnowledgeBase:
         swap it in; the live index answers until then and stays when the rebuild fails."""
         return self.sync(progress, rebuild=True)
 
+    @property
+    def uses_milvus(self) -> bool:
+        """Whether level 1 lives in Milvus (`retrieval.backend: milvus`) rather than in the KB's folder."""
+        return self.settings.retrieval.backend == "milvus"
+
+    def milvus(self):
+        """This KB's level 1 in Milvus (retrieval.milvus.MilvusLevel1)."""
+        from retrieval.milvus import MilvusLevel1
+
+        return MilvusLevel1(self.settings.milvus, self.settings.home, self.name)
+
+    def index_generation(self) -> str | None:
+        """The live generation of level 1 (a folder name, or a Milvus collection), None before the first sync."""
+        return self.milvus().current() if self.uses_milvus else IndexDir(self.dir).current()
+
     # reads --------------------------------------------------------------------------------------
     def _index(self) -> LoadedIndex | None:
+        if self.uses_milvus:
+            level1 = self.milvus()
+            gen = level1.current()
+            with self._lock:
+                if self._live is None or self._live.gen != gen:
+                    self._live = level1.load(self.settings.retrieval, self.embedder.model_id)
+            return self._live
         idir = IndexDir(self.dir)
         gen = idir.current()
         if self._live is None or self._live.gen != gen:
@@ -353,7 +383,6 @@ class KnowledgeBase:
     def stats(self) -> dict:
         with self.store() as store:
             c = store.counts()
-        live = IndexDir(self.dir).current()
-        return {"name": self.name, **c, "index_generation": live}
+        return {"name": self.name, **c, "index_generation": self.index_generation()}
 
 

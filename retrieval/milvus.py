@@ -1,0 +1,303 @@
+"""Level 1 of a knowledge base in Milvus (`retrieval.backend: milvus`).
+
+One collection per KB generation (`<prefix><kb>_g<N>`), reached through the alias `<prefix><kb>`:
+a rebuild (another embedder, levels or field) fills a new collection beside the live one and
+moves the alias in one step, as the FAISS backend moves its CURRENT pointer. A row is one
+key-information entry: the store's ki_id, its document id and level, its vector and its BM25
+terms. Milvus computes BM25 from the terms with its own function and searches both sides in the
+engine; the fusion is the same as the embedded backend's (`retrieval.search.fuse`).
+
+The terms are this project's tokens (`retrieval.keyword.tokenize`: jieba for Chinese, words for
+English) written as hashed ASCII words, so Milvus's standard analyzer counts exactly the tokens
+the embedded BM25 counts, on Milvus Lite and on a cluster alike. The store stays the source of
+truth: a sync diffs the collection against it (an interrupted sync is repaired by the next), and
+a hit whose entry has left the store is dropped when its row is looked up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ingest.store import DocStore
+from kb.settings import MilvusConfig, RetrievalConfig
+from retrieval.embedder import Embedder, EmbeddingCache
+from retrieval.index import INDEX_FORMAT, IndexMismatchError, LoadedIndex, cached_tokens, desired_entries
+from retrieval.vector import choose_type
+
+log = logging.getLogger(__name__)
+BM25_K1, BM25_B = 1.5, 0.75
+"""bm25s's defaults (the embedded backend's BM25), so both backends rank alike."""
+MAX_TEXT = 65_535
+MAX_TERMS = MAX_TEXT // 18
+"""Terms kept per entry: each is 17 characters and a space."""
+_CLIENTS: dict[tuple[str, str, str], object] = {}
+_CLIENTS_LOCK = threading.Lock()
+_GEN = re.compile(r"_g(\d+)$")
+
+
+def bm25_terms(tokens: Sequence[str]) -> str:
+    """`tokens` as space-separated ASCII words (t + 16 hex digits of a hash each): Milvus's standard
+    analyzer keeps each one whole, whatever the language of the token."""
+    return " ".join("t" + hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in tokens)
+
+
+def collection_base(prefix: str, kb: str) -> str:
+    """The alias of KB `kb`: Milvus names allow letters, digits and `_`; a KB name's `.` and `-`
+    are spelled `_p` and `_d`, and `_` doubled, so two KB names never share one."""
+    return prefix + kb.replace("_", "__").replace(".", "_p").replace("-", "_d")
+
+
+def resolved_uri(cfg: MilvusConfig, home: Path) -> str:
+    """`milvus.uri`, or the file milvus.db in the data folder."""
+    return cfg.uri or str(Path(home) / "milvus.db")
+
+
+def client_for(cfg: MilvusConfig, home: Path):
+    """One MilvusClient per (uri, token, database) in this process (thread-safe, reused)."""
+    from pymilvus import MilvusClient
+
+    uri = resolved_uri(cfg, home)
+    key = (uri, cfg.token, cfg.db_name)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            if "://" not in uri:
+                Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            kwargs = {"token": cfg.token} if cfg.token else {}
+            if cfg.db_name:
+                kwargs["db_name"] = cfg.db_name
+            _CLIENTS[key] = MilvusClient(uri=uri, timeout=cfg.timeout_s, **kwargs)
+        return _CLIENTS[key]
+
+
+class MilvusVectors:
+    """The dense side of a generation, searched like a FaissIndex: (scores, ids) per query."""
+
+    supports_remove = True
+
+    def __init__(self, client, collection: str, meta: dict, cfg: RetrievalConfig) -> None:
+        self.client, self.collection, self.meta, self.cfg = client, collection, meta, cfg
+        self.dim = int(meta["dim"])
+
+    def __len__(self) -> int:
+        return int(self.client.get_collection_stats(self.collection)["row_count"])
+
+    def ids(self) -> np.ndarray:
+        """Every ki_id in the collection."""
+        return present_ids(self.client, self.collection)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top `k` by inner product; rows padded with id -1 where fewer exist."""
+        scores = np.zeros((len(queries), k), np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        params = {"metric_type": "IP", "params": {"ef": max(self.cfg.hnsw_ef_search, k)}}
+        res = self.client.search(self.collection, data=np.asarray(queries, np.float32).tolist(), anns_field="dense",
+                                 limit=k, search_params=params, output_fields=["ki_id"])
+        for qi, hits in enumerate(res):
+            for j, h in enumerate(hits[:k]):
+                ids[qi, j], scores[qi, j] = int(h["ki_id"]), float(h["distance"])
+        return scores, ids
+
+
+class MilvusKeywords:
+    """The BM25 side of a generation, searched like a KeywordIndex: [(ki_id, score)]."""
+
+    def __init__(self, client, collection: str) -> None:
+        self.client, self.collection = client, collection
+
+    def search(self, query: str, k: int) -> list[tuple[int, float]]:
+        from retrieval.keyword import tokenize
+
+        terms = bm25_terms(tokenize(query))
+        if not terms:
+            return []
+        res = self.client.search(self.collection, data=[terms], anns_field="sparse", limit=k,
+                                 search_params={"metric_type": "BM25"}, output_fields=["ki_id"])
+        # BM25 scores are >= 0; Milvus Lite reports them negated, a server as they are
+        return [(int(h["ki_id"]), abs(float(h["distance"]))) for h in (res[0] if res else [])]
+
+
+@contextmanager
+def _quiet_iterator_logs() -> Iterator[None]:
+    """Milvus Lite answers a query iterator's timestamp request "not implemented" (and the client
+    then uses its own), logging an error and a warning each time: silenced for that call."""
+    quiet = [logging.getLogger(n) for n in ("grpc._server", "pymilvus")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def present_ids(client, collection: str, batch: int = 5000) -> np.ndarray:
+    """All ki_ids of `collection`, read with a query iterator (no 16,384-row query limit)."""
+    out: list[int] = []
+    with _quiet_iterator_logs():
+        it = client.query_iterator(collection, batch_size=batch, filter="ki_id >= 0", output_fields=["ki_id"])
+        try:
+            while rows := it.next():
+                out.extend(int(r["ki_id"]) for r in rows)
+        finally:
+            it.close()
+    return np.asarray(sorted(out), dtype=np.int64)
+
+
+class MilvusLevel1:
+    """The generations of one KB's level 1 in Milvus and the alias that names the live one."""
+
+    def __init__(self, cfg: MilvusConfig, home: Path, kb: str) -> None:
+        self.cfg = cfg
+        self.client = client_for(cfg, home)
+        self.alias = collection_base(cfg.collection_prefix, kb)
+
+    def current(self) -> str | None:
+        """The collection the alias names, or None before the first sync."""
+        if self.alias not in self.client.list_aliases().get("aliases", []):
+            return None
+        return self.client.describe_alias(self.alias)["collection_name"]
+
+    def generations(self) -> list[str]:
+        """This KB's collections, oldest first."""
+        mine = [c for c in self.client.list_collections() if c.startswith(self.alias + "_g")
+                and _GEN.search(c) and c[: _GEN.search(c).start()] == self.alias]
+        return sorted(mine, key=lambda c: int(_GEN.search(c).group(1)))
+
+    def meta(self, collection: str) -> dict:
+        """The generation's metadata (embedder, dim, layout), kept as a collection property."""
+        return json.loads(self.client.describe_collection(collection)["properties"]["kb.meta"])
+
+    def load(self, cfg: RetrievalConfig, embedder_id: str | None = None) -> LoadedIndex | None:
+        """The live generation as an index the search reads, or None; IndexMismatchError when it
+        was built with another embedding model."""
+        gen = self.current()
+        if gen is None:
+            return None
+        meta = self.meta(gen)
+        if embedder_id is not None and meta["embedder"] != embedder_id:
+            raise IndexMismatchError(
+                f"the index of this knowledge base was built with embedding model {meta['embedder']!r} "
+                f"but the config now says {embedder_id!r}; rebuild it with `kb reindex --kb NAME`")
+        kw = MilvusKeywords(self.client, gen) if meta.get("keyword") else None
+        return LoadedIndex(gen, meta, MilvusVectors(self.client, gen, meta, cfg), kw)
+
+    def create(self, meta: dict, cfg: RetrievalConfig) -> str:
+        """A new, empty generation with the dense index `meta['kind']` asks for and BM25 terms."""
+        from pymilvus import DataType, Function, FunctionType
+
+        gens = self.generations()
+        n = int(_GEN.search(gens[-1]).group(1)) + 1 if gens else 1
+        name = f"{self.alias}_g{n}"
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("ki_id", DataType.INT64, is_primary=True)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("level", DataType.VARCHAR, max_length=16)
+        schema.add_field("terms", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True,
+                         analyzer_params={"tokenizer": "standard"})
+        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=int(meta["dim"]))
+        schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["terms"],
+                                     output_field_names=["sparse"]))
+        index = self.client.prepare_index_params()
+        if meta["kind"] == "hnsw":
+            index.add_index(field_name="dense", index_type="HNSW", metric_type="IP",
+                            params={"M": cfg.hnsw_m, "efConstruction": 200})
+        else:
+            index.add_index(field_name="dense", index_type="FLAT", metric_type="IP")
+        index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25",
+                        params={"bm25_k1": BM25_K1, "bm25_b": BM25_B})
+        self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong",
+                                      properties={"kb.meta": json.dumps(meta)})
+        return name
+
+    def set_meta(self, collection: str, meta: dict) -> None:
+        """Record `meta` on the generation."""
+        self.client.alter_collection_properties(collection, {"kb.meta": json.dumps(meta)})
+
+    def publish(self, collection: str) -> None:
+        """Point the alias at `collection` (one step) and drop this KB's other generations."""
+        if self.current() is None:
+            self.client.create_alias(collection, self.alias)
+        else:
+            self.client.alter_alias(collection, self.alias)
+        for old in self.generations():
+            if old != collection:
+                self.client.drop_collection(old)
+
+    def drop(self) -> None:
+        """Remove the alias and every generation of this KB."""
+        if self.current() is not None:
+            self.client.drop_alias(self.alias)
+        for old in self.generations():
+            self.client.drop_collection(old)
+
+    def insert(self, collection: str, rows: list[dict]) -> None:
+        """Insert rows in batches of `milvus.insert_batch`."""
+        for s in range(0, len(rows), self.cfg.insert_batch):
+            self.client.insert(collection, rows[s : s + self.cfg.insert_batch])
+
+    def delete(self, collection: str, ids: Sequence[int]) -> None:
+        """Delete rows by ki_id in batches."""
+        ids = [int(i) for i in ids]
+        for s in range(0, len(ids), self.cfg.insert_batch):
+            self.client.delete(collection, ids=ids[s : s + self.cfg.insert_batch])
+
+
+def entry_docs(store: DocStore, cfg: RetrievalConfig) -> dict[int, tuple[str, str]]:
+    """ki_id -> (doc_id, level) of the entries level 1 holds."""
+    q = f"SELECT ki_id, doc_id, level FROM key_infos WHERE level IN ({','.join('?' * len(cfg.levels))})"
+    return {int(k): (d, lv) for k, d, lv in store.conn.execute(q, cfg.levels)}
+
+
+def sync_milvus(store: DocStore, level1: MilvusLevel1, cfg: RetrievalConfig, embedder: Embedder,
+                cache_path: Path, progress: bool = False, rebuild: bool = False) -> dict:
+    """Bring the KB's Milvus level 1 in line with the store: rows of new entries inserted (only
+    they are embedded), rows of gone entries deleted; a new generation, swapped in when full, when
+    `rebuild` or the embedder, dimension, layout or BM25 side changed. The caller holds the KB's
+    write lock."""
+    t0 = time.perf_counter()
+    layout = {"levels": list(cfg.levels), "embed_field": cfg.embed_field, "format": INDEX_FORMAT,
+              "embedder": embedder.model_id, "dim": embedder.dim, "keyword": cfg.uses_keywords, "backend": "milvus"}
+    ids, emb_texts, kw_texts = desired_entries(store, cfg)
+    kind = choose_type(len(ids), cfg.index_type, cfg.flat_max)
+    live = level1.current()
+    fresh = rebuild or live is None
+    if not fresh:
+        meta = level1.meta(live)
+        fresh = any(meta.get(k) != v for k, v in layout.items()) or meta.get("kind") != kind
+    target = level1.create({**layout, "kind": kind}, cfg) if fresh else live
+    present = set() if fresh else set(present_ids(level1.client, target).tolist())
+    want = set(ids.tolist())
+    to_add, to_remove = sorted(want - present), sorted(present - want)
+    if not fresh and not to_add and not to_remove:
+        return {"generation": live, "added": 0, "removed": 0, "vectors": len(want), "unchanged": True}
+    if to_remove:
+        level1.delete(target, to_remove)
+    if to_add:
+        pos = {int(i): j for j, i in enumerate(ids)}
+        docs = entry_docs(store, cfg)
+        cache = EmbeddingCache(cache_path, embedder.cache_id("passage"))
+        try:
+            vecs = cache.embed(embedder, [emb_texts[pos[i]] for i in to_add], "passage", progress)
+            toks = cached_tokens(cache, [kw_texts[pos[i]] for i in to_add]) if cfg.uses_keywords else None
+        finally:
+            cache.close()
+        rows = [{"ki_id": i, "doc_id": docs[i][0], "level": docs[i][1], "dense": vecs[j].tolist(),
+                 "terms": bm25_terms(toks[j][:MAX_TERMS]) if toks is not None else ""}
+                for j, i in enumerate(to_add)]
+        level1.insert(target, rows)
+    if fresh:
+        level1.publish(target)
+    return {"generation": target, "added": len(to_add), "removed": len(to_remove), "vectors": len(want),
+            "kind": kind, "seconds": round(time.perf_counter() - t0, 3), "unchanged": False}
