@@ -79,7 +79,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def _linear(x: torch.Tensor, parts: tuple) -> torch.Tensor:
     """x W^T + b, plus the LoRA term scale * (x A^T) B^T accumulated into the same output by the
     second GEMM (addmm): no separate full-width LoRA output and sum, which in a 7B backward held
-    four more MLP-sized buffers at the peak (measured: 17.35 -> 16.72 GiB)."""
+    four more MLP-sized buffers at the peak (`bench/finetune.py --mem-probe`)."""
     w, b, lora = parts
     y = F.linear(x, w, b)
     if lora is None:

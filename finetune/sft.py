@@ -6,8 +6,8 @@ gradient accumulation and mixed precision come from it), made fast where plain S
 - packing: short examples share a row, each with its own position ids; transformers turns
   restarting positions into a block-diagonal mask, so examples never attend to each other, and
   rows have a fixed width (no padding waste, one shape for the compiler);
-- fused linear cross-entropy: the LM head and the loss run in chunks over the labelled positions
-  only; the full [tokens x vocab] logits are never held (a Liger-style kernel in plain torch);
+- fused linear cross-entropy (`finetune.fused_loss`): the LM head and the loss run in chunks over
+  the labelled positions only; the full [tokens x vocab] logits are never held;
 - each decoder layer is compiled with torch.compile on CUDA (regional compilation).
 """
 
@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from finetune.formats import Messages
+from finetune.fused_loss import IGNORE, forward_final_hidden, fused_ce_sum, label_positions
 from serve.llm import render_chat
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 # tokenisation ---------------------------------------------------------------------------------
@@ -130,127 +131,44 @@ class PaddedCollator:
                 "n_tokens": torch.tensor(sum(len(r) for r in rows)), **label_positions(labels)}
 
 
-def label_positions(labels: torch.Tensor) -> dict:
-    """Where the loss is taken, found on the CPU while collating (no device sync in the step):
-    `label_index` of each position whose next token is labelled, in the flattened [B, T - 1]
-    shifted view, and `label_targets`, those next tokens."""
-    shift = labels[:, 1:]
-    index = (shift != IGNORE).flatten().nonzero().squeeze(1)
-    return {"label_index": index, "label_targets": shift.flatten()[index]}
-
-
-# fused LM head + cross-entropy ------------------------------------------------------------------
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of -log p(target) for hidden states h [N, d] under the head W [V, d], in chunks of
-    rows; the gradients are computed in the forward pass, so no [N, V] logits are kept."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int = 4096):
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, -1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-            g = logits.to(h.dtype)
-            grad_h[s : s + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-        ctx.has_w = grad_w is not None
-        ctx.w_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.has_w else None
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None
-
-
-def ce_chunk_rows(vocab: int, budget_bytes: int = 1 << 27) -> int:
-    """Rows per chunk of the fused loss: a power of two whose fp32 logits fit `budget_bytes`."""
-    rows = max(64, budget_bytes // (4 * vocab))
-    return 1 << (rows.bit_length() - 1)
-
-
-def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
-                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(summed loss, labelled positions) for next-token prediction over [B, T, d] hidden states;
-    `index`/`targets` from `label_positions` spare the device sync of finding them here."""
-    if index is None or targets is None:
-        found = label_positions(labels)
-        index, targets = found["label_index"].to(hidden.device), found["label_targets"].to(hidden.device)
-    n = len(index)
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    d = hidden.shape[-1]
-    # accelerate returns the forward's outputs in fp32 under mixed precision: back to the head's dtype
-    h = hidden[:, :-1].reshape(-1, d).index_select(0, index).to(weight.dtype)
-    return FusedLinearCrossEntropy.apply(h, weight, targets, ce_chunk_rows(weight.shape[0])), n
-
-
-def forward_final_hidden(model, inner, inputs: dict):
-    """(outputs, last hidden state) of `model` (maybe wrapped) on `inputs`, keeping one position's
-    logits. The last hidden state is the final norm's output, which the head reads: taken by a
-    hook on that norm where there is one, because `output_hidden_states` returns every layer's
-    and accelerate casts all of them to fp32 under mixed precision (1.6 GiB on a 7B batch)."""
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if not isinstance(norm, torch.nn.Module) or isinstance(model, torch.nn.DataParallel):
-        # DataParallel replicas would each call the hook with their shard
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out, out.hidden_states[-1]
-    seen: dict = {}
-    handle = norm.register_forward_hook(lambda mod, args, output: seen.__setitem__("h", output))
-    try:
-        out = model(**inputs, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return out, seen["h"]
-
-
 # trainer ----------------------------------------------------------------------------------------
-def _trainer_cls():
-    from transformers import Trainer
+class SFTTrainer(Trainer):
+    """A transformers Trainer with the fused loss (`fused_ce`), real-token counting and tokens/s
+    in its logs."""
 
-    class SFTTrainer(Trainer):
-        """Trainer with the fused loss, token counting and tokens/s in the logs."""
+    def __init__(self, *args, fused_ce: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_ce = fused_ce
+        self.tokens = 0
+        self._last_tokens, self._last_t = 0, time.perf_counter()
 
-        fused_ce = True
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
+        n_tok = inputs.pop("n_tokens", None)
+        self.tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
+        index, targets = inputs.pop("label_index", None), inputs.pop("label_targets", None)
+        if not self.fused_ce:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's logits
+        out, hidden = forward_final_hidden(model, self.accelerator.unwrap_model(model), inputs)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        loss_sum, n = fused_ce_sum(hidden, head.weight, labels, index, targets)
+        if num_items_in_batch is not None:
+            loss = loss_sum / num_items_in_batch  # the count over all ranks and accumulation steps
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
+        else:
+            loss = loss_sum / max(n, 1) / self.args.gradient_accumulation_steps
+        return (loss, out) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            n_tok = inputs.pop("n_tokens", None)
-            self._tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
-            index, targets = inputs.pop("label_index", None), inputs.pop("label_targets", None)
-            if not self.fused_ce:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs.pop("labels")
-            # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's logits
-            out, hidden = forward_final_hidden(model, self.accelerator.unwrap_model(model), inputs)
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss_sum, n = fused_ce_sum(hidden, head.weight, labels, index, targets)
-            if num_items_in_batch is not None:
-                loss = loss_sum / num_items_in_batch  # the count over all ranks and accumulation steps
-                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                    loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
-            else:
-                loss = loss_sum / max(n, 1) / self.args.gradient_accumulation_steps
-            return (loss, out) if return_outputs else loss
-
-        def log(self, logs, *args, **kwargs):
-            now = time.perf_counter()
-            if "loss" in logs and self._last_t is not None:
-                logs["tokens_per_s"] = round((self._tokens - self._last_tokens) / (now - self._last_t), 1)
-                self._last_t, self._last_tokens = now, self._tokens
-            super().log(logs, *args, **kwargs)
-
-    return SFTTrainer
+    def log(self, logs, *args, **kwargs):
+        """The Trainer's log line, with tokens/s since the last one."""
+        now = time.perf_counter()
+        if "loss" in logs:
+            logs["tokens_per_s"] = round((self.tokens - self._last_tokens) / (now - self._last_t), 1)
+            self._last_t, self._last_tokens = now, self.tokens
+        super().log(logs, *args, **kwargs)
 
 
 @dataclass
@@ -412,14 +330,12 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
         remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda,
         seed=cfg.seed, save_strategy="steps" if save else "no", use_cpu=not on_cuda)
-    trainer = _trainer_cls()(model=model, args=args, train_dataset=Rows(), data_collator=collator)
-    trainer.fused_ce = fused
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, fused_ce=fused)
     for cb in callbacks:
         trainer.add_callback(cb)
     if fused:
         trainer.loss_is_scaled_for_ga = True
-    trainer._tokens, trainer._last_tokens, trainer._last_t = 0, 0, time.perf_counter()
-    mark = step_mark(timing_from_step, lambda: trainer._tokens, on_cuda) if timing_from_step else None
+    mark = step_mark(timing_from_step, lambda: trainer.tokens, on_cuda) if timing_from_step else None
     if mark is not None:
         trainer.add_callback(mark)
     last = get_last_checkpoint(str(out)) if resume else None
@@ -434,7 +350,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds = end - t0
-    timed_tokens, timed_s = (trainer._tokens - mark.n, end - mark.t) if mark and mark.t else (trainer._tokens, seconds)
+    timed_tokens, timed_s = (trainer.tokens - mark.n, end - mark.t) if mark and mark.t else (trainer.tokens, seconds)
     world = max(1, args.world_size)  # every rank trains on its own rows: tokens/s counts all of them
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
     main_rank = trainer.is_world_process_zero()
@@ -444,7 +360,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
             tok.save_pretrained(str(out))
             plot_loss(trainer.state.log_history, out / "loss.png")
     res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
-                      round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer._tokens,
+                      round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer.tokens,
                       round(seconds, 2),
                       next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
                       {"fused_layers": fused_layers, "fused_layer_calls": fused_calls(model) if fused_layers else 0,

@@ -11,7 +11,8 @@ import torch
 
 from cli import main as kb_main
 from finetune.formats import load_conversations, load_pairs, to_messages
-from finetune.sft import IGNORE, FusedLinearCrossEntropy, PackedCollator, fused_ce_sum, tokenize
+from finetune.fused_loss import IGNORE, FusedLinearCrossEntropy, fused_ce_sum
+from finetune.sft import PackedCollator, tokenize
 
 CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "refund time?"},
         {"role": "assistant", "content": "five days"}, {"role": "user", "content": "and shipping?"},
