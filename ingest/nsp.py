@@ -29,7 +29,7 @@ import numpy as np
 from ingest.text import terms
 from kb.cross_encoder import is_sequence_classifier
 from kb.fsutil import building_dir, umask_mode
-from kb.models import encoder_attention, pick_device
+from kb.models import avoid_cudnn_attention, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class CrossNSPScorer:
         self.model.to(self.device).eval()
         if self.device.startswith("cuda"):
             self.model.half()
+        avoid_cudnn_attention(self.device)
         self._torch = torch
         self.kind = "cross"
 
@@ -73,7 +74,7 @@ class CrossNSPScorer:
         order = np.argsort([len(x) for x in ids], kind="stable")
         pad = self.tokenizer.pad_token_id or 0
         outs = []
-        with torch.inference_mode(), encoder_attention(self.device):
+        with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
                 width = max(len(ids[i]) for i in idx)

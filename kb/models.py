@@ -11,9 +11,9 @@ A model spec is one of
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -129,16 +129,20 @@ def pick_device(setting: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def encoder_attention(device: str):
-    """A context for batched encoder inference: on CUDA, SDPA chooses among the flash,
-    memory-efficient and math kernels but not cuDNN's, which builds a plan for every new (batch,
-    width) shape; ingestion's padded widths rarely repeat (measured on an H200, NSP cross-encoder:
-    375 pairs/s the first time the shapes are seen, 3,400 once cached). Elsewhere a no-op."""
+def avoid_cudnn_attention(device: str) -> None:
+    """On CUDA, turn off SDPA's cuDNN attention for this process (the flash and memory-efficient
+    kernels remain): cuDNN's builds a plan for every new (batch, width) shape, and batched encoder
+    inference rarely repeats a padded width (GPU ingestion's NSP and embedding calls ran 2-3x
+    faster without it: bench/results/ingest_e2e_gpu.json, before and after). Process-wide and
+    once, because a per-call context sets the same global flags and would race between threads.
+    Elsewhere it does nothing."""
     if not str(device).startswith("cuda"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+        return
+    import torch
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        logging.getLogger(__name__).info("SDPA's cuDNN attention turned off for this process (batched encoders)")
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def cpu_has_bf16() -> bool:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from kb.models import encoder_attention, pick_device, resolve_model
+from kb.models import avoid_cudnn_attention, pick_device, resolve_model
 from kb.sqlutil import in_batches
 
 Kind = Literal["query", "passage"]
@@ -47,6 +47,7 @@ class Embedder:
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(self.path), device=self.device)
+        avoid_cudnn_attention(self.device)
         if self.device.startswith("cuda"):
             self.model.half()
         self.dim = int(self.model.get_embedding_dimension())
@@ -87,9 +88,8 @@ class Embedder:
         prompt = self.prompts.get(check_kind(kind))
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with encoder_attention(str(self.model.device)):
-            vecs = self.model.encode(list(texts), prompt=prompt, batch_size=self.batch_size,
-                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
+        vecs = self.model.encode(list(texts), prompt=prompt, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=progress)
         return np.asarray(vecs, dtype=np.float32)
 
     def null_similarity(self) -> float:
