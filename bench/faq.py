@@ -18,7 +18,7 @@ threshold is chosen on the even paragraphs (the highest coverage at precision >=
 round; the configured threshold is the higher of the two. For the embedder alone and with the
 reranker.
 
-    KB_MODELS__DIR=models python bench/faq.py ../shared/data/cmrc2018/cmrc2018_trial.json
+    KB_MODELS__DIR=models python -m bench.faq ../shared/data/cmrc2018/cmrc2018_trial.json
 """
 
 from __future__ import annotations
@@ -26,16 +26,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS, write_result  # noqa: E402
+from bench.common import RESULTS, write_result
 
 PREFIXES = ("请问", "想问一下，", "我想知道", "你好，请问", "麻烦问下，")
 SUFFIXES = ("", "呢")

@@ -22,7 +22,7 @@ example's own length); HFU counts the FLOPs each side actually does, adding the 
 activation checkpointing runs again (transformers': every decoder layer whole; the fused layers':
 all but the down projection).
 
-    python bench/finetune.py --shapes 0.5b,7b --name finetune_gpu      # on the GPU machine
+    python -m bench.finetune --shapes 0.5b,7b --name finetune_gpu      # on the GPU machine
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import table, write_result
+from bench.generate import SHAPES
 
-from bench.common import table, write_result  # noqa: E402
-from bench.generate import SHAPES  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 SIDES = ("project", "baseline", "recipe", "recipe_packed")
@@ -172,10 +171,15 @@ class Profile:
         return _P()
 
 
+MAX_EVENTS = 500_000
+"""Allocator events one memory snapshot records."""
+
+
 class MemProbe:
     """A TrainerCallback printing, for each step, memory allocated at its start, after the forward
-    pass (the final norm's output) and the step's peak, in GiB; for the first timed step also what
-    the step had allocated at its peak, grouped by where (`peak_breakdown`)."""
+    pass (the final norm's output) and the step's peak, in GiB; for the last warm-up step (so that
+    recording slows no timed step) also what the step had allocated at its peak, grouped by where
+    (`peak_breakdown`)."""
 
     def __new__(cls, model, record_step: int):
         import torch
@@ -191,7 +195,7 @@ class MemProbe:
                 torch.cuda.reset_peak_memory_stats()
                 marks["start"] = torch.cuda.memory_allocated() / 2**30
                 if state.global_step == record_step:
-                    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+                    torch.cuda.memory._record_memory_history(max_entries=MAX_EVENTS, stacks="python")
 
             def on_step_end(self, args, state, control, **kw):
                 marks["peak"] = torch.cuda.max_memory_allocated() / 2**30
@@ -199,6 +203,9 @@ class MemProbe:
                 if state.global_step == record_step + 1:
                     snap = torch.cuda.memory._snapshot()
                     torch.cuda.memory._record_memory_history(enabled=None)
+                    if len(snap["device_traces"][0]) >= MAX_EVENTS:
+                        print("mem warning: the trace reached its event limit; the breakdown misses the step's start",
+                              file=sys.stderr, flush=True)
                     for line in peak_breakdown(snap["device_traces"][0]):
                         print("mem", line, file=sys.stderr, flush=True)
 
@@ -264,7 +271,7 @@ def run_project(shape, exs, args, cfg, callbacks):
 
     model = build(shape, args.targets, args.r)
     if args.mem_probe:
-        callbacks = [*callbacks, MemProbe(model, args.warmup)]
+        callbacks = [*callbacks, MemProbe(model, args.warmup - 1)]
     res = train(model, Tok(), exs, cfg, "/tmp/bench_ft_project", method="lora", prec="bf16", progress=False,
                 max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup, callbacks=callbacks)
     out = {"tokens_per_s": res.tokens_per_s, "peak_mem_gib": res.peak_mem_gib, "first_loss": res.first_loss,
@@ -285,7 +292,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     model = build(shape, args.targets, args.r)
     if args.mem_probe:
-        callbacks = [*callbacks, MemProbe(model, args.warmup)]
+        callbacks = [*callbacks, MemProbe(model, args.warmup - 1)]
     tokens = {"n": 0}
     data: list = exs
     if side == "baseline":
@@ -378,11 +385,12 @@ def utilisation(p: dict, exs, side: str, checkpointing: bool, out: dict, peak: f
 
 def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     """`child` in a fresh process; its JSON, or None (with the error printed) when it failed."""
-    cmd = [sys.executable, __file__, "--child", side, "--shapes", shape, "--lengths", kind, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--max-length", str(args.max_length), "--r", str(args.r),
-           "--targets", args.targets, "--profile", args.profile, "--checkpointing", args.checkpointing] \
+    cmd = [sys.executable, "-m", "bench.finetune", "--child", side, "--shapes", shape, "--lengths", kind,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
+           "--r", str(args.r), "--targets", args.targets, "--profile", args.profile,
+           "--checkpointing", args.checkpointing] \
         + (["--mem-probe"] if args.mem_probe else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stderr.splitlines():
         if line.startswith("mem "):
             print(shape, kind, side, line, flush=True)

@@ -5,10 +5,10 @@ plain DDP and with the DeepSpeed ZeRO configs in configs/deepspeed/.
 packaged WordPiece tokenizer loads as itself) and SFT conversations of varied length; each
 launch then prints the `kb finetune llm --json` result, and `collect` gathers them:
 
-    python bench/finetune_dist.py prepare --out /tmp/dist
+    python -m bench.finetune_dist prepare --out /tmp/dist
     torchrun --nproc_per_node 2 -m cli finetune llm --data /tmp/dist/data.jsonl --model /tmp/dist/model \\
         --out /tmp/dist/zero2 --max-steps 30 --json -q --deepspeed configs/deepspeed/zero2.json > zero2.json
-    python bench/finetune_dist.py collect --name finetune_dist_gpu ddp.json zero2.json ...
+    python -m bench.finetune_dist collect --name finetune_dist_gpu ddp.json zero2.json ...
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from bench.common import table, write_result  # noqa: E402
-from finetune.formats import CHATML_TEMPLATE  # noqa: E402
+from bench.common import table, write_result
+from finetune.formats import CHATML_TEMPLATE
 
 
 def prepare(out: Path, tokenizer: str, n: int) -> None:

@@ -8,20 +8,18 @@ the bandwidth it can actually get (a device-to-device copy) and reports the shar
 Modes: `dynamic` (transformers' default cache) and `static` (llm.static_cache: fixed-shape cache,
 decoding step compiled by transformers).
 
-    python bench/generate.py --shapes 0.5b,7b --name generate_gpu       # on the GPU machine
+    python -m bench.generate --shapes 0.5b,7b --name generate_gpu       # on the GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import table, write_result
 
-from bench.common import table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # Qwen2.5 model configs
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -4,10 +4,10 @@ NSP scoring is measured batched (the project's scorer: length-sorted batches) ag
 per forward pass (the naive baseline), for the packaged MiniLM shape and a BERT-base shape
 (random weights: speed does not depend on them), on CPU, and on GPU when there is one.
 
-    python bench/ingest.py                       # all parts, this machine
-    python bench/ingest.py --parts nsp --pairs 4096 --name ingest_gpu   # the GPU machine
-    python bench/ingest.py --parts nsp --shapes e5-small --pairs 512 --name nsp_e5_cpu   # nsp-e5's shape
-    python bench/ingest.py --parts e2e --e2e-docs 256 --e2e-cpu-docs 8 --e5-tokenizer .gpu/e5_tok \
+    python -m bench.ingest                       # all parts, this machine
+    python -m bench.ingest --parts nsp --pairs 4096 --name ingest_gpu   # the GPU machine
+    python -m bench.ingest --parts nsp --shapes e5-small --pairs 512 --name nsp_e5_cpu   # nsp-e5's shape
+    python -m bench.ingest --parts e2e --e2e-docs 256 --e2e-cpu-docs 8 --e5-tokenizer .gpu/e5_tok \
         --name ingest_e2e_gpu      # `kb ingest` end to end, nsp-e5 + e5-small shapes (random weights)
 """
 
@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# this file is bench/ingest.py: keep its folder off the path so `import ingest` finds the package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import kb  # noqa: F401
+from bench.common import peak_gpu_gib, peak_rss_gib, table, write_result
 
-import kb  # noqa: E402,F401
-from bench.common import peak_gpu_gib, peak_rss_gib, table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CMRC = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data")) / "cmrc2018" / "cmrc2018_trial.json"
 

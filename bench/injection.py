@@ -4,7 +4,7 @@ no data declaration, no citation filter), on the attack documents of `samples/at
 and on attacks written after the filter (`samples/attacks_heldout.jsonl`, never used to tune it);
 and how often the instruction filter drops an ordinary sentence.
 
-    KB_MODELS__DIR=models python bench/injection.py
+    KB_MODELS__DIR=models python -m bench.injection
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
+from bench.common import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACK_SETS = {"attacks": ROOT / "samples" / "attacks.jsonl",

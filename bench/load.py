@@ -5,7 +5,7 @@ runs N asyncio clients that each send a request, wait for the answer, and send t
 seconds: /v1/ask (answerable and unanswerable questions) and, one request in five, a streamed
 /v1/chat/completions read to its end. Reports throughput, errors and latency percentiles.
 
-    python bench/load.py --clients 50 --seconds 30 --name load_cpu
+    python -m bench.load --clients 50 --seconds 30 --name load_cpu
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.common import free_port, table, wait_until_healthy, write_result
 
-from bench.common import free_port, table, wait_until_healthy, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = [
     "How many bottles of water were delivered?",

@@ -6,8 +6,8 @@ CJK), as clean 300-dpi pages and as scan-like ones (1-2 degree skew, blur, noise
 CER = Levenshtein distance / reference length, both NFKC-normalised (full-width forms to ASCII)
 with whitespace runs made one space and spaces next to a CJK character removed.
 
-    python bench/ocr.py                      # 6 pages per language and condition
-    python bench/ocr.py --pages 10 --engines tesseract rapidocr
+    python -m bench.ocr                      # 6 pages per language and condition
+    python -m bench.ocr --pages 10 --engines tesseract rapidocr
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ import os
 import random
 import re
 import socket
-import sys
 import time
 import unicodedata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# this file is bench/ocr.py next to bench/ingest.py: keep its folder off the path so `import ingest` finds the package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import kb  # noqa: F401
+from bench.common import peak_rss_gib, table, write_result
 
-import kb  # noqa: E402,F401
-from bench.common import peak_rss_gib, table, write_result  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHARED = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CMRC = SHARED / "cmrc2018" / "cmrc2018_trial.json"

@@ -5,8 +5,8 @@ For each size (synthetic clustered vectors of the configured model's dimension) 
 present, the project's exact torch backend (fp16 matmul + top-k) in the same run. The baseline of
 each row is exact flat search on the CPU.
 
-    python bench/search.py --sizes 100000 --name search_cpu
-    python bench/search.py --sizes 100000,1000000 --name search_gpu    # on the GPU machine
+    python -m bench.search --sizes 100000 --name search_cpu
+    python -m bench.search --sizes 100000,1000000 --name search_gpu    # on the GPU machine
 """
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-# this file is bench/ingest.py: keep its folder off the path so `import ingest` finds the package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from bench.common import peak_rss_gib, table, write_result  # noqa: E402
-from retrieval.vector import FaissIndex, TorchExactIndex  # noqa: E402
+from bench.common import peak_rss_gib, table, write_result
+from retrieval.vector import FaissIndex, TorchExactIndex
 
 
 def clustered(n: int, dim: int, seed: int, intrinsic: int = 48) -> np.ndarray:

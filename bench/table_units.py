@@ -8,24 +8,21 @@ the row's product, region and price and the column names (as "Column: value" or 
 Both tables are longer than `retrieval.max_article_chars`, so a hit is a chunk, not the whole
 file. Reported: hit@1 and hit@3 per language, chunks made, and the load average while it ran.
 
-    python bench/table_units.py            # the configured embedder (E5)
-    python bench/table_units.py --minilm   # the small test embedder
+    python -m bench.table_units            # the configured embedder (E5)
+    python -m bench.table_units --minilm   # the small test embedder
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
+from bench.common import write_result
 
 REGIONS = ["North", "South", "East", "West", "Central", "Coastal", "Highland", "Island"]
 PRODUCTS = ["Aurora Lamp", "Borealis Kettle", "Cedar Stool", "Dune Blanket", "Ember Grill",

@@ -1,8 +1,8 @@
 """Regenerate the README's tables of measured figures from the result files under bench/results/.
 
-    python bench/tables.py            # print every table
-    python bench/tables.py --write    # replace each marked table in README.md with its regeneration
-    python bench/tables.py --check    # exit 1, naming each README table that differs from its files
+    python -m bench.tables            # print every table
+    python -m bench.tables --write    # replace each marked table in README.md with its regeneration
+    python -m bench.tables --check    # exit 1, naming each README table that differs from its files
 
 A table in README.md is marked by a line `<!-- table: NAME -->` before it and `<!-- /table -->`
 after it; NAME is a key of `TABLES`. To add one, write a function that returns the Markdown table
@@ -22,7 +22,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # eval.* formats two tables
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 TABLES: dict[str, Callable[[], str]] = {}
@@ -226,6 +225,21 @@ def finetune_gpu_table() -> str:
                          f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
     return md(rows, ["shape", "lengths", "rows x width", "file", "project tokens/s (GiB)", "Trainer + peft",
                      "Liger + flattening", "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
+
+
+@table("vector_backends_cpu")
+def vector_backends_table() -> str:
+    """Level-1 search on FAISS HNSW against Milvus (Lite) HNSW, same vectors and queries (vector_backends_cpu.json)."""
+    rows = []
+    for r in load("vector_backends_cpu")["runs"]:
+        n, f, m = num(r["setting"]["vectors"], 0), r["faiss_hnsw"], r["milvus_hnsw"]
+        rows.append([n, "FAISS HNSW (embedded)", f"{num(f['build_s'], 1)} (index build)", num(f["qps_single"], 1),
+                     num(f["qps_batched"], 1), num(f["recall_at_k"], 3)])
+        rows.append([n, f"Milvus Lite HNSW ({m['uri']})",
+                     f"{num(m['insert_s'], 1)} inserts + {num(m['first_search_s'], 1)} first search",
+                     num(m["qps_single"], 1), num(m["qps_batched"], 1), num(m["recall_at_k"], 3)])
+    return md(rows, ["vectors", "backend", "seconds to searchable", "queries/s one at a time",
+                     "queries/s in batches of 100", "recall@10 vs exact"])
 
 
 @table("embed_finetune_gpu")
@@ -507,7 +521,7 @@ def check(text: str, tables: dict[str, Callable[[], str]] | None = None) -> list
             problems.append(f"{name}: not marked in the README (<!-- table: {name} --> ... <!-- /table -->)")
         elif marked[name] != fresh:
             problems.append(f"{name}: the README's table differs from its result files "
-                            "(python bench/tables.py --write)")
+                            "(python -m bench.tables --write)")
     return problems
 
 

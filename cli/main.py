@@ -175,14 +175,15 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     """`kb migrate --kb NAME --to CONFIG`: the KB under another configuration's backend, verified."""
-    from kb.settings import load_settings
+    from kb.settings import load_settings_as_written
     from retrieval.migrate import MigrationMismatch, migrate_kb
+    from retrieval.milvus import MilvusUnavailable, NotThisKB
 
     _open_kb(settings, args.kb)
     try:
-        info = migrate_kb(settings, load_settings(args.to), args.kb, args.queries, args.min_agreement,
+        info = migrate_kb(settings, load_settings_as_written(args.to), args.kb, args.queries, args.min_agreement,
                           progress=not args.quiet)
-    except (ValueError, MigrationMismatch) as e:
+    except (ValueError, MigrationMismatch, MilvusUnavailable, NotThisKB) as e:
         raise UsageError(str(e)) from e
     _emit(args, info, lambda r: f"{r['kb']}: {r['from']} -> {r['to']}, {r['vectors']['target']} vectors, "
                                 f"same top 5 for {r['same_top5']:.1%} of {r['queries']} sampled queries")

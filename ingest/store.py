@@ -135,6 +135,19 @@ class DocStore:
             if not older:
                 raise
 
+    def store_id(self) -> str:
+        """A random id given to this store when first asked (kept in its meta table): an index
+        held elsewhere (Milvus) records it, so a new store of the same KB name is never taken for
+        the old one."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+        if row is None:
+            import uuid
+
+            with self.conn:
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+            row = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+        return row[0]
+
     def _schema_version(self) -> str | None:
         """The store's schema version, None when it has none yet."""
         try:

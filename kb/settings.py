@@ -245,19 +245,21 @@ class RetrievalConfig(Section):
 
 class MilvusConfig(Section):
     uri: str = ""
-    """Where Milvus is: a local file (Milvus Lite, e.g. /data/milvus.db) or a server
-    (http://host:19530, Milvus Standalone or Distributed, or `milvus-lite server`); empty: the
-    file milvus.db in the data folder."""
-    token: str = ""
-    """Credentials for a server with authentication ("user:password" or an API key); empty: none."""
+    """Where Milvus is: a server (http://host:19530: Milvus Standalone or Distributed, or
+    `milvus-lite server`), which any number of processes share, or a local file (Milvus Lite),
+    which one process at a time opens; empty: the file milvus.db in the data folder."""
+    token_env: str = ""
+    """The environment variable holding the server's credentials ("user:password" or an API key),
+    never the credentials themselves; empty: none."""
     db_name: str = ""
     """The Milvus database; empty: the server's default."""
-    collection_prefix: str = "kb_"
-    """Collections are named prefix + KB name (+ _g<generation>), reached through an alias prefix + KB name."""
-    insert_batch: int = 1000
-    """Rows per insert request."""
-    timeout_s: float = 60.0
-    """Timeout of one request to Milvus."""
+    collection_prefix: str = Field(default="kb_", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Collections are named prefix + KB name + _g<generation>, reached through the alias prefix +
+    KB name. Give each data folder its own prefix when several share one Milvus."""
+    insert_batch: int = Field(default=1000, ge=1)
+    """Rows per insert or delete request."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Timeout of every request to Milvus."""
 
 
 class GenerationConfig(Section):
@@ -636,6 +638,25 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
     set_models_dir(settings.models_dir())
     return settings
+
+
+def load_settings_as_written(path: str | Path) -> Settings:
+    """The settings of config file `path` with the keys written in that file (not in the files it
+    extends) winning over the environment: a second configuration beside the one in use, e.g.
+    `kb migrate --to`, where KB_HOME must not move the data folder the file names. The models
+    folder in use stays as it is."""
+    from kb.models import models_dir, set_models_dir
+
+    before = models_dir()
+    settings = load_settings(path)
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    data.pop("extends", None)
+    written: dict[str, Any] = {}
+    for key, value in data.items():
+        section = isinstance(value, dict) and isinstance(getattr(settings, key, None), BaseModel)
+        written.update({f"{key}.{k}": v for k, v in value.items()} if section else {key: value})
+    set_models_dir(before)
+    return apply_overrides(settings, written) if written else settings
 
 
 def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:

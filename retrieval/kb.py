@@ -269,7 +269,7 @@ class KnowledgeBase:
         with self.writing():
             trash = self.dir.with_name(f".deleted-{self.name}-{secrets.token_hex(4)}")
             self.dir.rename(trash)
-            if self.uses_milvus:  # after the rename: a kill between leaves collections a new KB of this name diffs away
+            if self.uses_milvus:  # a kill before this leaves collections that name the old store: a new KB rebuilds
                 self.milvus().drop()
             with self._lock:
                 self._live = None
@@ -307,6 +307,11 @@ class KnowledgeBase:
         from retrieval.milvus import MilvusLevel1
 
         return MilvusLevel1(self.settings.milvus, self.settings.home, self.name)
+
+    def vector_count(self) -> int:
+        """Entries in level 1 now (0 before the first sync)."""
+        live = self._index()
+        return len(live.vectors) if live is not None else 0
 
     def index_generation(self) -> str | None:
         """The live generation of level 1 (a folder name, or a Milvus collection), None before the first sync."""

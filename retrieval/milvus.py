@@ -8,10 +8,14 @@ terms. Milvus computes BM25 from the terms with its own function and searches bo
 engine; the fusion is the same as the embedded backend's (`retrieval.search.fuse`).
 
 The terms are this project's tokens (`retrieval.keyword.tokenize`: jieba for Chinese, words for
-English) written as hashed ASCII words, so Milvus's standard analyzer counts exactly the tokens
-the embedded BM25 counts, on Milvus Lite and on a cluster alike. The store stays the source of
-truth: a sync diffs the collection against it (an interrupted sync is repaired by the next), and
-a hit whose entry has left the store is dropped when its row is looked up.
+English) written as hashed ASCII words, so Milvus's standard analyzer counts the tokens the
+embedded BM25 counts (the first MAX_TERMS of an entry), on Milvus Lite and on a cluster alike;
+the scores agree where Milvus computes term statistics over the whole collection (Milvus Lite
+computes them per segment of up to 100,000 rows). The store stays the source of truth: a sync
+diffs the collection against it (an interrupted sync is repaired by the next), and a hit whose
+entry has left the store is dropped when its row is looked up. Each generation records the store
+it was built from (`DocStore.store_id`) and the KB folder it belongs to: a new store of the same
+KB name rebuilds, another data folder's KB of that name is refused.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ from ingest.store import DocStore
 from kb.settings import MilvusConfig, RetrievalConfig
 from retrieval.embedder import Embedder, EmbeddingCache
 from retrieval.index import INDEX_FORMAT, IndexMismatchError, LoadedIndex, cached_tokens, desired_entries
-from retrieval.vector import choose_type
+from retrieval.vector import choose_type, hnsw_ef_construction
 
 log = logging.getLogger(__name__)
 BM25_K1, BM25_B = 1.5, 0.75
@@ -62,20 +66,39 @@ def resolved_uri(cfg: MilvusConfig, home: Path) -> str:
     return cfg.uri or str(Path(home) / "milvus.db")
 
 
+class MilvusUnavailable(RuntimeError):
+    """Milvus cannot be reached or opened (a Lite file held by another process, a server down)."""
+
+
+class NotThisKB(RuntimeError):
+    """The collection behind a KB's alias belongs to another data folder's KB of the same name."""
+
+
 def client_for(cfg: MilvusConfig, home: Path):
-    """One MilvusClient per (uri, token, database) in this process (thread-safe, reused)."""
+    """One MilvusClient per (uri, credentials variable, database) in this process (thread-safe, reused)."""
+    import os
+
     from pymilvus import MilvusClient
 
     uri = resolved_uri(cfg, home)
-    key = (uri, cfg.token, cfg.db_name)
+    key = (uri, cfg.token_env, cfg.db_name)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             if "://" not in uri:
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            kwargs = {"token": cfg.token} if cfg.token else {}
+            kwargs: dict = {}
+            if cfg.token_env:
+                if not os.environ.get(cfg.token_env):
+                    raise MilvusUnavailable(f"milvus.token_env names {cfg.token_env}, which is not set")
+                kwargs["token"] = os.environ[cfg.token_env]
             if cfg.db_name:
                 kwargs["db_name"] = cfg.db_name
-            _CLIENTS[key] = MilvusClient(uri=uri, timeout=cfg.timeout_s, **kwargs)
+            try:
+                _CLIENTS[key] = MilvusClient(uri=uri, timeout=cfg.timeout_s, **kwargs)
+            except Exception as e:  # noqa: BLE001 (pymilvus raises its own exception types)
+                hint = (" (a Milvus Lite file serves one process: for several, run `milvus-lite server "
+                        "--data-dir DIR` and set milvus.uri to http://127.0.0.1:19530)") if "://" not in uri else ""
+                raise MilvusUnavailable(f"cannot open Milvus at {uri}: {e}{hint}") from e
         return _CLIENTS[key]
 
 
@@ -84,24 +107,26 @@ class MilvusVectors:
 
     supports_remove = True
 
-    def __init__(self, client, collection: str, meta: dict, cfg: RetrievalConfig) -> None:
-        self.client, self.collection, self.meta, self.cfg = client, collection, meta, cfg
+    def __init__(self, client, collection: str, meta: dict, cfg: RetrievalConfig, timeout: float) -> None:
+        self.client, self.collection, self.meta, self.cfg, self.timeout = client, collection, meta, cfg, timeout
         self.dim = int(meta["dim"])
 
     def __len__(self) -> int:
-        return int(self.client.get_collection_stats(self.collection)["row_count"])
+        return row_count(self.client, self.collection, self.timeout)
 
     def ids(self) -> np.ndarray:
         """Every ki_id in the collection."""
-        return present_ids(self.client, self.collection)
+        return present_ids(self.client, self.collection, self.timeout)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` by inner product; rows padded with id -1 where fewer exist."""
         scores = np.zeros((len(queries), k), np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
-        params = {"metric_type": "IP", "params": {"ef": max(self.cfg.hnsw_ef_search, k)}}
+        knobs = {"nprobe": self.cfg.ivf_nprobe} if self.meta["kind"] == "ivf" else \
+            {"ef": max(self.cfg.hnsw_ef_search, k)}
         res = self.client.search(self.collection, data=np.asarray(queries, np.float32).tolist(), anns_field="dense",
-                                 limit=k, search_params=params, output_fields=["ki_id"])
+                                 limit=k, search_params={"metric_type": "IP", "params": knobs},
+                                 output_fields=["ki_id"], timeout=self.timeout)
         for qi, hits in enumerate(res):
             for j, h in enumerate(hits[:k]):
                 ids[qi, j], scores[qi, j] = int(h["ki_id"]), float(h["distance"])
@@ -111,8 +136,8 @@ class MilvusVectors:
 class MilvusKeywords:
     """The BM25 side of a generation, searched like a KeywordIndex: [(ki_id, score)]."""
 
-    def __init__(self, client, collection: str) -> None:
-        self.client, self.collection = client, collection
+    def __init__(self, client, collection: str, timeout: float) -> None:
+        self.client, self.collection, self.timeout = client, collection, timeout
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         from retrieval.keyword import tokenize
@@ -121,36 +146,40 @@ class MilvusKeywords:
         if not terms:
             return []
         res = self.client.search(self.collection, data=[terms], anns_field="sparse", limit=k,
-                                 search_params={"metric_type": "BM25"}, output_fields=["ki_id"])
+                                 search_params={"metric_type": "BM25"}, output_fields=["ki_id"], timeout=self.timeout)
         # BM25 scores are >= 0; Milvus Lite reports them negated, a server as they are
         return [(int(h["ki_id"]), abs(float(h["distance"]))) for h in (res[0] if res else [])]
 
 
-@contextmanager
-def _quiet_iterator_logs() -> Iterator[None]:
-    """Milvus Lite answers a query iterator's timestamp request "not implemented" (and the client
-    then uses its own), logging an error and a warning each time: silenced for that call."""
-    quiet = [logging.getLogger(n) for n in ("grpc._server", "pymilvus")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for q, lv in zip(quiet, levels):
-            q.setLevel(lv)
+def row_count(client, collection: str, timeout: float) -> int:
+    """Rows in `collection` now (count(*): deleted rows excluded, unlike the collection statistics)."""
+    res = client.query(collection, filter="", output_fields=["count(*)"], timeout=timeout)
+    return int(res[0]["count(*)"])
 
 
-def present_ids(client, collection: str, batch: int = 5000) -> np.ndarray:
+class _IteratorNoise(logging.Filter):
+    """Milvus Lite answers a query iterator's timestamp request "not implemented" (the client then
+    uses its own), logging an error and a warning each time: those two records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "AllocTimestamp" not in msg and "mvccTs" not in msg and "Method not implemented" not in msg
+
+
+for _name in ("grpc._server", "pymilvus.decorators", "pymilvus.client.iterator.query_iterator"):
+    logging.getLogger(_name).addFilter(_IteratorNoise())
+
+
+def present_ids(client, collection: str, timeout: float, batch: int = 5000) -> np.ndarray:
     """All ki_ids of `collection`, read with a query iterator (no 16,384-row query limit)."""
     out: list[int] = []
-    with _quiet_iterator_logs():
-        it = client.query_iterator(collection, batch_size=batch, filter="ki_id >= 0", output_fields=["ki_id"])
-        try:
-            while rows := it.next():
-                out.extend(int(r["ki_id"]) for r in rows)
-        finally:
-            it.close()
+    it = client.query_iterator(collection, batch_size=batch, filter="ki_id >= 0", output_fields=["ki_id"],
+                               timeout=timeout)
+    try:
+        while rows := it.next():
+            out.extend(int(r["ki_id"]) for r in rows)
+    finally:
+        it.close()
     return np.asarray(sorted(out), dtype=np.int64)
 
 
@@ -158,25 +187,26 @@ class MilvusLevel1:
     """The generations of one KB's level 1 in Milvus and the alias that names the live one."""
 
     def __init__(self, cfg: MilvusConfig, home: Path, kb: str) -> None:
-        self.cfg = cfg
+        self.cfg, self.t = cfg, cfg.timeout_s
         self.client = client_for(cfg, home)
         self.alias = collection_base(cfg.collection_prefix, kb)
+        self.owner = str((Path(home) / kb).resolve())
 
     def current(self) -> str | None:
         """The collection the alias names, or None before the first sync."""
-        if self.alias not in self.client.list_aliases().get("aliases", []):
+        if self.alias not in self.client.list_aliases(timeout=self.t).get("aliases", []):
             return None
-        return self.client.describe_alias(self.alias)["collection_name"]
+        return self.client.describe_alias(self.alias, timeout=self.t)["collection_name"]
 
     def generations(self) -> list[str]:
         """This KB's collections, oldest first."""
-        mine = [c for c in self.client.list_collections() if c.startswith(self.alias + "_g")
-                and _GEN.search(c) and c[: _GEN.search(c).start()] == self.alias]
+        mine = [c for c in self.client.list_collections(timeout=self.t)
+                if (m := _GEN.search(c)) and c[: m.start()] == self.alias]
         return sorted(mine, key=lambda c: int(_GEN.search(c).group(1)))
 
     def meta(self, collection: str) -> dict:
-        """The generation's metadata (embedder, dim, layout), kept as a collection property."""
-        return json.loads(self.client.describe_collection(collection)["properties"]["kb.meta"])
+        """The generation's metadata (embedder, dim, layout, store, owner), a collection property."""
+        return json.loads(self.client.describe_collection(collection, timeout=self.t)["properties"]["kb.meta"])
 
     def load(self, cfg: RetrievalConfig, embedder_id: str | None = None) -> LoadedIndex | None:
         """The live generation as an index the search reads, or None; IndexMismatchError when it
@@ -189,8 +219,8 @@ class MilvusLevel1:
             raise IndexMismatchError(
                 f"the index of this knowledge base was built with embedding model {meta['embedder']!r} "
                 f"but the config now says {embedder_id!r}; rebuild it with `kb reindex --kb NAME`")
-        kw = MilvusKeywords(self.client, gen) if meta.get("keyword") else None
-        return LoadedIndex(gen, meta, MilvusVectors(self.client, gen, meta, cfg), kw)
+        kw = MilvusKeywords(self.client, gen, self.t) if meta.get("keyword") else None
+        return LoadedIndex(gen, meta, MilvusVectors(self.client, gen, meta, cfg, self.t), kw)
 
     def create(self, meta: dict, cfg: RetrievalConfig) -> str:
         """A new, empty generation with the dense index `meta['kind']` asks for and BM25 terms."""
@@ -210,48 +240,71 @@ class MilvusLevel1:
         schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["terms"],
                                      output_field_names=["sparse"]))
         index = self.client.prepare_index_params()
-        if meta["kind"] == "hnsw":
-            index.add_index(field_name="dense", index_type="HNSW", metric_type="IP",
-                            params={"M": cfg.hnsw_m, "efConstruction": 200})
-        else:
-            index.add_index(field_name="dense", index_type="FLAT", metric_type="IP")
+        index.add_index(field_name="dense", metric_type="IP", **dense_index(meta["kind"], int(meta.get("n", 0)), cfg))
         index.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25",
                         params={"bm25_k1": BM25_K1, "bm25_b": BM25_B})
         self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong",
-                                      properties={"kb.meta": json.dumps(meta)})
+                                      properties={"kb.meta": json.dumps(meta)}, timeout=self.t)
         return name
 
     def set_meta(self, collection: str, meta: dict) -> None:
         """Record `meta` on the generation."""
-        self.client.alter_collection_properties(collection, {"kb.meta": json.dumps(meta)})
+        self.client.alter_collection_properties(collection, {"kb.meta": json.dumps(meta)}, timeout=self.t)
 
     def publish(self, collection: str) -> None:
-        """Point the alias at `collection` (one step) and drop this KB's other generations."""
-        if self.current() is None:
-            self.client.create_alias(collection, self.alias)
+        """Point the alias at `collection` (one step); the generation it named before stays for
+        readers still searching it until the next publish, older ones are dropped."""
+        prev = self.current()
+        if prev is None:
+            self.client.create_alias(collection, self.alias, timeout=self.t)
         else:
-            self.client.alter_alias(collection, self.alias)
+            self.client.alter_alias(collection, self.alias, timeout=self.t)
         for old in self.generations():
-            if old != collection:
-                self.client.drop_collection(old)
+            if old not in (collection, prev):
+                self.client.drop_collection(old, timeout=self.t)
+
+    def sweep(self) -> list[str]:
+        """Drop generations newer than the live one (left by a rebuild killed before its publish)."""
+        live = self.current()
+        n = int(_GEN.search(live).group(1)) if live else 0
+        gone = [c for c in self.generations() if int(_GEN.search(c).group(1)) > n]
+        for c in gone:
+            self.client.drop_collection(c, timeout=self.t)
+        return gone
 
     def drop(self) -> None:
         """Remove the alias and every generation of this KB."""
         if self.current() is not None:
-            self.client.drop_alias(self.alias)
+            self.client.drop_alias(self.alias, timeout=self.t)
         for old in self.generations():
-            self.client.drop_collection(old)
+            self.client.drop_collection(old, timeout=self.t)
 
-    def insert(self, collection: str, rows: list[dict]) -> None:
-        """Insert rows in batches of `milvus.insert_batch`."""
-        for s in range(0, len(rows), self.cfg.insert_batch):
-            self.client.insert(collection, rows[s : s + self.cfg.insert_batch])
+    def insert(self, collection: str, rows: Iterator[dict]) -> None:
+        """Insert rows, `milvus.insert_batch` per request (built as they are sent)."""
+        batch: list[dict] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == self.cfg.insert_batch:
+                self.client.insert(collection, batch, timeout=self.t)
+                batch = []
+        if batch:
+            self.client.insert(collection, batch, timeout=self.t)
 
     def delete(self, collection: str, ids: Sequence[int]) -> None:
-        """Delete rows by ki_id in batches."""
+        """Delete rows by ki_id, `milvus.insert_batch` per request."""
         ids = [int(i) for i in ids]
         for s in range(0, len(ids), self.cfg.insert_batch):
-            self.client.delete(collection, ids=ids[s : s + self.cfg.insert_batch])
+            self.client.delete(collection, ids=ids[s : s + self.cfg.insert_batch], timeout=self.t)
+
+
+def dense_index(kind: str, n: int, cfg: RetrievalConfig) -> dict:
+    """Milvus index arguments for the FAISS kind `retrieval.vector.choose_type` picked, with the
+    same parameters as the embedded backend."""
+    if kind == "hnsw":
+        return {"index_type": "HNSW", "params": {"M": cfg.hnsw_m, "efConstruction": hnsw_ef_construction(cfg.hnsw_m)}}
+    if kind == "ivf":
+        return {"index_type": "IVF_FLAT", "params": {"nlist": max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))}}
+    return {"index_type": "FLAT"}
 
 
 def entry_docs(store: DocStore, cfg: RetrievalConfig) -> dict[int, tuple[str, str]]:
@@ -260,31 +313,39 @@ def entry_docs(store: DocStore, cfg: RetrievalConfig) -> dict[int, tuple[str, st
     return {int(k): (d, lv) for k, d, lv in store.conn.execute(q, cfg.levels)}
 
 
+def _needs_rebuild(level1: MilvusLevel1, live: str, layout: dict, kind: str) -> bool:
+    """Whether the live generation was built otherwise (layout, embedder, kind) or from another
+    store of this KB (deleted and made again); NotThisKB when it is another data folder's."""
+    meta = level1.meta(live)
+    if meta.get("owner") not in (None, level1.owner):
+        raise NotThisKB(f"Milvus collection {live} holds the KB of {meta['owner']}, not {level1.owner}: give "
+                        "this data folder its own milvus.collection_prefix")
+    return any(meta.get(k) != v for k, v in layout.items()) or meta.get("kind") != kind
+
+
 def sync_milvus(store: DocStore, level1: MilvusLevel1, cfg: RetrievalConfig, embedder: Embedder,
                 cache_path: Path, progress: bool = False, rebuild: bool = False) -> dict:
     """Bring the KB's Milvus level 1 in line with the store: rows of new entries inserted (only
     they are embedded), rows of gone entries deleted; a new generation, swapped in when full, when
-    `rebuild` or the embedder, dimension, layout or BM25 side changed. The caller holds the KB's
-    write lock."""
+    `rebuild` or the embedder, dimension, layout, BM25 side or store changed. The caller holds the
+    KB's write lock."""
     t0 = time.perf_counter()
+    level1.sweep()
     layout = {"levels": list(cfg.levels), "embed_field": cfg.embed_field, "format": INDEX_FORMAT,
-              "embedder": embedder.model_id, "dim": embedder.dim, "keyword": cfg.uses_keywords, "backend": "milvus"}
+              "embedder": embedder.model_id, "dim": embedder.dim, "keyword": cfg.uses_keywords,
+              "store_id": store.store_id(), "owner": level1.owner}
     ids, emb_texts, kw_texts = desired_entries(store, cfg)
     kind = choose_type(len(ids), cfg.index_type, cfg.flat_max)
     live = level1.current()
-    fresh = rebuild or live is None
-    if not fresh:
-        meta = level1.meta(live)
-        fresh = any(meta.get(k) != v for k, v in layout.items()) or meta.get("kind") != kind
-    target = level1.create({**layout, "kind": kind}, cfg) if fresh else live
-    present = set() if fresh else set(present_ids(level1.client, target).tolist())
+    stale = live is not None and _needs_rebuild(level1, live, layout, kind)  # first: NotThisKB even on rebuild
+    fresh = rebuild or live is None or stale
+    target = level1.create({**layout, "kind": kind, "n": len(ids)}, cfg) if fresh else live
+    present = set() if fresh else set(present_ids(level1.client, target, level1.t).tolist())
     want = set(ids.tolist())
     to_add, to_remove = sorted(want - present), sorted(present - want)
     if not fresh and not to_add and not to_remove:
         return {"generation": live, "added": 0, "removed": 0, "vectors": len(want), "unchanged": True}
-    if to_remove:
-        level1.delete(target, to_remove)
-    if to_add:
+    if to_add:  # before the deletes: an edited entry is never missing from the collection
         pos = {int(i): j for j, i in enumerate(ids)}
         docs = entry_docs(store, cfg)
         cache = EmbeddingCache(cache_path, embedder.cache_id("passage"))
@@ -293,10 +354,11 @@ def sync_milvus(store: DocStore, level1: MilvusLevel1, cfg: RetrievalConfig, emb
             toks = cached_tokens(cache, [kw_texts[pos[i]] for i in to_add]) if cfg.uses_keywords else None
         finally:
             cache.close()
-        rows = [{"ki_id": i, "doc_id": docs[i][0], "level": docs[i][1], "dense": vecs[j].tolist(),
-                 "terms": bm25_terms(toks[j][:MAX_TERMS]) if toks is not None else ""}
-                for j, i in enumerate(to_add)]
-        level1.insert(target, rows)
+        level1.insert(target, ({"ki_id": i, "doc_id": docs[i][0], "level": docs[i][1], "dense": vecs[j].tolist(),
+                                "terms": bm25_terms(toks[j][:MAX_TERMS]) if toks is not None else ""}
+                               for j, i in enumerate(to_add)))
+    if to_remove:
+        level1.delete(target, to_remove)
     if fresh:
         level1.publish(target)
     return {"generation": target, "added": len(to_add), "removed": len(to_remove), "vectors": len(want),

@@ -14,6 +14,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def hnsw_ef_construction(m: int) -> int:
+    """The candidate list size while building an HNSW graph of `m` neighbours per node (FAISS and Milvus alike)."""
+    return max(40, 2 * m)
+
+
 def choose_type(n: int, index_type: str = "auto", flat_max: int = 50_000) -> str:
     """flat (exact) for small collections, HNSW above `flat_max`, unless the config names one."""
     if index_type != "auto":
@@ -43,7 +48,7 @@ class FaissIndex:
             inner = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
             inner = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = max(40, 2 * hnsw_m)
+            inner.hnsw.efConstruction = hnsw_ef_construction(hnsw_m)
         elif kind == "ivf":
             nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
             inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
