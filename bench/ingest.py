@@ -98,7 +98,7 @@ def nsp_model_dir(shape: str, tmp: Path) -> Path:
 def bench_nsp(n_pairs: int, batch_sizes: list[int], device: str, shapes: list[str]) -> list[dict]:
     import torch
 
-    from ingest.nsp import NSPScorer
+    from ingest.nsp import CrossNSPScorer
 
     pairs = cmrc_sentence_pairs(n_pairs)
     runs = []
@@ -106,7 +106,7 @@ def bench_nsp(n_pairs: int, batch_sizes: list[int], device: str, shapes: list[st
         for shape in shapes:
             mdir = nsp_model_dir(shape, Path(tmp))
             for bs in batch_sizes:
-                scorer = NSPScorer(mdir, device=device, max_seq_len=128, batch_size=bs)
+                scorer = CrossNSPScorer(mdir, device=device, max_seq_len=128, batch_size=bs)
                 scorer.continue_probs(pairs[: bs * 2])  # warm-up
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -188,7 +188,7 @@ def bench_pipeline(docs_dir: Path, cmrc_docs: int) -> list[dict]:
     from ingest.chunking import NSPChunker, to_units
     from ingest.keyinfo import build_extractor
     from ingest.loaders import ParseError
-    from ingest.nsp import NSPScorer
+    from ingest.nsp import CrossNSPScorer
     from ingest.pipeline import items_from_paths, parse_item
     from kb.settings import load_settings
 
@@ -211,7 +211,7 @@ def bench_pipeline(docs_dir: Path, cmrc_docs: int) -> list[dict]:
             with contextlib.suppress(ParseError):
                 parsed.append(parse_item(it, settings))
         parse_s = time.perf_counter() - t
-        scorer = NSPScorer(nsp_model_dir("minilm-l6", Path(tmp)), device="cpu", batch_size=64)
+        scorer = CrossNSPScorer(nsp_model_dir("minilm-l6", Path(tmp)), device="cpu", batch_size=64)
         chunker = NSPChunker(scorer, max_chars=settings.chunking.max_chars)
         extractor = build_extractor(settings.keyinfo)
         t = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import kb  # noqa: F401  (sets the offline environment first)
+from kb.errors import KBError
 from kb.settings import REPO_ROOT, ConfigError, Settings, load_settings
 
 log = logging.getLogger("kb")
@@ -30,7 +31,7 @@ def usage_errors() -> Iterator[None]:
     """Bad input the library reports (ValueError, FileNotFoundError) as a usage error: exit code 2."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except (KBError, ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
 
 
@@ -884,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config) if getattr(args, "needs_settings", True) else None
         return args.func(args, settings)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, KBError) as e:
         print(f"kb: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -892,11 +893,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001
         from kb.models import ModelNotFoundError
-        from kb.paths import BadKBName
         from kb.writelock import WriteLockTimeout
         from retrieval.index import IndexMismatchError
 
-        if isinstance(e, ModelNotFoundError | BadKBName | IndexMismatchError):
+        if isinstance(e, ModelNotFoundError | IndexMismatchError):
             print(f"kb: error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, WriteLockTimeout):  # another process is writing: not a bug, try again later

@@ -206,9 +206,6 @@ def load_scorer_from(model_dir: str | Path, device: str = "auto", max_seq_len: i
     return CrossNSPScorer(model_dir, device, max_seq_len, batch_size)
 
 
-NSPScorer = CrossNSPScorer
-
-
 def continuation_prob(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax probability of class 0 (continuation) for each row of NSP logits, at `temperature`."""
     if temperature <= 0:

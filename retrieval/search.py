@@ -65,8 +65,8 @@ def fuse(ranked: Sequence[Sequence[int]], weights: Sequence[float], method: str 
     return out
 
 
-def to_units(rows: list[dict], scores: dict[int, float], store: DocStore, cfg: RetrievalConfig,
-             vec_scores: dict[int, float], kw_scores: dict[int, float]) -> list[Hit]:
+def level2_hits(rows: list[dict], scores: dict[int, float], store: DocStore, cfg: RetrievalConfig,
+                vec_scores: dict[int, float], kw_scores: dict[int, float]) -> list[Hit]:
     """Map key-info hits to raw text and merge contained units (sentence ⊂ segment ⊂ article).
 
     A sentence hit returns its segment ("small to big"); an article hit absorbs the hits inside it

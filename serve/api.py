@@ -21,10 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kb.paths import BadKBName
+from kb.errors import KBError
 from kb.settings import ConfigError, Settings
 from kb.writelock import WriteLockTimeout
-from retrieval.kb import BadChunkText, NoSuchChunk, NoSuchKB
+from retrieval.kb import NoSuchKB
 from serve.auth import NO_KEYS, KeyRing
 from serve.middleware import (
     BodyLimitMiddleware,
@@ -39,7 +39,6 @@ from serve.middleware import (
 from serve.routes import ROUTERS
 from serve.routes.common import ApiError, key_user
 from serve.service import Service
-from serve.uploads import BadFileName, BadUpload, NoSuchDocument, UploadTooLarge
 
 __all__ = ["MAX_JSON_BODY", "ApiError", "create_app", "key_user", "log_config", "serve"]
 
@@ -49,13 +48,6 @@ MAX_JSON_BODY = 8 << 20
 """The largest body of a JSON route (every field has its own limit as well)."""
 UPLOAD_PATH = re.compile(r"/v1/kbs/[^/]+/documents/?$")
 
-ERROR_STATUS: dict[type[Exception], tuple[int, str]] = {
-    BadKBName: (422, "invalid_request"), BadChunkText: (422, "invalid_request"),
-    BadFileName: (422, "invalid_request"), BadUpload: (422, "invalid_request"),
-    NoSuchChunk: (404, "not_found"), NoSuchDocument: (404, "not_found"),
-    UploadTooLarge: (413, "payload_too_large"),
-}
-"""The status and code of each error class whose message is fit for the caller as it is."""
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -107,8 +99,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyRing
 def add_error_handlers(app: FastAPI) -> None:
     """Map each error class to its HTTP status and JSON error body, once for every route."""
     app.add_exception_handler(ApiError, api_error)
-    for cls in ERROR_STATUS:
-        app.add_exception_handler(cls, known_error)
+    app.add_exception_handler(KBError, known_error)
     app.add_exception_handler(NoSuchKB, no_such_kb)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -121,10 +112,9 @@ async def api_error(_: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.code, e.message), status_code=e.status, headers=headers)
 
 
-async def known_error(_: Request, e: Exception) -> JSONResponse:
-    """An error of ERROR_STATUS (the nearest class in its MRO), with its own message."""
-    status, code = next(ERROR_STATUS[c] for c in type(e).__mro__ if c in ERROR_STATUS)
-    return JSONResponse(error_body(code, str(e)), status_code=status)
+async def known_error(_: Request, e: KBError) -> JSONResponse:
+    """A caller's error (kb.errors.KBError): its class's status and code, its own message."""
+    return JSONResponse(error_body(e.code, str(e)), status_code=e.status)
 
 
 async def no_such_kb(request: Request, e: NoSuchKB) -> JSONResponse:

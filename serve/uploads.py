@@ -20,21 +20,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ingest.pipeline import FileItem, doc_id_for
+from kb.errors import InvalidRequest, KBError, NotFound
 
 
-class UploadTooLarge(ValueError):
+class UploadTooLarge(KBError, ValueError):
     """The upload is larger than serve.max_upload_mb."""
 
+    status, code = 413, "payload_too_large"
 
-class BadFileName(ValueError):
+
+class BadFileName(InvalidRequest, ValueError):
     """The upload's file name is empty or unusable."""
 
 
-class BadUpload(ValueError):
+class BadUpload(InvalidRequest, ValueError):
     """The upload request cannot be carried out as asked (e.g. `replace` with several files)."""
 
 
-class NoSuchDocument(LookupError):
+class NoSuchDocument(NotFound, LookupError):
     """The document an upload should replace is not in the knowledge base."""
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ingest.chunking import FixedChunker, NSPChunker, to_units
-from ingest.nsp import NSPScorer, continuation_prob
+from ingest.nsp import CrossNSPScorer, continuation_prob
 from ingest.types import Block, ParsedDocument, Unit
 
 
@@ -58,7 +58,7 @@ def test_temperature_softens_probabilities():
 
 
 def test_tiny_model_scores_batched_in_input_order(tiny_nsp_dir):
-    scorer = NSPScorer(tiny_nsp_dir, device="cpu", batch_size=2)
+    scorer = CrossNSPScorer(tiny_nsp_dir, device="cpu", batch_size=2)
     pairs = [("short", "pair"), ("a much longer first sentence here", "and a long second one too"),
              ("mid length", "text here"), ("x", "y")]
     batched = scorer.continue_probs(pairs)
