@@ -135,11 +135,13 @@ class DocStore:
             if not older:
                 raise
 
-    def store_id(self) -> str:
+    def store_id(self, create: bool = True) -> str | None:
         """A random id given to this store when first asked (kept in its meta table): an index
         held elsewhere (Milvus) records it, so a new store of the same KB name is never taken for
-        the old one."""
+        the old one. `create=False` (readers): None when it has none yet, nothing written."""
         row = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+        if row is None and not create:
+            return None
         if row is None:
             import uuid
 

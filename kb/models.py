@@ -133,9 +133,10 @@ def avoid_cudnn_attention(device: str) -> None:
     """On CUDA, turn off SDPA's cuDNN attention for this process (the flash and memory-efficient
     kernels remain): cuDNN's builds a plan for every new (batch, width) shape, and batched encoder
     inference rarely repeats a padded width (GPU ingestion's NSP and embedding calls ran 2-3x
-    faster without it: bench/results/ingest_e2e_gpu.json, before and after). Process-wide and
-    once, because a per-call context sets the same global flags and would race between threads.
-    Elsewhere it does nothing."""
+    faster without it: bench/results/ingest_e2e_gpu_previous.json against ingest_e2e_gpu.json).
+    Process-wide and once, because a per-call context sets the same global flags and would race
+    between threads; an LLM in the same process then runs without it too (the generation figures
+    were measured without an encoder loaded). Elsewhere it does nothing."""
     if not str(device).startswith("cuda"):
         return
     import torch

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kb.errors import InvalidRequest
+
 _KB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KB_NAME_PATTERN = _KB_NAME.pattern
 """The regular expression of a valid KB name (the HTTP API's schema shows it)."""
 
 
-class BadKBName(ValueError):
+class BadKBName(InvalidRequest, ValueError):
     """A knowledge-base name that cannot be a folder name."""
 
 
@@ -26,3 +28,31 @@ def check_kb_name(name: str) -> str:
 def kb_dir(home: Path, kb: str) -> Path:
     """The folder of knowledge base `kb` under `home`; BadKBName for an invalid name."""
     return Path(home) / check_kb_name(kb)
+
+
+HOME_ID_FILE = ".home-id"
+"""The file under a data folder holding its random id (KB names cannot start with a dot)."""
+
+
+def home_id(home: Path) -> str:
+    """The data folder's random id, made once (the first process to ask writes it, others read it):
+    what identifies a data folder to a shared index, whatever path it is mounted at."""
+    import os
+    import uuid
+
+    path = Path(home) / HOME_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{HOME_ID_FILE}.{uuid.uuid4().hex}")
+    tmp.write_text(uuid.uuid4().hex)
+    try:
+        os.link(tmp, path)  # fails when another process made it first: theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+

@@ -651,12 +651,22 @@ def load_settings_as_written(path: str | Path) -> Settings:
     settings = load_settings(path)
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     data.pop("extends", None)
-    written: dict[str, Any] = {}
-    for key, value in data.items():
-        section = isinstance(value, dict) and isinstance(getattr(settings, key, None), BaseModel)
-        written.update({f"{key}.{k}": v for k, v in value.items()} if section else {key: value})
     set_models_dir(before)
+    written = _leaf_keys(data, settings)
     return apply_overrides(settings, written) if written else settings
+
+
+def _leaf_keys(data: dict[str, Any], model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """`data` as dotted keys down to the settings' leaves (a section written in part keeps the
+    rest of its values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = getattr(model, key, None)
+        if isinstance(value, dict) and isinstance(sub, BaseModel):
+            out.update(_leaf_keys(value, sub, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
@@ -673,7 +683,7 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         field_type = type(getattr(settings, top))
         try:
             update[top] = field_type.model_validate(data[top]) if issubclass(field_type, BaseModel) else \
-                Settings.model_fields[top].annotation(data[top])
+                Settings._expand(data[top]) if top == "home" else Settings.model_fields[top].annotation(data[top])
         except Exception as e:  # pydantic.ValidationError
             raise ConfigError(f"{top}: {e}") from e
     return settings.model_copy(update=update)

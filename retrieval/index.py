@@ -182,6 +182,16 @@ class IndexDir:
                      ", ".join(sorted(removed)))
         return removed
 
+    def revert_to(self, gen: str | None) -> None:
+        """Make `gen` current again (None: no index) and remove the generations after it: undoes
+        a publish that must not stand (a failed migration). The caller holds the KB's write lock."""
+        if gen is None:
+            (self.root / POINTER).unlink(missing_ok=True)
+        else:
+            self._point_to(gen)
+        for p in self._entries_except({gen, self._previous(gen)}):
+            _remove(p)
+
     def _point_to(self, gen: str) -> None:
         """Replace CURRENT atomically with one naming `gen`."""
         with replacing_file(self.root / POINTER, mode=0o644) as tmp:

@@ -22,26 +22,27 @@ import numpy as np
 from ingest.pipeline import FileItem, ingest, items_from_paths
 from ingest.store import DocStore
 from kb import faults
+from kb.errors import InvalidRequest, NotFound
 from kb.paths import check_kb_name
 from kb.settings import Settings
 from kb.writelock import write_lock
 from retrieval.embedder import Embedder
 from retrieval.index import IndexDir, IndexMismatchError, LoadedIndex, sync_index
-from retrieval.search import Hit, Reranker, fuse, to_units
+from retrieval.search import Hit, Reranker, fuse, level2_hits
 from retrieval.vector import gpu_backend, torch_from_faiss
 
 log = logging.getLogger(__name__)
 
 
-class NoSuchKB(LookupError):
+class NoSuchKB(NotFound, LookupError):
     """The knowledge base does not exist."""
 
 
-class NoSuchChunk(LookupError):
+class NoSuchChunk(NotFound, LookupError):
     """The document, or the chunk of it, does not exist in the knowledge base."""
 
 
-class BadChunkText(ValueError):
+class BadChunkText(InvalidRequest, ValueError):
     """A chunk edit's text (or user) is empty or too long."""
 
 
@@ -269,8 +270,11 @@ class KnowledgeBase:
         with self.writing():
             trash = self.dir.with_name(f".deleted-{self.name}-{secrets.token_hex(4)}")
             self.dir.rename(trash)
-            if self.uses_milvus:  # a kill before this leaves collections that name the old store: a new KB rebuilds
-                self.milvus().drop()
+            if self.uses_milvus:  # left behind (a kill, Milvus down), they name the old store: never read again
+                try:
+                    self.milvus().drop()
+                except Exception as e:  # noqa: BLE001 (the KB is gone either way)
+                    log.warning("knowledge base %s deleted; its Milvus collections were not dropped: %s", self.name, e)
             with self._lock:
                 self._live = None
                 self._gpu = None
@@ -324,7 +328,9 @@ class KnowledgeBase:
             gen = level1.current()
             with self._lock:
                 if self._live is None or self._live.gen != gen:
-                    self._live = level1.load(self.settings.retrieval, self.embedder.model_id)
+                    with self.store() as store:
+                        store_id = store.store_id(create=False)
+                    self._live = level1.load(self.settings.retrieval, self.embedder.model_id, store_id)
             return self._live
         idir = IndexDir(self.dir)
         gen = idir.current()
@@ -378,7 +384,7 @@ class KnowledgeBase:
                     raw.append([s for _, s in kw])
                 fused = fuse(ranked, weights, cfg.fusion, cfg.rrf_k, raw)
                 rows = store.key_infos(ki_ids=list(fused))
-                hits = to_units(rows, fused, store, cfg, dict(vec), dict(kw))
+                hits = level2_hits(rows, fused, store, cfg, dict(vec), dict(kw))
                 if cfg.rerank and self.settings.models.reranker:
                     rr = shared_reranker(self.settings.models.reranker, self.settings.models.device)
                     hits = rr.rerank(query, hits[: cfg.rerank_candidates])

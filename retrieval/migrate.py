@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 import shutil
 import sqlite3
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from kb.fsutil import building_dir, umask_mode
 from kb.settings import Settings
-from kb.writelock import LOCK_NAME
-from retrieval.index import desired_entries
+from kb.writelock import LOCK_NAME, write_lock
+from retrieval.index import IndexDir, desired_entries
 from retrieval.kb import KnowledgeBase
 
 SKIP_DIRS = {"index"}
@@ -26,20 +26,38 @@ class MigrationMismatch(RuntimeError):
     """The migrated KB does not hold what the source holds, or does not answer as it does."""
 
 
-def copy_kb_folder(src: Path, dest: Path) -> None:
-    """Copy a KB folder (SQLite files through SQLite's backup, consistent while others read)
-    beside `dest`, then rename it into place."""
-    with building_dir(dest, mode=umask_mode(0o777)) as tmp:
-        for item in src.iterdir():
-            if item.name in SKIP_DIRS or item.name == LOCK_NAME or item.name.endswith(SKIP_SUFFIXES):
-                continue
-            if item.suffix == ".sqlite":
-                with sqlite3.connect(item) as a, sqlite3.connect(tmp / item.name) as b:
-                    a.backup(b)
-            elif item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            elif item.is_file():
-                shutil.copy2(item, tmp / item.name)
+def copy_kb_files(src: Path, dest: Path) -> list[Path]:
+    """Copy a KB folder's files into `dest` (which the caller holds locked), each written beside
+    its place and renamed in, SQLite files through SQLite's backup (consistent while others read)
+    and the store last, since a store is what makes a folder a KB. The paths written."""
+    items = sorted((i for i in src.iterdir() if i.name not in SKIP_DIRS and i.name != LOCK_NAME
+                    and not i.name.endswith(SKIP_SUFFIXES)), key=lambda i: i.name == "store.sqlite")
+    written: list[Path] = []
+    for item in items:
+        tmp = dest / f".{item.name}.copying"
+        if item.suffix == ".sqlite":
+            tmp.unlink(missing_ok=True)
+            with sqlite3.connect(item) as a, sqlite3.connect(tmp) as b:
+                a.backup(b)
+        elif item.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(item, tmp)
+        elif item.is_file():
+            shutil.copy2(item, tmp)
+        else:
+            continue
+        tmp.rename(dest / item.name)
+        written.append(dest / item.name)
+    return written
+
+
+def remove_copied(paths: list[Path]) -> None:
+    """Undo `copy_kb_files`: the store first (the folder stops being a KB), then the rest."""
+    for path in sorted(paths, key=lambda x: x.name != "store.sqlite"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def sample_queries(kb: KnowledgeBase, n: int, seed: int = 0) -> list[str]:
@@ -65,49 +83,57 @@ def level1_place(settings: Settings, name: str) -> tuple:
 def migrate_kb(source: Settings, target: Settings, name: str, queries: int = 100, min_agreement: float = 0.95,
                progress: bool = False) -> dict:
     """Make KB `name` of `source` available under `target` (its data folder and level-1 backend):
-    the folder is copied when the data folders differ, level 1 is built by the target backend
-    (vectors come from the embedding cache when the embedder is the same); then the target's
-    entries must equal the store's and the top 5 of `queries` sampled key texts must agree for
-    `min_agreement` of them. On a mismatch or an error, what this call created is removed; the
-    source is never changed."""
+    the KB's files are copied when the data folders differ, level 1 is built by the target
+    backend (vectors come from the embedding cache when the embedder is the same); then the
+    target's entries must equal the store's and the top 5 of `queries` sampled key texts must
+    agree for `min_agreement` of them. Both KBs' write locks are held throughout; on a mismatch
+    or an error the target's level 1 goes back to the generation it had and copied files are
+    removed. The source is never changed."""
     src = KnowledgeBase(source, name)
     if level1_place(source, name) == level1_place(target, name):
         raise ValueError("the source and target configurations put this KB's index in the same place")
     copied = Path(target.home).resolve() != Path(source.home).resolve()
-    if copied and target.kb_dir(name).exists():
-        raise ValueError(f"knowledge base {name!r} already exists under {target.home} (remove it there first: "
-                         f"kb rm --kb {name} --config TARGET)")
-    made_collections = False
-    try:
-        with src.writing():
-            if copied:
-                copy_kb_folder(src.dir, target.kb_dir(name))
-            dst = KnowledgeBase(target, name)
-            made_collections = dst.uses_milvus and dst.milvus().current() is None
-            info = dst.sync(progress, rebuild=True)
-            with src.store() as store:
-                counts = store.counts()
-                expected = len(desired_entries(store, target.retrieval)[0])
-            with dst.store() as store:
-                target_counts = store.counts()
-            vectors = {"store": expected, "source": src.vector_count(), "target": dst.vector_count()}
-        if target_counts != counts or vectors["target"] != expected:
-            raise MigrationMismatch(f"counts differ after migrating {name!r}: store {counts} -> {target_counts}, "
-                                    f"level-1 entries {vectors}")
-        qs = sample_queries(src, queries)
-        same = [[(h.doc_id, h.chunk_id) for h in a] == [(h.doc_id, h.chunk_id) for h in b]
-                for a, b in zip(src.search_many(qs, 5), dst.search_many(qs, 5))]
-        agreement = float(np.mean(same)) if same else 1.0
-        out = {"kb": name, "from": level1_place(source, name)[0], "to": level1_place(target, name)[0],
-               "source": counts, "target": target_counts, "vectors": vectors, "generation": info["generation"],
-               "queries": len(qs), "same_top5": round(agreement, 4)}
-        if agreement < min_agreement:
-            raise MigrationMismatch(f"the migrated KB agrees on the top 5 of {agreement:.1%} of {len(qs)} sampled "
-                                    f"queries, under {min_agreement:.0%}: {out}")
-        return out
-    except BaseException:
-        if made_collections:
-            KnowledgeBase(target, name).milvus().drop()
-        if copied:
-            shutil.rmtree(target.kb_dir(name), ignore_errors=True)
-        raise
+    dest = target.kb_dir(name)
+    with src.writing(), write_lock(dest, target.retrieval.write_lock_timeout_s) if copied else nullcontext():
+        if copied and (dest / "store.sqlite").exists():
+            raise ValueError(f"knowledge base {name!r} already exists under {target.home} (remove it there first: "
+                             f"kb rm --kb {name} --config TARGET)")
+        written = copy_kb_files(src.dir, dest) if copied else []
+        dst = KnowledgeBase(target, name)
+        previous = dst.index_generation()
+        try:
+            return _build_and_verify(src, dst, previous, queries, min_agreement, progress)
+        except BaseException:
+            if dst.uses_milvus:
+                dst.milvus().revert_to(previous)
+            else:
+                IndexDir(dst.dir).revert_to(previous)
+            remove_copied(written)
+            raise
+
+
+def _build_and_verify(src: KnowledgeBase, dst: KnowledgeBase, previous: str | None, queries: int,
+                      min_agreement: float, progress: bool) -> dict:
+    """Build the target's level 1 and compare it with the source; the report, or MigrationMismatch."""
+    info = dst.sync(progress, rebuild=True)
+    with src.store() as store:
+        counts = store.counts()
+        expected = len(desired_entries(store, dst.settings.retrieval)[0])
+    with dst.store() as store:
+        target_counts = store.counts()
+    vectors = {"store": expected, "source": src.vector_count(), "target": dst.vector_count()}
+    if target_counts != counts or vectors["target"] != expected:
+        raise MigrationMismatch(f"counts differ after migrating {src.name!r}: store {counts} -> {target_counts}, "
+                                f"level-1 entries {vectors}")
+    qs = sample_queries(src, queries)
+    same = [[(h.doc_id, h.chunk_id) for h in a] == [(h.doc_id, h.chunk_id) for h in b]
+            for a, b in zip(src.search_many(qs, 5), dst.search_many(qs, 5))]
+    agreement = float(np.mean(same)) if same else 1.0
+    out = {"kb": src.name, "from": level1_place(src.settings, src.name)[0],
+           "to": level1_place(dst.settings, dst.name)[0], "source": counts, "target": target_counts,
+           "vectors": vectors, "generation": info["generation"], "replaced": previous, "queries": len(qs),
+           "same_top5": round(agreement, 4)}
+    if agreement < min_agreement:
+        raise MigrationMismatch(f"the migrated KB agrees on the top 5 of {agreement:.1%} of {len(qs)} sampled "
+                                f"queries, under {min_agreement:.0%}: {out}")
+    return out

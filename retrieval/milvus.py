@@ -27,12 +27,14 @@ import math
 import re
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ingest.store import DocStore
+from kb.paths import home_id
 from kb.settings import MilvusConfig, RetrievalConfig
 from retrieval.embedder import Embedder, EmbeddingCache
 from retrieval.index import INDEX_FORMAT, IndexMismatchError, LoadedIndex, cached_tokens, desired_entries
@@ -163,7 +165,11 @@ class _IteratorNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return "AllocTimestamp" not in msg and "mvccTs" not in msg and "Method not implemented" not in msg
+        if "mvccTs" in msg:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "AllocTimestamp" in "".join(
+            traceback.format_tb(record.exc_info[2])))
 
 
 for _name in ("grpc._server", "pymilvus.decorators", "pymilvus.client.iterator.query_iterator"):
@@ -190,7 +196,9 @@ class MilvusLevel1:
         self.cfg, self.t = cfg, cfg.timeout_s
         self.client = client_for(cfg, home)
         self.alias = collection_base(cfg.collection_prefix, kb)
-        self.owner = str((Path(home) / kb).resolve())
+        self.owner = f"{home_id(home)}/{kb}"
+        """This KB of this data folder (its random id, not its path: the same folder mounted
+        elsewhere is the same owner, two folders at one path on two hosts are not)."""
 
     def current(self) -> str | None:
         """The collection the alias names, or None before the first sync."""
@@ -208,13 +216,20 @@ class MilvusLevel1:
         """The generation's metadata (embedder, dim, layout, store, owner), a collection property."""
         return json.loads(self.client.describe_collection(collection, timeout=self.t)["properties"]["kb.meta"])
 
-    def load(self, cfg: RetrievalConfig, embedder_id: str | None = None) -> LoadedIndex | None:
-        """The live generation as an index the search reads, or None; IndexMismatchError when it
-        was built with another embedding model."""
+    def load(self, cfg: RetrievalConfig, embedder_id: str | None = None, store_id: str | None = None
+             ) -> LoadedIndex | None:
+        """The live generation as an index the search reads; None before the first sync and when
+        the generation was built from another store than `store_id` or for another data folder
+        (a recreated KB before its sync, a KB of the same name elsewhere): never foreign rows.
+        IndexMismatchError when it was built with another embedding model."""
         gen = self.current()
         if gen is None:
             return None
         meta = self.meta(gen)
+        if meta.get("owner") != self.owner or meta.get("store_id") != store_id:
+            log.warning("Milvus collection %s was not built from this KB's store (%s): not searched until "
+                        "`kb reindex`", gen, self.owner)
+            return None
         if embedder_id is not None and meta["embedder"] != embedder_id:
             raise IndexMismatchError(
                 f"the index of this knowledge base was built with embedding model {meta['embedder']!r} "
@@ -264,13 +279,28 @@ class MilvusLevel1:
                 self.client.drop_collection(old, timeout=self.t)
 
     def sweep(self) -> list[str]:
-        """Drop generations newer than the live one (left by a rebuild killed before its publish)."""
+        """Drop this KB's generations newer than the live one (left by a rebuild killed before its
+        publish); another owner's are left alone."""
         live = self.current()
         n = int(_GEN.search(live).group(1)) if live else 0
-        gone = [c for c in self.generations() if int(_GEN.search(c).group(1)) > n]
+        gone = [c for c in self.generations() if int(_GEN.search(c).group(1)) > n
+                and self.meta(c).get("owner") == self.owner]
         for c in gone:
             self.client.drop_collection(c, timeout=self.t)
         return gone
+
+    def revert_to(self, previous: str | None) -> None:
+        """Point the alias back at `previous` (None: remove it) and drop this KB's generations
+        after it: undoes a publish that must not stand (a failed migration)."""
+        live = self.current()
+        if previous is None and live is not None and self.meta(live).get("owner") == self.owner:
+            self.client.drop_alias(self.alias, timeout=self.t)
+        elif previous is not None and live != previous:
+            self.client.alter_alias(previous, self.alias, timeout=self.t)
+        n = int(_GEN.search(previous).group(1)) if previous else 0
+        for c in self.generations():
+            if int(_GEN.search(c).group(1)) > n and self.meta(c).get("owner") == self.owner:
+                self.client.drop_collection(c, timeout=self.t)
 
     def drop(self) -> None:
         """Remove the alias and every generation of this KB."""

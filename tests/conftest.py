@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -196,3 +197,17 @@ def library(settings, kb):
     from serve.compliance import ReplyLibrary
 
     return ReplyLibrary.load(settings.compliance.approved_replies, kb.embedder)
+
+
+def cmrc_subset(root: Path, articles: int) -> tuple[Path, Path, list[str]]:
+    """The first `articles` CMRC 2018 trial articles under `root`: (SQuAD file, documents folder,
+    questions)."""
+    from eval.squad_docs import write_docs
+
+    data = json.loads(CMRC.read_text(encoding="utf-8"))
+    data["data"] = data["data"][:articles]
+    squad = root / f"cmrc{articles}.json"
+    squad.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    write_docs(squad, root / "docs")
+    return squad, root / "docs", [q["question"] for a in data["data"] for p in a["paragraphs"] for q in p["qas"]]
+

@@ -16,7 +16,7 @@ from eval.data import Question
 from eval.judge import Judge
 from eval.open import cited, content_units, evaluate_open, summarize, write_report
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
-from tests.conftest import CMRC, SHARED
+from tests.conftest import SHARED, cmrc_subset
 
 CMMLU_TEST = SHARED / "cmmlu" / "test"
 
@@ -220,14 +220,8 @@ def test_refusal_correct_counts_only_questions_outside_the_kb():
 @pytest.fixture(scope="module")
 def cmrc_small(tmp_path_factory, tiny_nsp_dir):
     """The first 12 CMRC articles as a KB (default and baseline configs) and their questions."""
-    from eval.squad_docs import write_docs
-
     root = tmp_path_factory.mktemp("cmrc")
-    data = json.loads(CMRC.read_text(encoding="utf-8"))
-    data["data"] = data["data"][:12]
-    squad = root / "cmrc_small.json"
-    squad.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    write_docs(squad, root / "docs")
+    squad, _, questions = cmrc_subset(root, 12)
     home = root / "home"
     base = root / "base.yaml"
     base.write_text(f"home: {home}\nmodels: {{nsp: {tiny_nsp_dir}, device: cpu, llm: null}}\n", encoding="utf-8")
@@ -237,8 +231,7 @@ def cmrc_small(tmp_path_factory, tiny_nsp_dir):
                         encoding="utf-8")
     assert kb_main(["ingest", str(root / "docs"), "--kb", "cmrc", "--config", str(base), "-q"]) == 0
     assert kb_main(["ingest", str(root / "docs"), "--kb", "cmrc_baseline", "--config", str(baseline), "-q"]) == 0
-    n = sum(len(p["qas"]) for a in data["data"] for p in a["paragraphs"])
-    return {"squad": squad, "base": base, "baseline": baseline, "n": n}
+    return {"squad": squad, "base": base, "baseline": baseline, "n": len(questions)}
 
 
 def test_open_eval_runs_the_answer_chain_end_to_end(cmrc_small, capsys, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CMRC, DOCS, free_port, write_files
+from tests.conftest import DOCS, cmrc_subset, free_port, write_files
 
 
 def milvus_settings(settings, uri: str, **retrieval):
@@ -30,16 +30,8 @@ def top5(kb, questions: list[str]) -> list[list[tuple]]:
 @pytest.fixture(scope="module")
 def cmrc_docs(tmp_path_factory) -> tuple[Path, list[str]]:
     """The first 12 CMRC 2018 articles as documents, and their questions."""
-    from eval.squad_docs import write_docs
-
-    root = tmp_path_factory.mktemp("cmrc_milvus")
-    data = json.loads(CMRC.read_text(encoding="utf-8"))
-    data["data"] = data["data"][:12]
-    squad = root / "cmrc12.json"
-    squad.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    write_docs(squad, root / "docs")
-    questions = [q["question"] for a in data["data"] for p in a["paragraphs"] for q in p["qas"]]
-    return root / "docs", questions
+    _, docs, questions = cmrc_subset(tmp_path_factory.mktemp("cmrc_milvus"), 12)
+    return docs, questions
 
 
 def test_milvus_level1_answers_as_the_embedded_index_does(settings, tmp_path, cmrc_docs):
@@ -116,6 +108,19 @@ def test_deletes_updates_and_rebuilds_keep_milvus_equal_to_the_store(settings, t
     assert level1.current() is None and level1.generations() == []
 
 
+def test_a_rebuild_killed_before_its_publish_is_swept_by_the_next_sync(settings, tmp_path):
+    from retrieval.kb import KnowledgeBase
+
+    s = milvus_settings(settings, str(tmp_path / "milvus.db"))
+    kb = KnowledgeBase(s, "policies", create=True)
+    kb.add_items(write_files(tmp_path / "d", DOCS), progress=False)
+    level1 = kb.milvus()
+    live = level1.current()
+    orphan = level1.create({**level1.meta(live), "kind": "flat"}, s.retrieval)  # the kill: never published
+    assert level1.generations() == [live, orphan]
+    assert kb.sync()["unchanged"] and level1.generations() == [live]
+
+
 def test_another_embedder_is_refused_until_reindexed(settings, tmp_path, monkeypatch):
     from retrieval.index import IndexMismatchError
     from retrieval.kb import KnowledgeBase
@@ -188,6 +193,7 @@ def test_kb_migrate_moves_a_kb_to_milvus_and_back_verified(settings, tmp_path, c
     """`kb migrate`: FAISS -> Milvus (same data folder) and Milvus -> FAISS in another data folder,
     each verified by counts and by the top 5 of sampled queries; a migration onto itself is refused."""
     from cli.main import main as kb_main
+    from kb.settings import load_settings_as_written
     from retrieval.kb import KnowledgeBase
 
     kb = KnowledgeBase(settings, "policies", create=True)
@@ -209,6 +215,12 @@ def test_kb_migrate_moves_a_kb_to_milvus_and_back_verified(settings, tmp_path, c
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["from"], r["to"]) == ("milvus", "faiss") and r["same_top5"] >= 0.95
     assert (tmp_path / "home2" / "policies" / "store.sqlite").is_file()
+    level1 = KnowledgeBase(load_settings_as_written(to_milvus), "policies").milvus()
+    live = level1.current()
+    assert kb_main(["migrate", "--kb", "policies", "--config", str(base), "--to", str(to_milvus),
+                    "--min-agreement", "1.01"]) == 2  # cannot pass: the new generation must not stand
+    assert "agrees on the top 5" in capsys.readouterr().err
+    assert level1.current() == live and level1.generations()[-1] == live
     assert kb_main(["migrate", "--kb", "policies", "--config", str(to_milvus), "--to", str(to_milvus)]) == 2
     assert "same place" in capsys.readouterr().err
     assert kb_main(["migrate", "--kb", "policies", "--config", str(to_milvus), "--to", str(back)]) == 2
@@ -224,15 +236,20 @@ def test_a_new_kb_of_a_deleted_name_never_searches_the_old_rows(settings, tmp_pa
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
     old = KnowledgeBase(s, "pol", create=True)
     old.add_items(write_files(tmp_path / "a", {k: DOCS[k] for k in ("refunds.md", "shipping.md")}), progress=False)
-    monkeypatch.setattr(MilvusLevel1, "drop", lambda self: None)  # the kill
-    old.delete()
-    monkeypatch.undo()
-    monkeypatch.setenv("KB_HOME", str(settings.home))
+    with monkeypatch.context() as m:
+        m.setattr(MilvusLevel1, "drop", lambda self: (_ for _ in ()).throw(ConnectionError("Milvus down")))
+        old.delete()  # the KB is gone; its collections stay (logged)
+    assert not old.dir.exists() and old.milvus().current() == "kb_pol_g1"
     new = KnowledgeBase(s, "pol", create=True)
-    info = new.add_items(write_files(tmp_path / "b", {"tax.md": "# Tax\n\nThe tax return is due on 31 July.",
-                                                      "cats.md": "# Cats\n\nCats sleep sixteen hours a day."}),
-                         progress=False)["index"]
-    assert info["generation"] == "kb_pol_g2" and not info["unchanged"]
+    items = write_files(tmp_path / "b", {"tax.md": "# Tax\n\nThe tax return is due on 31 July.",
+                                         "cats.md": "# Cats\n\nCats sleep sixteen hours a day."})
+    with monkeypatch.context() as m:  # its first sync fails: its store is written, the old rows are not read
+        m.setattr("retrieval.milvus.sync_milvus", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+        with pytest.raises(ConnectionError):
+            new.add_items(items, progress=False)
+    assert new.stats()["documents"] == 2 and new.search("refund within 30 days", 5) == []
+    info = new.sync()
+    assert info["generation"] == "kb_pol_g2" and not info["unchanged"] and info["added"] > 0
     assert {h.source for h in new.search("When is the tax return due?", 5)} <= {"tax.md", "cats.md"}
     assert new.search("When is the tax return due?", 1)[0].source == "tax.md"
 
@@ -310,3 +327,20 @@ def test_configured_milvus_settings_reach_every_request(settings, tmp_path, monk
     s2 = s.model_copy(update={"milvus": m.model_copy(update={"db_name": "hr"})})
     KnowledgeBase(s2, "policies").milvus()
     assert made[-1] == {"uri": m.uri, "timeout": 7.5, "token": "root:secret", "db_name": "hr"}
+
+
+def test_milvus_settings_are_checked_before_any_request(settings, tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from kb.settings import MilvusConfig
+    from retrieval.kb import KnowledgeBase
+    from retrieval.milvus import MilvusUnavailable
+
+    for bad in ({"collection_prefix": "9x"}, {"collection_prefix": "a-b"}, {"insert_batch": 0}, {"timeout_s": 0}):
+        with pytest.raises(ValidationError):
+            MilvusConfig(**bad)
+    monkeypatch.delenv("NO_SUCH_MILVUS_TOKEN", raising=False)
+    s = milvus_settings(settings, str(tmp_path / "m2.db"))
+    s = s.model_copy(update={"milvus": s.milvus.model_copy(update={"token_env": "NO_SUCH_MILVUS_TOKEN"})})
+    with pytest.raises(MilvusUnavailable, match="NO_SUCH_MILVUS_TOKEN"):
+        KnowledgeBase(s, "policies", create=True).milvus()

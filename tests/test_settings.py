@@ -103,3 +103,22 @@ def test_known_variables_and_every_shipped_config_load(monkeypatch):
     for cfg in root.glob("*.yaml"):
         if cfg.name != "approved_replies.yaml":
             load_settings(cfg)
+
+
+def test_a_second_config_as_written_beats_the_environment_only_where_it_writes(tmp_path, monkeypatch):
+    """`kb migrate --to FILE`: the keys FILE writes win over KB_* variables; keys it leaves to the
+    file it extends, or does not set, keep the environment's and the base's values; `~` expands."""
+    from kb.settings import load_settings_as_written
+
+    base = tmp_path / "base.yaml"
+    base.write_text("llm: {generation: {max_new_tokens: 333}}\nretrieval: {candidates: 77}\n")
+    target = tmp_path / "target.yaml"
+    target.write_text(f"extends: {base}\nhome: ~/kbx-target\nllm: {{generation: {{temperature: 0.9}}}}\n")
+    monkeypatch.setenv("KB_HOME", str(tmp_path / "env-home"))
+    monkeypatch.setenv("KB_LLM__GENERATION__TOP_P", "0.5")
+    monkeypatch.setenv("KB_LLM__GENERATION__TEMPERATURE", "0.1")
+    s = load_settings_as_written(target)
+    assert s.home == Path("~/kbx-target").expanduser()
+    g = s.llm.generation
+    assert (g.temperature, g.top_p, g.max_new_tokens) == (0.9, 0.5, 333)
+    assert s.retrieval.candidates == 77
