@@ -35,24 +35,38 @@ HOME_ID_FILE = ".home-id"
 
 
 def home_id(home: Path) -> str:
-    """The data folder's random id, made once (the first process to ask writes it, others read it):
-    what identifies a data folder to a shared index, whatever path it is mounted at."""
+    """The data folder's random id, made once (the first process to ask writes it, others read
+    it): what identifies a data folder to a shared index, whatever path it is mounted at."""
     import os
     import uuid
 
     path = Path(home) / HOME_ID_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{HOME_ID_FILE}.{uuid.uuid4().hex}")
-    tmp.write_text(uuid.uuid4().hex)
-    try:
-        os.link(tmp, path)  # fails when another process made it first: theirs stands
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
-
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{HOME_ID_FILE}.{uuid.uuid4().hex}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise OSError(f"the data folder {home} has no id yet and cannot be written ({e}): run one write "
+                          "(e.g. kb ingest) where it is writable") from e
+        try:
+            os.write(fd, uuid.uuid4().hex.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic; fails when another process made it first: theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    value = path.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise ValueError(f"{path} does not hold a data-folder id ({value!r}): restore it from a backup, or remove "
+                         "it and run `kb reindex` for each KB on a shared index")
+    return value

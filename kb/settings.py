@@ -683,7 +683,7 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         field_type = type(getattr(settings, top))
         try:
             update[top] = field_type.model_validate(data[top]) if issubclass(field_type, BaseModel) else \
-                Settings._expand(data[top]) if top == "home" else Settings.model_fields[top].annotation(data[top])
+                Path(Settings._expand(data[top])) if top == "home" else Settings.model_fields[top].annotation(data[top])
         except Exception as e:  # pydantic.ValidationError
             raise ConfigError(f"{top}: {e}") from e
     return settings.model_copy(update=update)

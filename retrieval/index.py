@@ -185,6 +185,8 @@ class IndexDir:
     def revert_to(self, gen: str | None) -> None:
         """Make `gen` current again (None: no index) and remove the generations after it: undoes
         a publish that must not stand (a failed migration). The caller holds the KB's write lock."""
+        if not self.root.is_dir():
+            return
         if gen is None:
             (self.root / POINTER).unlink(missing_ok=True)
         else:

@@ -135,6 +135,7 @@ class KnowledgeBase:
             raise NoSuchKB(f"no knowledge base {name!r} under {settings.home}")
         self._lock = threading.RLock()
         self._live: LoadedIndex | None = None
+        self._refused: tuple | None = None
         self._gpu = None
 
     # model access -------------------------------------------------------------------------------
@@ -327,10 +328,14 @@ class KnowledgeBase:
             level1 = self.milvus()
             gen = level1.current()
             with self._lock:
-                if self._live is None or self._live.gen != gen:
-                    with self.store() as store:
-                        store_id = store.store_id(create=False)
-                    self._live = level1.load(self.settings.retrieval, self.embedder.model_id, store_id)
+                if self._live is not None and self._live.gen == gen:
+                    return self._live
+                with self.store() as store:
+                    store_id = store.store_id(create=False)
+                if self._refused == (gen, store_id):  # refused once (and logged): not again per search
+                    return None
+                self._live = level1.load(self.settings.retrieval, self.embedder.model_id, store_id)
+                self._refused = None if self._live is not None else (gen, store_id)
             return self._live
         idir = IndexDir(self.dir)
         gen = idir.current()

@@ -3,10 +3,11 @@ folder <-> Milvus), verified by counts and by searching both."""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import sqlite3
-from contextlib import nullcontext
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from kb.writelock import LOCK_NAME, write_lock
 from retrieval.index import IndexDir, desired_entries
 from retrieval.kb import KnowledgeBase
 
+log = logging.getLogger(__name__)
 SKIP_DIRS = {"index"}
 """Level 1 is rebuilt from the store (and the embedding cache) by the target backend."""
 SKIP_SUFFIXES = ("-wal", "-shm", "-journal")
@@ -26,38 +28,43 @@ class MigrationMismatch(RuntimeError):
     """The migrated KB does not hold what the source holds, or does not answer as it does."""
 
 
-def copy_kb_files(src: Path, dest: Path) -> list[Path]:
-    """Copy a KB folder's files into `dest` (which the caller holds locked), each written beside
-    its place and renamed in, SQLite files through SQLite's backup (consistent while others read)
-    and the store last, since a store is what makes a folder a KB. The paths written."""
+def copy_kb_files(src: Path, dest: Path, written: list[Path]) -> None:
+    """Copy a KB folder's files into `dest` (which the caller holds locked, and which holds no
+    store), each written beside its place and renamed in, SQLite files through SQLite's backup
+    (consistent while others read) and the store last, since a store is what makes a folder a KB.
+    `written` gets each path as it lands, so a failure part-way can be undone."""
     items = sorted((i for i in src.iterdir() if i.name not in SKIP_DIRS and i.name != LOCK_NAME
                     and not i.name.endswith(SKIP_SUFFIXES)), key=lambda i: i.name == "store.sqlite")
-    written: list[Path] = []
     for item in items:
-        tmp = dest / f".{item.name}.copying"
+        tmp, final = dest / f".{item.name}.copying", dest / item.name
+        _remove_path(tmp)
         if item.suffix == ".sqlite":
-            tmp.unlink(missing_ok=True)
-            with sqlite3.connect(item) as a, sqlite3.connect(tmp) as b:
+            with closing(sqlite3.connect(item)) as a, closing(sqlite3.connect(tmp)) as b:
                 a.backup(b)
         elif item.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(item, tmp)
         elif item.is_file():
             shutil.copy2(item, tmp)
         else:
             continue
-        tmp.rename(dest / item.name)
-        written.append(dest / item.name)
-    return written
+        _remove_path(final)  # left by a killed earlier attempt (no store here: nothing live)
+        written.append(final)
+        tmp.rename(final)
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file (with its SQLite side files) or a folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    for p in (path, *(path.with_name(path.name + s) for s in SKIP_SUFFIXES)):
+        if not p.is_dir():
+            p.unlink(missing_ok=True)
 
 
 def remove_copied(paths: list[Path]) -> None:
     """Undo `copy_kb_files`: the store first (the folder stops being a KB), then the rest."""
     for path in sorted(paths, key=lambda x: x.name != "store.sqlite"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        _remove_path(path)
 
 
 def sample_queries(kb: KnowledgeBase, n: int, seed: int = 0) -> list[str]:
@@ -94,21 +101,30 @@ def migrate_kb(source: Settings, target: Settings, name: str, queries: int = 100
         raise ValueError("the source and target configurations put this KB's index in the same place")
     copied = Path(target.home).resolve() != Path(source.home).resolve()
     dest = target.kb_dir(name)
-    with src.writing(), write_lock(dest, target.retrieval.write_lock_timeout_s) if copied else nullcontext():
+    locks = sorted({src.dir.resolve(), dest.resolve()})  # one order, whichever way two migrations run
+    with ExitStack() as stack:
+        for d in locks:
+            stack.enter_context(write_lock(d, max(source.retrieval.write_lock_timeout_s,
+                                                  target.retrieval.write_lock_timeout_s)))
         if copied and (dest / "store.sqlite").exists():
             raise ValueError(f"knowledge base {name!r} already exists under {target.home} (remove it there first: "
                              f"kb rm --kb {name} --config TARGET)")
-        written = copy_kb_files(src.dir, dest) if copied else []
-        dst = KnowledgeBase(target, name)
-        previous = dst.index_generation()
+        written: list[Path] = []
+        dst, previous = None, None
         try:
+            if copied:
+                copy_kb_files(src.dir, dest, written)
+            dst = KnowledgeBase(target, name)
+            previous = dst.index_generation()
             return _build_and_verify(src, dst, previous, queries, min_agreement, progress)
         except BaseException:
-            if dst.uses_milvus:
-                dst.milvus().revert_to(previous)
-            else:
-                IndexDir(dst.dir).revert_to(previous)
-            remove_copied(written)
+            try:
+                if dst is not None:
+                    dst.milvus().revert_to(previous) if dst.uses_milvus else IndexDir(dst.dir).revert_to(previous)
+            except Exception:  # noqa: BLE001 (the first error is the one to report)
+                log.exception("could not put the target's level 1 back after a failed migration of %s", name)
+            finally:
+                remove_copied(written)
             raise
 
 

@@ -199,6 +199,12 @@ class MilvusLevel1:
         self.owner = f"{home_id(home)}/{kb}"
         """This KB of this data folder (its random id, not its path: the same folder mounted
         elsewhere is the same owner, two folders at one path on two hosts are not)."""
+        self.legacy_owner = str((Path(home) / kb).resolve())
+        """The owner generations built before data folders had ids recorded (their path)."""
+
+    def mine(self, collection: str) -> bool:
+        """Whether `collection` was built for this KB of this data folder (or before owners were recorded)."""
+        return self.meta(collection).get("owner") in (self.owner, self.legacy_owner, None)
 
     def current(self) -> str | None:
         """The collection the alias names, or None before the first sync."""
@@ -226,9 +232,9 @@ class MilvusLevel1:
         if gen is None:
             return None
         meta = self.meta(gen)
-        if meta.get("owner") != self.owner or meta.get("store_id") != store_id:
+        if meta.get("store_id") is None or meta.get("store_id") != store_id:
             log.warning("Milvus collection %s was not built from this KB's store (%s): not searched until "
-                        "`kb reindex`", gen, self.owner)
+                        "the next write or `kb reindex`", gen, self.owner)
             return None
         if embedder_id is not None and meta["embedder"] != embedder_id:
             raise IndexMismatchError(
@@ -275,7 +281,7 @@ class MilvusLevel1:
         else:
             self.client.alter_alias(collection, self.alias, timeout=self.t)
         for old in self.generations():
-            if old not in (collection, prev):
+            if old not in (collection, prev) and self.mine(old):
                 self.client.drop_collection(old, timeout=self.t)
 
     def sweep(self) -> list[str]:
@@ -283,8 +289,7 @@ class MilvusLevel1:
         publish); another owner's are left alone."""
         live = self.current()
         n = int(_GEN.search(live).group(1)) if live else 0
-        gone = [c for c in self.generations() if int(_GEN.search(c).group(1)) > n
-                and self.meta(c).get("owner") == self.owner]
+        gone = [c for c in self.generations() if int(_GEN.search(c).group(1)) > n and self.mine(c)]
         for c in gone:
             self.client.drop_collection(c, timeout=self.t)
         return gone
@@ -293,21 +298,23 @@ class MilvusLevel1:
         """Point the alias back at `previous` (None: remove it) and drop this KB's generations
         after it: undoes a publish that must not stand (a failed migration)."""
         live = self.current()
-        if previous is None and live is not None and self.meta(live).get("owner") == self.owner:
+        if previous is None and live is not None and self.mine(live):
             self.client.drop_alias(self.alias, timeout=self.t)
         elif previous is not None and live != previous:
             self.client.alter_alias(previous, self.alias, timeout=self.t)
         n = int(_GEN.search(previous).group(1)) if previous else 0
         for c in self.generations():
-            if int(_GEN.search(c).group(1)) > n and self.meta(c).get("owner") == self.owner:
+            if int(_GEN.search(c).group(1)) > n and self.mine(c):
                 self.client.drop_collection(c, timeout=self.t)
 
     def drop(self) -> None:
-        """Remove the alias and every generation of this KB."""
-        if self.current() is not None:
+        """Remove the alias and every generation of this KB (another data folder's are left)."""
+        live = self.current()
+        if live is not None and self.mine(live):
             self.client.drop_alias(self.alias, timeout=self.t)
         for old in self.generations():
-            self.client.drop_collection(old, timeout=self.t)
+            if self.mine(old):
+                self.client.drop_collection(old, timeout=self.t)
 
     def insert(self, collection: str, rows: Iterator[dict]) -> None:
         """Insert rows, `milvus.insert_batch` per request (built as they are sent)."""
@@ -347,7 +354,7 @@ def _needs_rebuild(level1: MilvusLevel1, live: str, layout: dict, kind: str) -> 
     """Whether the live generation was built otherwise (layout, embedder, kind) or from another
     store of this KB (deleted and made again); NotThisKB when it is another data folder's."""
     meta = level1.meta(live)
-    if meta.get("owner") not in (None, level1.owner):
+    if meta.get("store_id") != layout["store_id"] and not level1.mine(live):
         raise NotThisKB(f"Milvus collection {live} holds the KB of {meta['owner']}, not {level1.owner}: give "
                         "this data folder its own milvus.collection_prefix")
     return any(meta.get(k) != v for k, v in layout.items()) or meta.get("kind") != kind

@@ -121,6 +121,23 @@ def test_a_rebuild_killed_before_its_publish_is_swept_by_the_next_sync(settings,
     assert kb.sync()["unchanged"] and level1.generations() == [live]
 
 
+def test_generations_built_before_data_folders_had_ids_are_adopted(settings, tmp_path):
+    """A generation whose owner is the KB folder's path (how the first release recorded it) and
+    whose store is this KB's is searched, and the next sync rebuilds it under the folder's id."""
+    from retrieval.kb import KnowledgeBase
+
+    s = milvus_settings(settings, str(tmp_path / "milvus.db"))
+    kb = KnowledgeBase(s, "policies", create=True)
+    kb.add_items(write_files(tmp_path / "d", DOCS), progress=False)
+    level1 = kb.milvus()
+    live = level1.current()
+    level1.set_meta(live, {**level1.meta(live), "owner": str(kb.dir.resolve())})
+    fresh = KnowledgeBase(s, "policies")
+    assert fresh.search("refund within 30 days", 1)[0].source == "refunds.md"
+    info = fresh.sync()
+    assert not info["unchanged"] and level1.meta(level1.current())["owner"] == level1.owner
+
+
 def test_another_embedder_is_refused_until_reindexed(settings, tmp_path, monkeypatch):
     from retrieval.index import IndexMismatchError
     from retrieval.kb import KnowledgeBase
@@ -211,6 +228,11 @@ def test_kb_migrate_moves_a_kb_to_milvus_and_back_verified(settings, tmp_path, c
     back = tmp_path / "faiss2.yaml"
     back.write_text(f"home: {tmp_path / 'home2'}\nmodels: {{nsp: {settings.models.nsp}, device: cpu, llm: null}}\n"
                     "retrieval: {backend: faiss}\n")
+    assert kb_main(["migrate", "--kb", "policies", "--config", str(to_milvus), "--to", str(back),
+                    "--min-agreement", "1.01"]) == 2  # a failed copy into another data folder leaves nothing
+    assert "agrees on the top 5" in capsys.readouterr().err
+    left = tmp_path / "home2" / "policies"
+    assert not (left / "store.sqlite").exists() and not (left / "index" / "CURRENT").exists()
     assert kb_main(["migrate", "--kb", "policies", "--config", str(to_milvus), "--to", str(back), "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["from"], r["to"]) == ("milvus", "faiss") and r["same_top5"] >= 0.95
@@ -275,8 +297,12 @@ def test_another_data_folder_cannot_take_over_a_kb_of_the_same_name(settings, tm
     s = milvus_settings(settings, str(tmp_path / "shared.db"))
     KnowledgeBase(s, "policies", create=True).add_items(write_files(tmp_path / "d", DOCS), progress=False)
     other = s.model_copy(update={"home": tmp_path / "other-home"})
+    intruder = KnowledgeBase(other, "policies", create=True)
     with pytest.raises(NotThisKB, match="collection_prefix"):
-        KnowledgeBase(other, "policies", create=True).add_items(write_files(tmp_path / "e", DOCS), progress=False)
+        intruder.add_items(write_files(tmp_path / "e", DOCS), progress=False)
+    assert intruder.search("refund within 30 days", 3) == []  # never the other folder's rows
+    intruder.delete()  # leaves the other folder's collections alone
+    assert KnowledgeBase(s, "policies").search("refund within 30 days", 1)[0].source == "refunds.md"
     mine = other.model_copy(update={"milvus": other.milvus.model_copy(update={"collection_prefix": "other_"})})
     KnowledgeBase(mine, "policies", create=True).add_items(write_files(tmp_path / "e", DOCS), progress=False)
     assert KnowledgeBase(s, "policies").milvus().current() == "kb_policies_g1"

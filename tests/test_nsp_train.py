@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ingest.nsp import META_FILE, NSPScorer, build_pairs, train_nsp_head
+from ingest.nsp import META_FILE, CrossNSPScorer, build_pairs, train_nsp_head
 
 
 def test_pairs_are_balanced_and_labelled():
@@ -34,7 +34,7 @@ def test_train_head_saves_loadable_model_with_new_chinese_chars(tmp_path, tiny_n
                           device="cpu", progress=False, heldout=0.25)
     assert meta["added_tokens"] > 0
     assert json.loads((tmp_path / "nsp" / META_FILE).read_text())["pairs"] == len(pairs)
-    scorer = NSPScorer(tmp_path / "nsp", device="cpu")
+    scorer = CrossNSPScorer(tmp_path / "nsp", device="cpu")
     held = pairs[: meta["heldout_pairs"]]  # the first pairs are held out; label 0 = continues
     guess = np.where(scorer.continue_probs([(p.a, p.b) for p in held]) >= 0.5, 0, 1)
     assert meta["heldout_accuracy"] == pytest.approx(np.mean(guess == [p.label for p in held]), abs=1e-4)
