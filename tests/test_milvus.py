@@ -370,3 +370,31 @@ def test_milvus_settings_are_checked_before_any_request(settings, tmp_path, monk
     s = s.model_copy(update={"milvus": s.milvus.model_copy(update={"token_env": "NO_SUCH_MILVUS_TOKEN"})})
     with pytest.raises(MilvusUnavailable, match="NO_SUCH_MILVUS_TOKEN"):
         KnowledgeBase(s, "policies", create=True).milvus()
+
+
+def test_an_edit_inserts_the_new_rows_before_it_deletes_the_old(settings, tmp_path, monkeypatch):
+    """A chunk edit replaces key-information entries: the sync inserts the new rows first, so a
+    search meanwhile finds the old text or the new one, never neither."""
+    from retrieval.kb import KnowledgeBase
+    from retrieval.milvus import MilvusLevel1
+
+    s = milvus_settings(settings, str(tmp_path / "milvus.db"))
+    kb = KnowledgeBase(s, "policies", create=True)
+    items = write_files(tmp_path / "d", DOCS)
+    kb.add_items(items, progress=False)
+    calls: list[str] = []
+
+    def recording(name: str):
+        real = getattr(MilvusLevel1, name)
+
+        def call(self, *a, **k):
+            calls.append(name)
+            return real(self, *a, **k)
+        return call
+
+    for name in ("insert", "delete"):
+        monkeypatch.setattr(MilvusLevel1, name, recording(name))
+    doc = next(i.doc_id for i in items if i.source == "refunds.md")
+    info = kb.edit_chunk(doc, 0, "Refunds: customers can return a product within 60 days.", "tester")["index"]
+    assert info["added"] > 0 and info["removed"] > 0 and calls == ["insert", "delete"]
+    assert "60 days" in kb.search("within how many days can a product be returned?", 1)[0].text
