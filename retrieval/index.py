@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -232,13 +233,27 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def desired_entries(store: DocStore, cfg: RetrievalConfig) -> tuple[np.ndarray, list[str], list[str]]:
-    """(ki ids, texts to embed, texts for BM25) of the entries level 1 should hold."""
-    q = ("SELECT ki_id, level, key_text, raw_text FROM key_infos WHERE level IN "
+class Entries(NamedTuple):
+    """The entries level 1 should hold, in ki_id order."""
+
+    ids: np.ndarray
+    emb_texts: list[str]
+    """The text each entry is embedded from."""
+    kw_texts: list[str]
+    """The text each entry's BM25 tokens come from."""
+    doc_ids: list[str]
+    levels: list[str]
+
+
+def desired_entries(store: DocStore, cfg: RetrievalConfig) -> Entries:
+    """The entries level 1 should hold (one read of the store)."""
+    q = ("SELECT ki_id, level, key_text, raw_text, doc_id FROM key_infos WHERE level IN "
          f"({','.join('?' * len(cfg.levels))}) ORDER BY ki_id")
-    ids, emb_texts, kw_texts = [], [], []
-    for ki_id, level, key_text, raw_text in store.conn.execute(q, cfg.levels):
+    ids, emb_texts, kw_texts, doc_ids, levels = [], [], [], [], []
+    for ki_id, level, key_text, raw_text, doc_id in store.conn.execute(q, cfg.levels):
         ids.append(ki_id)
+        doc_ids.append(doc_id)
+        levels.append(level)
         emb_texts.append(key_text if cfg.embed_field == "key_text" else raw_text)
         # keywords search the raw text of segments and the key text of the other levels; a
         # single-level index of raw text (embed_field raw_text) has no key information at all
@@ -246,7 +261,7 @@ def desired_entries(store: DocStore, cfg: RetrievalConfig) -> tuple[np.ndarray, 
             kw_texts.append(raw_text)
         else:
             kw_texts.append(f"{key_text}\n{raw_text}" if level == "segment" else key_text)
-    return np.asarray(ids, dtype=np.int64), emb_texts, kw_texts
+    return Entries(np.asarray(ids, dtype=np.int64), emb_texts, kw_texts, doc_ids, levels)
 
 
 def sync_index(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: Embedder,
@@ -267,7 +282,7 @@ def _sync_locked(store: DocStore, kb_dir: Path, cfg: RetrievalConfig, embedder: 
     t0 = time.perf_counter()
     idir = IndexDir(kb_dir)
     layout = {"levels": list(cfg.levels), "embed_field": cfg.embed_field, "format": INDEX_FORMAT}
-    ids, emb_texts, kw_texts = desired_entries(store, cfg)
+    ids, emb_texts, kw_texts, _, _ = desired_entries(store, cfg)
     live = None if rebuild else idir.load(cfg, embedder.model_id)
     if live is not None and any(live.meta.get(k) != v for k, v in layout.items()):
         live = None  # another layout (levels/field): rebuild

@@ -136,6 +136,7 @@ class KnowledgeBase:
         self._lock = threading.RLock()
         self._live: LoadedIndex | None = None
         self._refused: tuple | None = None
+        self._level1 = None
         self._gpu = None
 
     # model access -------------------------------------------------------------------------------
@@ -308,10 +309,13 @@ class KnowledgeBase:
         return self.settings.retrieval.backend == "milvus"
 
     def milvus(self):
-        """This KB's level 1 in Milvus (retrieval.milvus.MilvusLevel1)."""
-        from retrieval.milvus import MilvusLevel1
+        """This KB's level 1 in Milvus (retrieval.milvus.MilvusLevel1), made once per KB object:
+        searches do not reread the data folder's id or look up the client each time."""
+        if self._level1 is None:
+            from retrieval.milvus import MilvusLevel1
 
-        return MilvusLevel1(self.settings.milvus, self.settings.home, self.name)
+            self._level1 = MilvusLevel1(self.settings.milvus, self.settings.home, self.name)
+        return self._level1
 
     def vector_count(self) -> int:
         """Entries in level 1 now (0 before the first sync)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kb.fsutil import building_dir, replacing_file, umask_mode
 from kb.settings import Settings
 from kb.writelock import LOCK_NAME, write_lock
 from retrieval.index import IndexDir, desired_entries
@@ -30,26 +31,28 @@ class MigrationMismatch(RuntimeError):
 
 def copy_kb_files(src: Path, dest: Path, written: list[Path]) -> None:
     """Copy a KB folder's files into `dest` (which the caller holds locked, and which holds no
-    store), each written beside its place and renamed in, SQLite files through SQLite's backup
-    (consistent while others read) and the store last, since a store is what makes a folder a KB.
-    `written` gets each path as it lands, so a failure part-way can be undone."""
+    store), each through a temporary beside it (`kb.fsutil.replacing_file`, `building_dir`), SQLite
+    files through SQLite's backup (consistent while others read) and the store last, since a
+    store is what makes a folder a KB. `written` gets each path before it is written, so a
+    failure part-way can be undone."""
     items = sorted((i for i in src.iterdir() if i.name not in SKIP_DIRS and i.name != LOCK_NAME
-                    and not i.name.endswith(SKIP_SUFFIXES)), key=lambda i: i.name == "store.sqlite")
+                    and not i.name.endswith(SKIP_SUFFIXES) and (i.is_dir() or i.is_file())),
+                   key=lambda i: i.name == "store.sqlite")
     for item in items:
-        tmp, final = dest / f".{item.name}.copying", dest / item.name
-        _remove_path(tmp)
-        if item.suffix == ".sqlite":
-            with closing(sqlite3.connect(item)) as a, closing(sqlite3.connect(tmp)) as b:
-                a.backup(b)
-        elif item.is_dir():
-            shutil.copytree(item, tmp)
-        elif item.is_file():
-            shutil.copy2(item, tmp)
-        else:
-            continue
-        _remove_path(final)  # left by a killed earlier attempt (no store here: nothing live)
+        final = dest / item.name
         written.append(final)
-        tmp.rename(final)
+        if item.is_dir():  # building_dir replaces what a killed earlier attempt left
+            with building_dir(final, mode=umask_mode(0o777)) as tmp:
+                shutil.copytree(item, tmp, dirs_exist_ok=True)
+            continue
+        _remove_path(final)  # with its SQLite side files, which must not meet the new database
+        if item.suffix == ".sqlite":
+            with replacing_file(final, mode=umask_mode(0o666)) as tmp, \
+                    closing(sqlite3.connect(item)) as a, closing(sqlite3.connect(tmp)) as b:
+                a.backup(b)
+        else:
+            with replacing_file(final) as tmp:
+                shutil.copy2(item, tmp)
 
 
 def _remove_path(path: Path) -> None:

@@ -202,9 +202,11 @@ class MilvusLevel1:
         self.legacy_owner = str((Path(home) / kb).resolve())
         """The owner generations built before data folders had ids recorded (their path)."""
 
-    def mine(self, collection: str) -> bool:
-        """Whether `collection` was built for this KB of this data folder (or before owners were recorded)."""
-        return self.meta(collection).get("owner") in (self.owner, self.legacy_owner, None)
+    def mine(self, collection: str, meta: dict | None = None) -> bool:
+        """Whether `collection` (its `meta`, when already read) was built for this KB of this data
+        folder (or before owners were recorded)."""
+        meta = self.meta(collection) if meta is None else meta
+        return meta.get("owner") in (self.owner, self.legacy_owner, None)
 
     def current(self) -> str | None:
         """The collection the alias names, or None before the first sync."""
@@ -344,17 +346,11 @@ def dense_index(kind: str, n: int, cfg: RetrievalConfig) -> dict:
     return {"index_type": "FLAT"}
 
 
-def entry_docs(store: DocStore, cfg: RetrievalConfig) -> dict[int, tuple[str, str]]:
-    """ki_id -> (doc_id, level) of the entries level 1 holds."""
-    q = f"SELECT ki_id, doc_id, level FROM key_infos WHERE level IN ({','.join('?' * len(cfg.levels))})"
-    return {int(k): (d, lv) for k, d, lv in store.conn.execute(q, cfg.levels)}
-
-
 def _needs_rebuild(level1: MilvusLevel1, live: str, layout: dict, kind: str) -> bool:
     """Whether the live generation was built otherwise (layout, embedder, kind) or from another
     store of this KB (deleted and made again); NotThisKB when it is another data folder's."""
     meta = level1.meta(live)
-    if meta.get("store_id") != layout["store_id"] and not level1.mine(live):
+    if meta.get("store_id") != layout["store_id"] and not level1.mine(live, meta):
         raise NotThisKB(f"Milvus collection {live} holds the KB of {meta['owner']}, not {level1.owner}: give "
                         "this data folder its own milvus.collection_prefix")
     return any(meta.get(k) != v for k, v in layout.items()) or meta.get("kind") != kind
@@ -371,7 +367,7 @@ def sync_milvus(store: DocStore, level1: MilvusLevel1, cfg: RetrievalConfig, emb
     layout = {"levels": list(cfg.levels), "embed_field": cfg.embed_field, "format": INDEX_FORMAT,
               "embedder": embedder.model_id, "dim": embedder.dim, "keyword": cfg.uses_keywords,
               "store_id": store.store_id(), "owner": level1.owner}
-    ids, emb_texts, kw_texts = desired_entries(store, cfg)
+    ids, emb_texts, kw_texts, doc_ids, levels = desired_entries(store, cfg)
     kind = choose_type(len(ids), cfg.index_type, cfg.flat_max)
     live = level1.current()
     stale = live is not None and _needs_rebuild(level1, live, layout, kind)  # first: NotThisKB even on rebuild
@@ -384,14 +380,14 @@ def sync_milvus(store: DocStore, level1: MilvusLevel1, cfg: RetrievalConfig, emb
         return {"generation": live, "added": 0, "removed": 0, "vectors": len(want), "unchanged": True}
     if to_add:  # before the deletes: an edited entry is never missing from the collection
         pos = {int(i): j for j, i in enumerate(ids)}
-        docs = entry_docs(store, cfg)
         cache = EmbeddingCache(cache_path, embedder.cache_id("passage"))
         try:
             vecs = cache.embed(embedder, [emb_texts[pos[i]] for i in to_add], "passage", progress)
             toks = cached_tokens(cache, [kw_texts[pos[i]] for i in to_add]) if cfg.uses_keywords else None
         finally:
             cache.close()
-        level1.insert(target, ({"ki_id": i, "doc_id": docs[i][0], "level": docs[i][1], "dense": vecs[j].tolist(),
+        level1.insert(target, ({"ki_id": i, "doc_id": doc_ids[pos[i]], "level": levels[pos[i]],
+                                "dense": vecs[j].tolist(),
                                 "terms": bm25_terms(toks[j][:MAX_TERMS]) if toks is not None else ""}
                                for j, i in enumerate(to_add)))
     if to_remove:
