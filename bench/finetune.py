@@ -334,7 +334,7 @@ def child(args) -> None:
     big = shape == "7b"
     cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
                          gradient_checkpointing=big if args.checkpointing == "auto" else args.checkpointing == "on",
-                         save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4)
+                         save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4, compile=args.compile)
     exs = bench_examples(shape, kind, cfg.batch_size, args.warmup + args.steps, args.max_length)
     callbacks = [Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2)] \
         if args.profile else []
@@ -358,7 +358,7 @@ def child(args) -> None:
     setting = {"shape": f"Qwen2.5-{shape}", "lengths": kind, "mean_example_tokens": round(mean_len, 1),
                "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
                "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
-               "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16",
+               "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16", "compile": args.compile,
                "model_flops_per_token": model_flops, "labelled_share": round(labelled, 4),
                "attention_length": round(attn_len, 1), "peak_bf16_flops": peak}
     print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
@@ -388,7 +388,7 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     cmd = [sys.executable, "-m", "bench.finetune", "--child", side, "--shapes", shape, "--lengths", kind,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
            "--r", str(args.r), "--targets", args.targets, "--profile", args.profile,
-           "--checkpointing", args.checkpointing] \
+           "--checkpointing", args.checkpointing, "--compile", args.compile] \
         + (["--mem-probe"] if args.mem_probe else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stderr.splitlines():
@@ -476,6 +476,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="a folder: top CUDA kernels of 2 timed steps per side")
     ap.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
                     help="activation checkpointing on every side (auto: on for 7b)")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off", "graphs"),
+                    help="the project side's finetune.compile (graphs: compiled layers replayed as CUDA graphs)")
     ap.add_argument("--mem-probe", action="store_true",
                     help="print each side's memory at each step's start, after its forward and its peak, "
                          "and the first timed step's live blocks at its peak")

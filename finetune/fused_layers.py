@@ -132,17 +132,41 @@ def layer_step(x, cos, sin, mask, norms, linears, dims, recompute: bool) -> torc
 
 COMPILE_BACKEND = "inductor"
 """torch.compile's backend for the layer function (tests use "eager": same graph capture, no codegen)."""
-_COMPILED: dict[str, object] = {}
+GRAPHS_MODE = "reduce-overhead"
+"""torch.compile's mode for `graphs`: inductor's CUDA graph trees record each layer's forward and
+backward kernels once and replay them (the layers' weights are parameters, which dynamo marks as
+static inputs: nothing is copied but the activations)."""
+_COMPILED: dict[tuple, object] = {}
 
 
-def _step_fn(compiled: bool):
-    """The layer function, compiled once per backend: shapes that change (a last, smaller batch,
-    padded widths) make dynamo mark their dimensions dynamic instead of compiling per shape."""
+def compile_options(graphs: bool) -> dict:
+    """torch.compile's keyword arguments for the layer function: the backend, and with `graphs`
+    the CUDA-graph mode (a mode is an inductor option: another backend takes none)."""
+    if graphs and COMPILE_BACKEND == "inductor":
+        return {"mode": GRAPHS_MODE}
+    return {"backend": COMPILE_BACKEND}
+
+
+def _step_fn(compiled: bool, graphs: bool = False):
+    """The layer function, compiled once per backend and mode: shapes that change (a last, smaller
+    batch, padded widths) make dynamo mark their dimensions dynamic instead of compiling per shape."""
     if not compiled:
         return layer_step
-    if COMPILE_BACKEND not in _COMPILED:
-        _COMPILED[COMPILE_BACKEND] = torch.compile(layer_step, fullgraph=True, dynamic=None, backend=COMPILE_BACKEND)
-    return _COMPILED[COMPILE_BACKEND]
+    key = (COMPILE_BACKEND, graphs)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(layer_step, fullgraph=True, dynamic=None, **compile_options(graphs))
+    return _COMPILED[key]
+
+
+def keep_grads(model) -> int:
+    """Make every trainable parameter of `model` take a copy of its incoming gradient: a gradient
+    that a CUDA graph's backward returns lives in the graph trees' memory pool, and `.grad` would
+    keep that very tensor, which the next micro-batch's replay overwrites (gradient accumulation:
+    pytorch/pytorch#169545). The number of parameters hooked."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.register_hook(torch.Tensor.clone)
+    return len(params)
 
 
 def _unfused(self, hidden_states, **kwargs):
@@ -168,7 +192,7 @@ def fused_forward(self, hidden_states, attention_mask=None, position_ids=None, c
     dims = (cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling,
             self.input_layernorm.variance_epsilon)
     cos, sin = position_embeddings
-    step = _step_fn(self._fused_compile)
+    step = _step_fn(self._fused_compile, self._fused_graphs)
     return step(hidden_states, cos.to(hidden_states.dtype), sin.to(hidden_states.dtype), attention_mask, norms, linears,
                 dims, self._fused_recompute)
 
@@ -179,9 +203,10 @@ def decoder_layers(model) -> list:
     return list(getattr(inner.get_decoder(), "layers", []))
 
 
-def install(model, *, recompute: bool, compile: bool) -> int:
+def install(model, *, recompute: bool, compile: bool, graphs: bool = False) -> int:
     """Give every supported decoder layer of `model` the fused forward; the number installed (0
-    when any layer is unsupported: then the model trains as before, and the reason is logged)."""
+    when any layer is unsupported: then the model trains as before, and the reason is logged).
+    `graphs` (with `compile`): the compiled layers replay as CUDA graphs (`GRAPHS_MODE`)."""
     layers = decoder_layers(model)
     reasons = {r for r in (unsupported(layer) for layer in layers) if r}
     if not layers or reasons:
@@ -192,6 +217,7 @@ def install(model, *, recompute: bool, compile: bool) -> int:
             layer._unfused_forward = layer.forward
         layer.forward = MethodType(fused_forward, layer)
         layer._fused_recompute, layer._fused_compile, layer._fused_calls = recompute, compile, 0
+        layer._fused_graphs = compile and graphs
     return len(layers)
 
 

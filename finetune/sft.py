@@ -8,7 +8,9 @@ gradient accumulation and mixed precision come from it), made fast where plain S
   rows have a fixed width (no padding waste, one shape for the compiler);
 - fused linear cross-entropy (`finetune.fused_loss`): the LM head and the loss run in chunks over
   the labelled positions only; the full [tokens x vocab] logits are never held;
-- each decoder layer is compiled with torch.compile on CUDA (regional compilation).
+- each decoder layer is compiled with torch.compile on CUDA (regional compilation), and with
+  packed rows (one shape for every batch) replayed as CUDA graphs: the small layers of a small
+  model are bound by kernel launches, not by the GPU.
 """
 
 from __future__ import annotations
@@ -136,11 +138,18 @@ class SFTTrainer(Trainer):
     """A transformers Trainer with the fused loss (`fused_ce`), real-token counting and tokens/s
     in its logs."""
 
-    def __init__(self, *args, fused_ce: bool = True, **kwargs) -> None:
+    def __init__(self, *args, fused_ce: bool = True, cuda_graphs: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fused_ce = fused_ce
+        self.fused_ce, self.cuda_graphs = fused_ce, cuda_graphs
         self.tokens = 0
         self._last_tokens, self._last_t = 0, time.perf_counter()
+
+    def training_step(self, *args, **kwargs):
+        """The Trainer's step; with CUDA graphs it first tells the graph trees that a new step
+        begins (the previous step's graph outputs are dead and their memory may be replayed over)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
@@ -255,12 +264,24 @@ def load_for_training(spec: str, method: str, prec: str, device: str, *, adapter
                                             target_modules=lc.target_modules))
 
 
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer in place (same code per layer: one compilation)."""
+def compile_layers(model, graphs: bool = False) -> int:
+    """torch.compile each decoder layer in place (same code per layer: one compilation); with
+    `graphs` in the CUDA-graph mode."""
+    from finetune.fused_layers import GRAPHS_MODE
+
     layers = getattr(model.get_decoder(), "layers", [])
     for layer in layers:
-        layer.compile()
+        layer.compile(**({"mode": GRAPHS_MODE} if graphs else {}))
     return len(layers)
+
+
+def compile_choice(cfg, method: str, on_cuda: bool, fixed_width: bool) -> tuple[bool, bool]:
+    """(compile the decoder layers, replay them as CUDA graphs) for `cfg.compile`: on compiles,
+    graphs compiles and replays, auto compiles on CUDA without DeepSpeed (not for prefix tuning)
+    and replays too where every batch has one shape (`fixed_width`: packed rows through the fused
+    layers; measured on an H200, bench/results/finetune_gpu_0.5b_graphs*.json)."""
+    auto = cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning"
+    return cfg.compile in ("on", "graphs") or auto, cfg.compile == "graphs" or (auto and fixed_width)
 
 
 def fused_layers_wanted(cfg, method: str, on_cuda: bool) -> bool:
@@ -294,14 +315,18 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
     packing = cfg.packing and method != "ptuning"  # prefix tuning's virtual tokens do not pack
     fused = cfg.fused_ce and method != "ptuning" and zero_stage(cfg.deepspeed) < 3
     on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and on_cuda and not cfg.deepspeed and method != "ptuning")
     from finetune.fused_layers import calls as fused_calls
-    from finetune.fused_layers import install
+    from finetune.fused_layers import install, keep_grads
 
-    fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled) \
-        if fused_layers_wanted(cfg, method, on_cuda) else 0
+    fused_wanted = fused_layers_wanted(cfg, method, on_cuda)
+    compiled, graphs = compile_choice(cfg, method, on_cuda, fixed_width=packing and fused_wanted)
+    fused_layers = install(model, recompute=cfg.gradient_checkpointing, compile=compiled, graphs=graphs) \
+        if fused_wanted else 0
     if compiled and not fused_layers:
-        compile_layers(model)
+        graphs = cfg.compile == "graphs"  # auto replays only the fused layers
+        compile_layers(model, graphs)
+    if graphs and cfg.grad_accum > 1:
+        keep_grads(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -330,7 +355,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
         remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda,
         seed=cfg.seed, save_strategy="steps" if save else "no", use_cpu=not on_cuda)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, fused_ce=fused)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, fused_ce=fused,
+                           cuda_graphs=graphs)
     for cb in callbacks:
         trainer.add_callback(cb)
     if fused:
@@ -364,7 +390,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
                       round(seconds, 2),
                       next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
                       {"fused_layers": fused_layers, "fused_layer_calls": fused_calls(model) if fused_layers else 0,
-                       "fused_ce": fused, "compiled": compiled, "packing": packing})
+                       "fused_ce": fused, "compiled": compiled, "cuda_graphs": graphs,
+                       "cudagraph_skips": _cudagraph_skips(), "packing": packing})
     if save and main_rank:
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))
@@ -396,6 +423,13 @@ def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None 
 def checkpointing_args(on: bool) -> dict:
     """TrainingArguments for activation checkpointing (named so only when on: the name changed in v5)."""
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+
+
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor ran without CUDA graphs (in this process)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _rss_gib() -> float:

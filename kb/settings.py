@@ -485,8 +485,9 @@ class FinetuneConfig(Section):
     """Recompute activations in the backward pass: less memory, more time."""
     fused_ce: bool = True
     """Cross-entropy fused with the LM head in chunks, only on answer tokens: no full logits."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each decoder layer (auto: on CUDA)."""
+    compile: Literal["auto", "on", "off", "graphs"] = "auto"
+    """torch.compile each decoder layer (auto: on CUDA, replayed as CUDA graphs where packed rows
+    go through the fused layers); graphs: always replayed as CUDA graphs (fewer kernel launches)."""
     fused_layers: Literal["auto", "on", "off"] = "auto"
     """Llama-style decoder layers (Qwen2, Llama, Mistral) trained through one fused, compiled
     function each, recomputing only what the backward pass reads (auto: LoRA on CUDA without

@@ -147,3 +147,72 @@ def test_training_with_fused_layers_reports_them_and_the_same_first_loss(tmp_pat
     assert results["on"].kernels["fused_layer_calls"] >= 2 * 2 and results["off"].kernels["fused_layer_calls"] == 0
     assert results["on"].first_loss == pytest.approx(results["off"].first_loss, rel=1e-5)
     assert results["on"].train_loss == pytest.approx(results["off"].train_loss, rel=1e-4)
+
+
+def test_compile_options_per_backend(monkeypatch):
+    """graphs asks inductor for its CUDA-graph mode; another backend (tests' eager) takes no mode."""
+    assert fl.compile_options(True) == {"mode": "reduce-overhead"}
+    assert fl.compile_options(False) == {"backend": "inductor"}
+    monkeypatch.setattr(fl, "COMPILE_BACKEND", "eager")
+    assert fl.compile_options(True) == {"backend": "eager"}
+
+
+@pytest.mark.parametrize(("setting", "mode"), [("graphs", "reduce-overhead"), ("on", None)])
+def test_the_compile_setting_reaches_torch_compile(tmp_path, monkeypatch, setting, mode):
+    """finetune.compile, from YAML through `train` to the torch.compile call of the layer function:
+    graphs compiles in the CUDA-graph mode and marks each step's start for the graph trees."""
+    from finetune.sft import Example, SFTTrainer, train
+    from kb.settings import load_settings
+
+    seen, steps = [], []
+    monkeypatch.setattr(fl, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((fn, kw)) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"finetune: {{compile: {setting}, fused_layers: on, batch_size: 2, grad_accum: 1, "
+                    "max_length: 32, logging_steps: 1, precision: fp32}\n")
+    cfg = load_settings(str(path)).finetune
+    assert cfg.compile == setting
+
+    class Tok:
+        pad_token_id, eos_token_id, eos_token, pad_token = 0, 1, "<pad>", "<pad>"
+
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(ids, [-100] * 8 + ids[8:]) for ids in (torch.randint(3, 128, (16,), generator=g).tolist()
+                                                          for _ in range(4))]
+    model = _model("qwen2")
+    made = []
+    monkeypatch.setattr(SFTTrainer, "__init__", lambda self, *a, _init=SFTTrainer.__init__, **kw:
+                        made.append(kw["cuda_graphs"]) or _init(self, *a, **kw))
+    res = train(model, Tok(), exs, cfg, tmp_path / "out", method="lora", prec="fp32", max_steps=2, save=False,
+                progress=False)
+    assert res.kernels["compiled"] and res.kernels["fused_layers"] == 2
+    assert res.kernels["cuda_graphs"] == (setting == "graphs") and made == [setting == "graphs"]
+    assert [fn for fn, _ in seen] == [fl.layer_step]
+    assert seen[0][1].get("mode") == mode and seen[0][1].get("backend", "inductor") == "inductor"
+    assert all(layer._fused_graphs == (setting == "graphs") for layer in fl.decoder_layers(model))
+    assert len(steps) == (2 if setting == "graphs" else 0)
+
+
+@pytest.mark.parametrize(("setting", "on_cuda", "fixed_width", "want"),
+                         [("auto", True, True, (True, True)), ("auto", True, False, (True, False)),
+                          ("auto", False, True, (False, False)), ("on", True, True, (True, False)),
+                          ("graphs", False, False, (True, True)), ("off", True, True, (False, False))])
+def test_auto_replays_as_cuda_graphs_on_cuda_for_fixed_width_rows(setting, on_cuda, fixed_width, want):
+    from finetune.sft import compile_choice
+    from kb.settings import FinetuneConfig
+
+    assert compile_choice(FinetuneConfig(compile=setting), "lora", on_cuda, fixed_width) == want
+
+
+def test_keep_grads_stores_a_copy_of_each_incoming_gradient():
+    """With gradient accumulation under CUDA graphs `.grad` must not be the graph's output tensor."""
+    model = _model("qwen2")
+    incoming = []
+    lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    lora.register_hook(lambda g: incoming.append(g))
+    assert fl.keep_grads(model) == sum(p.requires_grad for p in model.parameters())
+    ids = torch.randint(3, 128, (2, 8))
+    model(input_ids=ids).logits.sum().backward()
+    assert lora.grad is not None and lora.grad.data_ptr() != incoming[0].data_ptr()
+    torch.testing.assert_close(lora.grad, incoming[0])
