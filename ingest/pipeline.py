@@ -19,7 +19,7 @@ from ingest.nsp import META_FILE, build_pairs, load_scorer_from, train_nsp_head,
 from ingest.nsp_cross import train_cross_nsp
 from ingest.sandbox import Limits, SandboxPool, worker_count
 from ingest.sentences import split_sentences
-from ingest.store import DocStore
+from ingest.store import DocStore, open_store
 from ingest.types import ParsedDocument, Unit
 from kb.cross_encoder import is_sequence_classifier
 from kb.cross_train import FitConfig
@@ -226,7 +226,7 @@ def train_kb_nsp(settings: Settings, kb: str, docs: list[list[list[str]]] | None
                  progress: bool = True) -> dict:
     """Train the KB's next-sentence head on `docs` (default: the KB's stored text)."""
     if docs is None:
-        with DocStore.for_kb(settings.kb_dir(kb)) as store:
+        with open_store(settings, kb) as store:
             docs = stored_sections(store)
     t = settings.nsp_train
     pairs = build_pairs(docs, t.max_pairs, t.far_gap, t.seed)
@@ -279,8 +279,7 @@ def ingest(items: Sequence[FileItem], kb: str, settings: Settings, *, progress: 
     t0 = time.perf_counter()
     report = IngestReport(kb=kb, files=len(items) + len(failed or []), failed=list(failed or []))
     notify = on_file or (lambda path, status: None)
-    kb_dir = settings.kb_dir(kb)
-    with DocStore.for_kb(kb_dir) as store, FileParser(settings) as parse:
+    with open_store(settings, kb) as store, FileParser(settings) as parse:
         parsed: list[ParsedDocument] = []  # all of the batch: an NSP head may be trained on them first
         bar = tqdm(total=len(items), desc=f"parse [{kb}]", disable=not progress, unit="file")
 

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ingest.sentences import split_sentences
 from ingest.types import Chunk, KeyInfo, ParsedDocument
 from kb import faults
+from kb.settings import Settings
 from kb.sqlutil import in_batches
 
 SCHEMA_VERSION = 2
@@ -77,7 +79,7 @@ CREATE TABLE IF NOT EXISTS chunk_edits (
     orig_sha256 TEXT NOT NULL,
     old_text TEXT NOT NULL,
     new_text TEXT NOT NULL,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunk_edits_doc ON chunk_edits(doc_id, orig_sha256);
@@ -130,7 +132,8 @@ class DocStore:
             self.conn.execute("PRAGMA journal_mode = WAL")
             with self.conn:
                 self.conn.executescript(_SCHEMA)
-                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
+                                  "SET value = excluded.value", (str(SCHEMA_VERSION),))
         except sqlite3.OperationalError:
             if not older:
                 raise
@@ -146,7 +149,8 @@ class DocStore:
             import uuid
 
             with self.conn:
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                self.conn.execute("INSERT INTO meta VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                                  (uuid.uuid4().hex,))
             row = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
         return row[0]
 
@@ -165,6 +169,18 @@ class DocStore:
     def for_kb(cls, kb_dir: str | Path, create: bool = True) -> DocStore:
         return cls(Path(kb_dir) / "store.sqlite", create)
 
+    @classmethod
+    def over(cls, conn: Any, name: str) -> DocStore:
+        """A store over an open connection to a set-up schema (ingest/pgstore.py opens them)."""
+        self = cls.__new__(cls)
+        self.path, self.conn = Path(name), conn
+        return self
+
+    @property
+    def dialect(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return getattr(self.conn, "dialect", "sqlite")
+
     @contextmanager
     def snapshot(self) -> Iterator[DocStore]:
         """Several reads that see the store as one moment: a read transaction (a writer's commit
@@ -172,7 +188,8 @@ class DocStore:
         if self.conn.in_transaction:
             yield self
             return
-        self.conn.execute("BEGIN")
+        pg = self.dialect == "postgresql"
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if pg else "BEGIN")
         try:
             yield self
         finally:
@@ -180,6 +197,39 @@ class DocStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def copy_from(self, other: DocStore, batch: int = 1000) -> dict[str, int]:
+        """Copy every row of `other` (SQLite or PostgreSQL) into this empty store, in one
+        transaction: ids as they are, this store's own schema version and store id. Rows per table."""
+        counts: dict[str, int] = {}
+        with self.conn:
+            if self.counts()["documents"]:
+                raise ValueError("the store to copy into is not empty")
+            self._faq_table()
+            self._edit_tables()
+            for table in TABLES:
+                try:
+                    cur = other.conn.execute(f"SELECT * FROM {table}")  # noqa: S608 (a fixed table name)
+                    rows = cur.fetchall()
+                except sqlite3.OperationalError:  # an older SQLite store without this table
+                    continue
+                if table == "meta":
+                    rows = [r for r in rows if r[0] not in ("schema_version", "store_id")]
+                    self.conn.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'store_id')")
+                if not rows:
+                    counts[table] = 0
+                    continue
+                names = rows[0].keys()
+                cols = ", ".join(f'"{c}"' for c in names)
+                sql = f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(rows[0]))})"  # noqa: S608
+                for i in range(0, len(rows), batch):
+                    self.conn.executemany(sql, [tuple(r) for r in rows[i : i + batch]])
+                counts[table] = len(rows)
+            if self.dialect == "postgresql":  # identity columns continue after the copied ids
+                for table, col in (("key_infos", "ki_id"), ("chunk_edits", "edit_id")):
+                    self.conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{col}'), "
+                                      f"COALESCE((SELECT MAX({col}) FROM {table}), 0) + 1, false)")
+        return counts
 
     def __enter__(self) -> DocStore:
         return self
@@ -294,7 +344,9 @@ class DocStore:
         with self.conn:
             self._faq_table()
             self.conn.executemany(
-                "INSERT OR REPLACE INTO faq VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO faq VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (faq_id) DO UPDATE SET question = "
+                "excluded.question, answer = excluded.answer, stage = excluded.stage, model_id = excluded.model_id, "
+                "q_vec = excluded.q_vec, a_vec = excluded.a_vec, updated_at = excluded.updated_at",
                 [(r["faq_id"], r["question"], r["answer"], r.get("stage") or "", r.get("model_id") or "",
                   r.get("q_vec"), r.get("a_vec"), now) for r in rows])
             self._bump_faq_revision()
@@ -312,11 +364,12 @@ class DocStore:
         return n
 
     def _faq_table(self) -> None:
-        self.conn.execute(_FAQ_TABLE)
+        if self.dialect == "sqlite":  # a PostgreSQL schema is made whole
+            self.conn.execute(_FAQ_TABLE)
 
     def _bump_faq_revision(self) -> None:
-        self.conn.execute("INSERT INTO meta VALUES ('faq_revision', '1') "
-                          "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+        self.conn.execute("INSERT INTO meta VALUES ('faq_revision', '1') ON CONFLICT (key) DO UPDATE "
+                          "SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)")
 
 
     # chunk edits (retrieval/kb.py edit_chunk) --------------------------------------------------------
@@ -330,7 +383,7 @@ class DocStore:
         """chunk_id -> its latest edit (edit_id, user, at, orig_sha256) for the document's edited chunks."""
         try:
             rows = self.conn.execute(
-                "SELECT x.chunk_id, e.edit_id, e.user, e.at, x.orig_sha256 FROM edited_chunks x JOIN chunk_edits e "
+                'SELECT x.chunk_id, e.edit_id, e."user", e.at, x.orig_sha256 FROM edited_chunks x JOIN chunk_edits e '
                 "USING (edit_id) JOIN chunks c ON c.chunk_id = x.chunk_id WHERE c.doc_id=?", (doc_id,)).fetchall()
         except sqlite3.OperationalError:  # a store from before the edit tables, opened read-only
             return {}
@@ -361,10 +414,12 @@ class DocStore:
             orig = mark[0] if mark else text_sha256(row[0])
             now = time.time()
             edit_id = self.conn.execute(
-                "INSERT INTO chunk_edits (doc_id, chunk_id, ord, orig_sha256, old_text, new_text, user, at) "
-                "VALUES (?,?,?,?,?,?,?,?)", (doc_id, cid, ord_, orig, row[0], new_text, user, now)).lastrowid
+                'INSERT INTO chunk_edits (doc_id, chunk_id, ord, orig_sha256, old_text, new_text, "user", at) '
+                "VALUES (?,?,?,?,?,?,?,?) RETURNING edit_id", (doc_id, cid, ord_, orig, row[0], new_text, user,
+                                                               now)).fetchone()[0]
             self.conn.execute("UPDATE chunks SET text=? WHERE chunk_id=?", (new_text, cid))
-            self.conn.execute("INSERT OR REPLACE INTO edited_chunks VALUES (?,?,?)", (cid, orig, edit_id))
+            self.conn.execute("INSERT INTO edited_chunks VALUES (?,?,?) ON CONFLICT (chunk_id) DO UPDATE SET "
+                              "orig_sha256 = excluded.orig_sha256, edit_id = excluded.edit_id", (cid, orig, edit_id))
             # new rows (new ki_ids): the index sync embeds them and drops the old ones
             self.conn.execute("DELETE FROM key_infos WHERE chunk_id=? OR (doc_id=? AND level='article')", (cid, doc_id))
             self._insert_key_infos(doc_id, key_infos)
@@ -398,12 +453,37 @@ class DocStore:
 
     def _edit_tables(self) -> None:
         """Create the edit tables in a store set up before they existed (inside the caller's transaction)."""
-        for ddl in _EDIT_TABLES:
-            self.conn.execute(ddl)
+        if self.dialect == "sqlite":  # a PostgreSQL schema is made whole
+            for ddl in _EDIT_TABLES:
+                self.conn.execute(ddl)
 
     def _with_edit(self, row: dict) -> dict:
         row["edit"] = self.edited(row["doc_id"]).get(row["chunk_id"])
         return row
+
+
+def schema_ddl(dialect: str) -> list[str]:
+    """The store's tables and indexes, one statement each, in `dialect` ("sqlite" or "postgresql"):
+    the same tables and columns; PostgreSQL's own types for SQLite's AUTOINCREMENT, BLOB and REAL."""
+    ddl = _SCHEMA
+    if dialect == "postgresql":
+        ddl = (ddl.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+               .replace(" INTEGER", " BIGINT").replace(" BLOB", " BYTEA").replace(" REAL", " DOUBLE PRECISION"))
+    return [d.strip() for d in ddl.split(";") if d.strip()]
+
+
+TABLES = ("meta", "documents", "chunks", "key_infos", "faq", "chunk_edits", "edited_chunks")
+"""The store's tables, each after those it references (the order a copy inserts them in)."""
+
+
+def open_store(settings: Settings, kb: str, create: bool = True) -> DocStore:
+    """The document store of KB `kb`: its SQLite file (`store.url: sqlite://`) or its schema in
+    the shared PostgreSQL. `create=False`: FileNotFoundError when the KB has none."""
+    if settings.store.shared:
+        from ingest.pgstore import open_shared
+
+        return open_shared(settings.store, kb, create)
+    return DocStore.for_kb(settings.kb_dir(kb), create)
 
 
 def chunk_id(doc_id: str, ord_: int) -> str:

@@ -262,6 +262,34 @@ class MilvusConfig(Section):
     """Timeout of every request to Milvus."""
 
 
+class StoreConfig(Section):
+    url: str = "sqlite://"
+    """Where the document store is (documents, chunks, key information, FAQ, edit audit, the
+    ingest queue): `sqlite://`, a SQLite file in each KB's folder (one host); or
+    `postgresql://user@host:5432/db`, one PostgreSQL database that every `kb serve` replica and
+    `kb worker` shares (each KB a schema of its own). Credentials belong in `password_env`."""
+    password_env: str = ""
+    """The environment variable holding the PostgreSQL password, never the password itself;
+    empty: none (or the URL's, or libpq's own ~/.pgpass and PG* variables)."""
+    pool_size: int = Field(default=8, ge=1)
+    """PostgreSQL connections a process keeps open at most."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Timeout of connecting to PostgreSQL and of each statement."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if v != "sqlite://" and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"store.url must be 'sqlite://' (a file in each KB's folder) or "
+                             f"'postgresql://user@host:port/database', not {v!r}")
+        return v
+
+    @property
+    def shared(self) -> bool:
+        """Whether the store is PostgreSQL, shared between hosts."""
+        return self.url != "sqlite://"
+
+
 class GenerationConfig(Section):
     max_new_tokens: int = 96
     """Tokens per reply. Answers are a sentence or two with a citation (the answer adapter's
@@ -384,6 +412,16 @@ class ServeConfig(Section):
     """Largest document upload, in MiB (a larger body is refused while it is read)."""
     cors_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the API (CORS); empty: none."""
+    upload_wait_s: float = Field(default=30.0, ge=0)
+    """With a shared store, uploads are queued for `kb worker`: how long an upload request waits
+    for its job before answering 202 with the job to poll (GET /v1/jobs/{job_id})."""
+    job_lease_s: float = Field(default=120.0, gt=0)
+    """A worker's hold on a job, renewed every third of it while it works: a job whose worker died
+    is taken again this long after its last renewal."""
+    job_attempts: int = Field(default=3, ge=1)
+    """Times a job is taken before it is marked failed (its worker died each time)."""
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    """How often an idle `kb worker` looks for jobs."""
 
 
 class EvalConfig(Section):
@@ -563,6 +601,8 @@ class Settings(BaseSettings):
     """Search: the two-level index, BM25, fusion and reranking."""
     milvus: MilvusConfig = Field(default_factory=MilvusConfig)
     """The Milvus server or file of `retrieval.backend: milvus`."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    """The document store: SQLite in each KB's folder, or one PostgreSQL for several hosts."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     """The answering LLM: backend, adapter, precision, decoding."""
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
@@ -578,6 +618,14 @@ class Settings(BaseSettings):
     """Evaluation (`kb eval`): multiple choice, LLM-as-judge, the ablation's rows."""
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """Fine-tuning (`kb finetune data|llm|embed|rerank`): data, LLM, embedder, reranker."""
+
+    @model_validator(mode="after")
+    def _shared_store_needs_shared_index(self) -> Settings:
+        if self.store.shared and self.retrieval.backend != "milvus":
+            raise ValueError("store.url names PostgreSQL, shared between hosts, but retrieval.backend is "
+                             f"{self.retrieval.backend!r}, an index in one host's folder: set retrieval.backend: "
+                             "milvus (and milvus.uri) so that every host searches the same index")
+        return self
 
     @field_validator("home", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.pipeline import FileItem, ingest, items_from_paths
-from ingest.store import DocStore
+from ingest.store import DocStore, open_store
 from kb import faults
 from kb.errors import InvalidRequest, NotFound
 from kb.paths import check_kb_name
@@ -111,19 +111,39 @@ def shared_reranker(spec: str, device: str) -> Reranker:
     return Reranker(spec, device)
 
 
-def list_kbs(settings: Settings) -> list[dict]:
-    """Name, document and chunk counts of each knowledge base under `settings.home`."""
-    out = []
+def kb_names(settings: Settings) -> list[str]:
+    """The knowledge bases there are: in the shared store, or the folders under `settings.home`
+    that hold a store."""
+    if settings.store.shared:
+        from ingest import pgstore
+
+        return pgstore.kb_names(settings.store)
     home = Path(settings.home)
-    if home.is_dir():
-        for d in sorted(p for p in home.iterdir() if not p.name.startswith(".") and (p / "store.sqlite").is_file()):
-            try:
-                with DocStore.for_kb(d, create=False) as store:
-                    c = store.counts()
-            except FileNotFoundError:  # deleted meanwhile
-                continue
-            out.append({"name": d.name, "documents": c["documents"], "chunks": c["chunks"]})
+    if not home.is_dir():
+        return []
+    return sorted(p.name for p in home.iterdir() if not p.name.startswith(".") and (p / "store.sqlite").is_file())
+
+
+def list_kbs(settings: Settings) -> list[dict]:
+    """Name, document and chunk counts of each knowledge base."""
+    out = []
+    for name in kb_names(settings):
+        try:
+            with open_store(settings, name, create=False) as store:
+                c = store.counts()
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        out.append({"name": name, "documents": c["documents"], "chunks": c["chunks"]})
     return out
+
+
+def kb_exists(settings: Settings, name: str) -> bool:
+    """Whether knowledge base `name` exists (its store does)."""
+    if settings.store.shared:
+        from ingest import pgstore
+
+        return pgstore.exists(settings.store, name)
+    return (settings.kb_dir(name) / "store.sqlite").is_file()
 
 
 class KnowledgeBase:
@@ -131,8 +151,8 @@ class KnowledgeBase:
         self.settings = settings
         self.name = check_kb_name(name)
         self.dir = settings.kb_dir(name)
-        if not create and not (self.dir / "store.sqlite").is_file():
-            raise NoSuchKB(f"no knowledge base {name!r} under {settings.home}")
+        if not create and not self.exists():
+            raise NoSuchKB(self._missing())
         self._lock = threading.RLock()
         self._live: LoadedIndex | None = None
         self._refused: tuple | None = None
@@ -148,22 +168,36 @@ class KnowledgeBase:
     def store(self, create: bool = False) -> DocStore:
         """The KB's store; NoSuchKB when it was deleted (writers that create it pass `create`)."""
         try:
-            return DocStore.for_kb(self.dir, create)
+            return open_store(self.settings, self.name, create)
         except FileNotFoundError as e:
-            raise NoSuchKB(f"no knowledge base {self.name!r} under {self.settings.home}") from e
+            raise NoSuchKB(self._missing()) from e
+
+    def exists(self) -> bool:
+        """Whether the KB exists now (another process may have deleted or created it)."""
+        return kb_exists(self.settings, self.name)
+
+    def _missing(self) -> str:
+        where = "the shared store" if self.settings.store.shared else self.settings.home
+        return f"no knowledge base {self.name!r} in {where}"
 
     # writes -------------------------------------------------------------------------------------
     @contextmanager
     def writing(self, create: bool = False) -> Iterator[None]:
         """Hold the KB's write lock (between processes and threads; reentrant) for a write.
         NoSuchKB when the KB is gone (deleted while waiting) unless `create`."""
-        missing = NoSuchKB(f"no knowledge base {self.name!r} under {self.settings.home}")
+        missing = NoSuchKB(self._missing())
+        timeout = self.settings.retrieval.write_lock_timeout_s
         with ExitStack() as stack:
-            try:
-                stack.enter_context(write_lock(self.dir, self.settings.retrieval.write_lock_timeout_s, create))
-            except FileNotFoundError as e:
-                raise missing from e
-            if not create and not (self.dir / "store.sqlite").is_file():
+            if self.settings.store.shared:
+                from ingest.pgstore import kb_write_lock
+
+                stack.enter_context(kb_write_lock(self.settings.store, self.name, timeout))
+            else:
+                try:
+                    stack.enter_context(write_lock(self.dir, timeout, create))
+                except FileNotFoundError as e:
+                    raise missing from e
+            if not create and not self.exists():
                 raise missing
             yield
 
@@ -271,7 +305,14 @@ class KnowledgeBase:
         gone, never half), then removed; writers waiting for its lock see it gone."""
         with self.writing():
             trash = self.dir.with_name(f".deleted-{self.name}-{secrets.token_hex(4)}")
-            self.dir.rename(trash)
+            if self.settings.store.shared:  # the store goes in one transaction; the folder is this host's cache
+                from ingest import pgstore
+
+                pgstore.drop(self.settings.store, self.name)
+                if self.dir.is_dir():
+                    self.dir.rename(trash)
+            else:
+                self.dir.rename(trash)
             if self.uses_milvus:  # left behind (a kill, Milvus down), they name the old store: never read again
                 try:
                     self.milvus().drop()
@@ -289,6 +330,8 @@ class KnowledgeBase:
         with self.writing(), self.store() as store:
             if self.uses_milvus:
                 from retrieval.milvus import sync_milvus
+
+                self.dir.mkdir(parents=True, exist_ok=True)  # this host's embedding cache
 
                 info = sync_milvus(store, self.milvus(), self.settings.retrieval, self.embedder,
                                    self.dir / "embeddings.sqlite", progress, rebuild)
@@ -314,7 +357,12 @@ class KnowledgeBase:
         if self._level1 is None:
             from retrieval.milvus import MilvusLevel1
 
-            self._level1 = MilvusLevel1(self.settings.milvus, self.settings.home, self.name)
+            owner = None
+            if self.settings.store.shared:  # the same on every host that shares the store
+                from ingest.pgstore import data_id
+
+                owner = f"pg:{data_id(self.settings.store)}"
+            self._level1 = MilvusLevel1(self.settings.milvus, self.settings.home, self.name, owner)
         return self._level1
 
     def vector_count(self) -> int:

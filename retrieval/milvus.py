@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.store import DocStore
+from kb.errors import KBError
 from kb.paths import home_id
 from kb.settings import MilvusConfig, RetrievalConfig
 from retrieval.embedder import Embedder, EmbeddingCache
@@ -68,8 +69,11 @@ def resolved_uri(cfg: MilvusConfig, home: Path) -> str:
     return cfg.uri or str(Path(home) / "milvus.db")
 
 
-class MilvusUnavailable(RuntimeError):
-    """Milvus cannot be reached or opened (a Lite file held by another process, a server down)."""
+class MilvusUnavailable(KBError, RuntimeError):
+    """Milvus cannot be reached or opened (a Lite file held by another process, a server down):
+    the API answers 503, try again."""
+
+    status, code = 503, "index_unavailable"
 
 
 class NotThisKB(RuntimeError):
@@ -192,14 +196,15 @@ def present_ids(client, collection: str, timeout: float, batch: int = 5000) -> n
 class MilvusLevel1:
     """The generations of one KB's level 1 in Milvus and the alias that names the live one."""
 
-    def __init__(self, cfg: MilvusConfig, home: Path, kb: str) -> None:
+    def __init__(self, cfg: MilvusConfig, home: Path, kb: str, data_id: str | None = None) -> None:
+        """`data_id`: whose KB this is (a shared store's id); None: the data folder's id in `home`."""
         self.cfg, self.t = cfg, cfg.timeout_s
         self.client = client_for(cfg, home)
         self.alias = collection_base(cfg.collection_prefix, kb)
-        self.owner = f"{home_id(home)}/{kb}"
+        self.owner = f"{data_id or home_id(home)}/{kb}"
         """This KB of this data folder (its random id, not its path: the same folder mounted
         elsewhere is the same owner, two folders at one path on two hosts are not)."""
-        self.legacy_owner = str((Path(home) / kb).resolve())
+        self.legacy_owner = self.owner if data_id else str((Path(home) / kb).resolve())
         """The owner generations built before data folders had ids recorded (their path)."""
 
     def mine(self, collection: str, meta: dict | None = None) -> bool:

@@ -16,6 +16,7 @@ import pytest
 
 import kb as _kb  # noqa: F401  (offline environment)
 from finetune.formats import CHATML_TEMPLATE
+from tests.pg import pg_db_url, postgres_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KB_SHARED_DATA", ROOT.parent / "shared" / "data"))

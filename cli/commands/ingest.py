@@ -26,11 +26,10 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
     """`kb train-nsp --kb NAME`: train the chunker's next-sentence head on a knowledge base."""
     from ingest.pipeline import train_kb_nsp
-    from kb.writelock import write_lock
 
-    _require_kb(settings, args.kb)
+    kb = _require_kb(settings, args.kb)
     try:
-        with write_lock(settings.kb_dir(args.kb), settings.retrieval.write_lock_timeout_s, create=False):
+        with kb.writing():
             meta = train_kb_nsp(settings, args.kb, progress=not args.quiet)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -40,10 +39,13 @@ def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _require_kb(settings: Settings, name: str):
-    d = settings.kb_dir(name)
-    if not (d / "store.sqlite").is_file():
-        raise UsageError(f"no knowledge base {name!r} under {settings.home} (run `kb ingest PATH --kb {name}`)")
-    return d
+    """The knowledge base `name`; UsageError when there is none."""
+    from retrieval.kb import KnowledgeBase, NoSuchKB
+
+    try:
+        return KnowledgeBase(settings, name)
+    except NoSuchKB as e:
+        raise UsageError(f"{e} (run `kb ingest PATH --kb {name}`)") from e
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -1,0 +1,141 @@
+"""The document store on PostgreSQL (`store.url: postgresql://…`), shared by every host.
+
+Each KB is a schema of its own holding the same tables as a KB's SQLite file (ingest/store.py
+writes the same SQL to both). The schema `kb_registry` says which KBs exist (`kbs`), holds the
+database's random id (`meta`: what a shared index records as the owner of a KB's vectors) and
+the ingest queue (serve/queue.py). A KB is created and deleted in one transaction each (its
+registry row and its schema together), so no host ever sees half a KB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any
+
+from ingest.store import SCHEMA_VERSION, DocStore, schema_ddl
+from kb.db import PgConnection, advisory_lock, pg_pool
+from kb.settings import StoreConfig
+
+REGISTRY = "kb_registry"
+_REGISTRY_DDL = [
+    f"CREATE SCHEMA IF NOT EXISTS {REGISTRY}",
+    f"CREATE TABLE IF NOT EXISTS {REGISTRY}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {REGISTRY}.kbs (name TEXT PRIMARY KEY, schema_name TEXT NOT NULL UNIQUE, "
+    "created_at DOUBLE PRECISION NOT NULL)",
+]
+_ready: set[int] = set()
+
+
+def pool_for(cfg: StoreConfig):
+    """The process's connection pool to the shared store, with the registry set up once."""
+    pool = pg_pool(cfg.url, cfg.password_env, cfg.pool_size, cfg.timeout_s)
+    if id(pool) not in _ready:
+        conn = PgConnection(pool)
+        try:
+            with conn:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
+                for ddl in _REGISTRY_DDL:
+                    conn.execute(ddl)
+                conn.execute(f"INSERT INTO {REGISTRY}.meta VALUES ('data_id', ?) ON CONFLICT (key) DO NOTHING",
+                             (uuid.uuid4().hex,))
+        finally:
+            conn.close()
+        _ready.add(id(pool))
+    return pool
+
+
+_REGISTRY_LOCK = 7_402_118_560_331
+"""The transaction lock taken while the registry or a KB's schema is created (CREATE … IF NOT
+EXISTS is not safe against a concurrent twin in PostgreSQL)."""
+
+
+def schema_name(kb: str) -> str:
+    """The schema of KB `kb`: a fixed-length name from its hash (KB names may hold `.` and `-`
+    and reach 64 characters, beyond PostgreSQL's 63)."""
+    return "kb_" + hashlib.sha256(kb.encode("utf-8")).hexdigest()[:24]
+
+
+def open_shared(cfg: StoreConfig, kb: str, create: bool = True) -> DocStore:
+    """The store of KB `kb` in the shared database; `create`: made first when it does not exist,
+    else FileNotFoundError."""
+    pool = pool_for(cfg)
+    conn = PgConnection(pool)
+    try:
+        if not _exists(conn, kb):
+            if not create:
+                raise FileNotFoundError(f"no knowledge base {kb!r} in the shared store")
+            _create(conn, kb)
+        conn.execute(f'SET search_path TO "{schema_name(kb)}"')
+    except BaseException:
+        conn.close()
+        raise
+    return DocStore.over(conn, kb)
+
+
+def _exists(conn: PgConnection, kb: str) -> bool:
+    return conn.execute(f"SELECT 1 FROM {REGISTRY}.kbs WHERE name = ?", (kb,)).fetchone() is not None
+
+
+def _create(conn: PgConnection, kb: str) -> None:
+    """The KB's registry row, schema and tables, in one transaction."""
+    schema = schema_name(kb)
+    with conn:
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
+        if _exists(conn, kb):
+            return
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        for ddl in schema_ddl("postgresql"):
+            conn.execute(ddl)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.execute(f"INSERT INTO {REGISTRY}.kbs VALUES (?, ?, ?)", (kb, schema, time.time()))
+
+
+def exists(cfg: StoreConfig, kb: str) -> bool:
+    """Whether the shared store has KB `kb`."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        return _exists(conn, kb)
+    finally:
+        conn.close()
+
+
+def kb_names(cfg: StoreConfig) -> list[str]:
+    """The KBs of the shared store, by name."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        return [r[0] for r in conn.execute(f"SELECT name FROM {REGISTRY}.kbs ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def drop(cfg: StoreConfig, kb: str) -> bool:
+    """Delete KB `kb` (its registry row and schema) in one transaction; whether it existed."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        with conn:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
+            if not _exists(conn, kb):
+                return False
+            conn.execute(f"DELETE FROM {REGISTRY}.kbs WHERE name = ?", (kb,))
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name(kb)}" CASCADE')
+        return True
+    finally:
+        conn.close()
+
+
+def data_id(cfg: StoreConfig) -> str:
+    """The shared store's random id (made with its registry): the owner a shared index records,
+    the same on every host."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        return conn.execute(f"SELECT value FROM {REGISTRY}.meta WHERE key = 'data_id'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def kb_write_lock(cfg: StoreConfig, kb: str, timeout: float) -> Any:
+    """The write lock of KB `kb` across every host and process (a context manager)."""
+    return advisory_lock(pool_for(cfg), f"kb-write:{kb}", timeout, f"knowledge base {kb!r}")

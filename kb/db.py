@@ -1,0 +1,259 @@
+"""One SQL interface over SQLite and PostgreSQL: the document store speaks it to either.
+
+The store's SQL is written once, in the dialect both engines share (`?` placeholders, `ON
+CONFLICT` upserts, `RETURNING`); `PgConnection` gives a psycopg connection the few
+`sqlite3.Connection` methods the store uses (`execute`, `executemany`, `with conn:` as one
+transaction, `in_transaction`, rows read by index or column name). Connections to one PostgreSQL
+come from one pool per process (`psycopg_pool`), in autocommit mode: a transaction is exactly a
+`with conn:` block (or a `snapshot()`), never an implicit one left open.
+
+`advisory_lock` serialises writers of one KB across hosts: a PostgreSQL session lock, released
+by the server when its holder's connection dies (a killed process never leaves a KB locked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from kb.errors import KBError
+from kb.writelock import WriteLockTimeout
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+class StoreUnavailable(KBError, ConnectionError):
+    """The shared store (PostgreSQL) cannot be reached, or did not answer in time (503: try again)."""
+
+    status, code = 503, "store_unavailable"
+
+
+class Row(tuple):
+    """A result row read by position (`row[0]`) or by column (`row["doc_id"]`, `dict(row)`), as
+    `sqlite3.Row`."""
+
+    _names: tuple[str, ...] = ()
+
+    def keys(self) -> tuple[str, ...]:
+        return self._names
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._names.index(key))
+            except ValueError:
+                raise IndexError(f"no column {key!r}") from None
+        return tuple.__getitem__(self, key)
+
+
+def _row_factory(cursor: Any):
+    names = tuple(d.name for d in cursor.description or ())
+    cls = type("Row", (Row,), {"_names": names})
+    return lambda values: cls(values)
+
+
+def to_pg(sql: str) -> str:
+    """`sql` with SQLite's `?` placeholders as psycopg's `%s` (a literal `%` doubled). The
+    store's SQL holds no `?` inside string literals."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgCursor:
+    """The part of `sqlite3.Cursor` the store reads."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def fetchone(self):
+        return self._cur.fetchone() if self._cur.description else None
+
+    def fetchall(self) -> list:
+        return self._cur.fetchall() if self._cur.description else []
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+class PgConnection:
+    """A pooled psycopg connection that the store uses as it uses a `sqlite3.Connection`."""
+
+    dialect = "postgresql"
+
+    def __init__(self, pool: Any, search_path: str | None = None) -> None:
+        self._pool = pool
+        try:
+            self.raw = pool.getconn()
+        except Exception as e:  # psycopg_pool.PoolTimeout, OperationalError
+            raise StoreUnavailable(f"PostgreSQL did not answer: {e}") from e
+        self._tx: list[Any] = []
+        if search_path:
+            self.raw.execute(f'SET search_path TO "{search_path}"')
+
+    def execute(self, sql: str, params: Sequence = ()) -> PgCursor:
+        return PgCursor(self.raw.execute(to_pg(sql), tuple(params)))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        rows = list(rows)
+        if rows:
+            with self.raw.cursor() as cur:
+                cur.executemany(to_pg(sql), rows)
+
+    def executescript(self, script: str) -> None:
+        for stmt in (s.strip() for s in script.split(";")):
+            if stmt:
+                self.raw.execute(stmt)
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def rollback(self) -> None:
+        self.raw.execute("ROLLBACK")
+
+    def __enter__(self) -> PgConnection:
+        tx = self.raw.transaction()
+        tx.__enter__()
+        self._tx.append(tx)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tx.pop().__exit__(*exc)
+
+    def close(self) -> None:
+        if self.raw is not None:
+            raw, self.raw = self.raw, None
+            with contextlib.suppress(Exception):  # a broken connection: the pool drops it
+                if raw.info.transaction_status != 0:  # not IDLE: give it back clean
+                    raw.execute("ROLLBACK")
+                raw.execute("RESET search_path")
+            self._pool.putconn(raw)
+
+
+_pools: dict[tuple, Any] = {}
+_pools_lock = threading.Lock()
+
+
+def pg_pool(url: str, password_env: str = "", size: int = 8, timeout_s: float = 30.0):
+    """The process's connection pool to PostgreSQL at `url` (made on first use)."""
+    key = (url, password_env, size, timeout_s, os.getpid())
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            from psycopg_pool import ConnectionPool
+
+            kwargs: dict[str, Any] = {"autocommit": True, "row_factory": _row_factory,
+                                      "connect_timeout": max(1, int(timeout_s)),
+                                      "options": f"-c statement_timeout={int(timeout_s * 1000)}"}
+            if password_env:
+                if password_env not in os.environ:
+                    raise StoreUnavailable(f"store.password_env names {password_env}, which is not set")
+                kwargs["password"] = os.environ[password_env]
+            url = "postgresql://" + url.split("://", 1)[1]
+            pool = ConnectionPool(url, min_size=1, max_size=size, kwargs=kwargs, timeout=timeout_s, open=False,
+                                  name="kb-store")
+            try:
+                pool.open(wait=True, timeout=timeout_s)
+            except Exception as e:  # PoolTimeout: no connection in time
+                pool.close()
+                raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact(url)}: {e}") from e
+            _pools[key] = pool
+        return pool
+
+
+def redact(url: str) -> str:
+    """`url` without a password (for messages)."""
+    scheme, _, rest = url.partition("://")
+    if "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        return f"{scheme}://{userinfo.split(':', 1)[0]}@{host}"
+    return url
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for `name`."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+class _AdvisoryLock:
+    """One advisory lock in this process: a thread lock (reentrant), then the server's lock held
+    on a connection of its own for as long as the outermost holder holds it."""
+
+    def __init__(self, pool: Any, key: int) -> None:
+        self.pool, self.key = pool, key
+        self.thread_lock = threading.RLock()
+        self.depth = 0
+        self.conn: Any = None
+
+    def acquire(self, timeout: float, describe: str) -> None:
+        deadline = time.monotonic() + timeout
+        if not self.thread_lock.acquire(timeout=max(timeout, 0.0)):
+            raise LockTimeout(f"{describe} is being written by another thread of this process; waited {timeout:.0f} s")
+        try:
+            if self.depth == 0:
+                self.conn = self._lock(deadline, timeout, describe)
+            self.depth += 1
+        except BaseException:
+            self.thread_lock.release()
+            raise
+
+    def _lock(self, deadline: float, timeout: float, describe: str):
+        try:
+            conn = self.pool.getconn(timeout=max(timeout, 0.1))
+        except Exception as e:
+            raise StoreUnavailable(f"PostgreSQL did not answer: {e}") from e
+        try:
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"{describe} is being written by another process or host; waited "
+                                      f"{timeout:.0f} s for its write lock. Try again when that write has finished.")
+                time.sleep(0.05)
+        except BaseException:
+            self.pool.putconn(conn)
+            raise
+        return conn
+
+    def release(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.conn is not None:
+            conn, self.conn = self.conn, None
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            finally:
+                self.pool.putconn(conn)
+        self.thread_lock.release()
+
+
+class LockTimeout(WriteLockTimeout):
+    """Another writer held the advisory lock longer than the timeout."""
+
+
+_locks: dict[tuple, _AdvisoryLock] = {}
+_locks_lock = threading.Lock()
+
+
+@contextmanager
+def advisory_lock(pool: Any, name: str, timeout: float, describe: str) -> Iterator[None]:
+    """Hold PostgreSQL's advisory lock `name` (any host, any process; reentrant in the thread
+    that holds it) for the block, waiting at most `timeout` seconds (LockTimeout)."""
+    key = (id(pool), lock_key(name))
+    with _locks_lock:
+        lock = _locks.get(key)
+        if lock is None:
+            lock = _locks[key] = _AdvisoryLock(pool, key[1])
+    lock.acquire(timeout, describe)
+    try:
+        yield
+    finally:
+        lock.release()

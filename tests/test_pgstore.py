@@ -1,0 +1,150 @@
+"""The document store on PostgreSQL (`store.url: postgresql://…`), for real against a throwaway
+server: the same operations give the same answers as on SQLite; KBs are created and dropped
+whole; the write lock holds across processes; a killed holder leaves no lock."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from ingest.store import open_store
+from ingest.types import Chunk, KeyInfo, ParsedDocument
+
+
+def pg_settings(settings, url: str):
+    """`settings` with the store on PostgreSQL at `url` (and level 1 on a Milvus Lite file)."""
+    from kb.settings import apply_overrides
+
+    return apply_overrides(settings, {"store.url": url, "retrieval.backend": "milvus",
+                                      "milvus.uri": str(settings.home / "milvus.db")})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_settings(request, settings):
+    if request.param == "sqlite":
+        return settings
+    return pg_settings(settings, request.getfixturevalue("pg_db_url"))
+
+
+def _doc(doc_id="d1", h="h1"):
+    return ParsedDocument("/x/a.txt", "a.txt", doc_id, h, [], title="A", size=3)
+
+
+def _write(store, doc, n=2):
+    chunks = [Chunk(f"chunk {i}", i) for i in range(n)]
+    kis = [KeyInfo("article", "k", "all", None, 0)] + [KeyInfo("segment", f"k{i}", f"chunk {i}", i, i)
+                                                         for i in range(n)]
+    store.replace_document(doc, chunks, kis)
+
+
+def test_documents_chunks_and_key_info_are_written_and_replaced_alike(any_settings):
+    with open_store(any_settings, "a") as s:
+        _write(s, _doc(), 3)
+        assert s.counts() == {"documents": 1, "chunks": 3, "key_infos": 4}
+        assert s.is_unchanged("d1", "h1") and not s.is_unchanged("d1", "h2")
+        _write(s, _doc(h="h2"), 1)
+        assert s.counts() == {"documents": 1, "chunks": 1, "key_infos": 2}
+        seg = [k for k in s.key_infos() if k["level"] == "segment"]
+        assert seg[0]["chunk_id"] == "d1-00000" and seg[0]["raw_text"] == "chunk 0"
+        assert seg[0]["title_path"] == [] and isinstance(seg[0]["ki_id"], int)
+        ids = [k["ki_id"] for k in s.key_infos()]
+        assert [k["ki_id"] for k in s.key_infos(ki_ids=ids[::-1])] and len(s.key_infos(ki_ids=ids)) == 2
+        assert s.get_document("d1").title == "A" and [d.doc_id for d in s.documents()] == ["d1"]
+        assert s.delete_document("d1") and not s.delete_document("d1")
+        assert s.counts() == {"documents": 0, "chunks": 0, "key_infos": 0}
+
+
+def test_a_failed_write_leaves_the_previous_version(any_settings):
+    with open_store(any_settings, "a") as s:
+        _write(s, _doc(), 2)
+        bad = [KeyInfo("not-a-level", "k", "r", None, 0)]  # violates the CHECK constraint
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+            s.replace_document(_doc(h="h2"), [Chunk("new", 0)], bad)
+        assert s.is_unchanged("d1", "h1")
+        assert [c["text"] for c in s.chunks()] == ["chunk 0", "chunk 1"]
+
+
+def test_faq_edits_audit_and_ids_alike(any_settings):
+    with open_store(any_settings, "a") as s:
+        _write(s, _doc(), 2)
+        sid = s.store_id()
+        assert len(sid) == 32 and s.store_id() == sid
+        assert s.faq_revision() == 0
+        s.put_faq([{"faq_id": "f1", "question": "q?", "answer": "a", "q_vec": b"\x00\x01"}])
+        s.put_faq([{"faq_id": "f1", "question": "q2?", "answer": "b"},
+                   {"faq_id": "f2", "question": "x", "answer": "y"}])
+        rows = s.faq_entries()
+        assert [(r["faq_id"], r["question"], r["answer"]) for r in rows] == [("f1", "q2?", "b"), ("f2", "x", "y")]
+        assert s.faq_revision() == 2 and s.delete_faq(["f1"]) == 1 and s.faq_revision() == 3
+        a = s.edit_chunk("d1", 1, "edited one", "ann", [KeyInfo("segment", "k1e", "edited one", 1, 1)])
+        b = s.edit_chunk("d1", 1, "edited twice", "bob", [KeyInfo("segment", "k1f", "edited twice", 1, 1)])
+        assert b["edit_id"] > a["edit_id"] and b["orig_sha256"] == a["orig_sha256"]
+        assert s.chunk("d1", 1)["edit"]["user"] == "bob"
+        assert [e["user"] for e in s.chunk_edits("d1")] == ["ann", "bob"]
+        chunks, applied = s.apply_edits("d1", [Chunk("chunk 0", 0), Chunk("chunk 1", 1)])
+        assert [c.text for c in chunks] == ["chunk 0", "edited twice"] and list(applied) == [1]
+        with pytest.raises(LookupError):
+            s.edit_chunk("d1", 9, "x", "ann", [])
+        with s.snapshot():
+            assert s.counts()["chunks"] == 2
+
+
+def test_a_reader_never_creates_a_kb(any_settings):
+    with pytest.raises(FileNotFoundError):
+        open_store(any_settings, "nothing", create=False)
+    with pytest.raises(FileNotFoundError):
+        open_store(any_settings, "nothing", create=False)
+
+
+def test_shared_kbs_are_created_listed_and_dropped_whole(settings, pg_db_url):
+    from ingest import pgstore
+
+    s = pg_settings(settings, pg_db_url)
+    for name in ("b", "a.b-c", "x" * 64):
+        with open_store(s, name) as st:
+            _write(st, _doc(), 1)
+    assert pgstore.kb_names(s.store) == sorted(["b", "a.b-c", "x" * 64])
+    assert pgstore.drop(s.store, "b") and not pgstore.drop(s.store, "b")
+    assert not pgstore.exists(s.store, "b") and pgstore.exists(s.store, "a.b-c")
+    with psycopg.connect(pg_db_url) as c:
+        schemas = {r[0] for r in c.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'kb\\_%'")}
+    assert schemas == {"kb_registry", pgstore.schema_name("a.b-c"), pgstore.schema_name("x" * 64)}
+    with open_store(s, "b") as st:  # a new KB of the old name starts empty, with a new store id
+        assert st.counts()["documents"] == 0
+    assert len(pgstore.data_id(s.store)) == 32 and pgstore.data_id(s.store) == pgstore.data_id(s.store)
+
+
+LOCKER = """
+import sys, time
+from kb.settings import StoreConfig
+from ingest.pgstore import kb_write_lock
+with kb_write_lock(StoreConfig(url=sys.argv[1]), "a", 30):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_write_lock_holds_across_processes_and_dies_with_its_holder(pg_db_url):
+    from ingest.pgstore import kb_write_lock
+    from kb.db import LockTimeout
+    from kb.settings import StoreConfig
+
+    cfg = StoreConfig(url=pg_db_url)
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, pg_db_url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockTimeout, match="being written"), kb_write_lock(cfg, "a", 0.3):
+            pass
+        with kb_write_lock(cfg, "other", 0.3), kb_write_lock(cfg, "other", 0.3):  # another KB; reentrant
+            pass
+    finally:
+        proc.kill()  # kill -9: the server ends its session and its lock
+        proc.wait()
+    t0 = time.monotonic()
+    with kb_write_lock(cfg, "a", 10):
+        assert time.monotonic() - t0 < 10
