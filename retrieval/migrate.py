@@ -14,7 +14,7 @@ import numpy as np
 
 from kb.fsutil import building_dir, replacing_file, umask_mode
 from kb.settings import Settings
-from kb.writelock import LOCK_NAME, write_lock
+from kb.writelock import LOCK_NAME
 from retrieval.index import IndexDir, desired_entries
 from retrieval.kb import KnowledgeBase
 
@@ -29,14 +29,15 @@ class MigrationMismatch(RuntimeError):
     """The migrated KB does not hold what the source holds, or does not answer as it does."""
 
 
-def copy_kb_files(src: Path, dest: Path, written: list[Path]) -> None:
+def copy_kb_files(src: Path, dest: Path, written: list[Path], with_store: bool = True) -> None:
     """Copy a KB folder's files into `dest` (which the caller holds locked, and which holds no
     store), each through a temporary beside it (`kb.fsutil.replacing_file`, `building_dir`), SQLite
     files through SQLite's backup (consistent while others read) and the store last, since a
     store is what makes a folder a KB. `written` gets each path before it is written, so a
     failure part-way can be undone."""
     items = sorted((i for i in src.iterdir() if i.name not in SKIP_DIRS and i.name != LOCK_NAME
-                    and not i.name.endswith(SKIP_SUFFIXES) and (i.is_dir() or i.is_file())),
+                    and not i.name.endswith(SKIP_SUFFIXES) and (i.is_dir() or i.is_file())
+                    and (with_store or i.name != "store.sqlite")),
                    key=lambda i: i.name == "store.sqlite")
     for item in items:
         final = dest / item.name
@@ -90,45 +91,71 @@ def level1_place(settings: Settings, name: str) -> tuple:
     return ("faiss", str(settings.kb_dir(name).resolve()))
 
 
+def store_place(settings: Settings, name: str) -> tuple:
+    """Where a configuration keeps KB `name`'s store: a PostgreSQL database or the KB's folder."""
+    if settings.store.shared:
+        from kb.db import redact
+
+        return ("postgresql", redact(settings.store.url))
+    return ("sqlite", str(settings.kb_dir(name).resolve()))
+
+
 def migrate_kb(source: Settings, target: Settings, name: str, queries: int = 100, min_agreement: float = 0.95,
                progress: bool = False) -> dict:
-    """Make KB `name` of `source` available under `target` (its data folder and level-1 backend):
-    the KB's files are copied when the data folders differ, level 1 is built by the target
-    backend (vectors come from the embedding cache when the embedder is the same); then the
-    target's entries must equal the store's and the top 5 of `queries` sampled key texts must
-    agree for `min_agreement` of them. Both KBs' write locks are held throughout; on a mismatch
-    or an error the target's level 1 goes back to the generation it had and copied files are
-    removed. The source is never changed."""
+    """Make KB `name` of `source` available under `target` (its store, data folder and level-1
+    backend): the store is copied when it moves (a SQLite file as a file, into or out of
+    PostgreSQL row by row in one transaction), the KB folder's other files when the data folders
+    differ; level 1 is built by the target backend (vectors come from the embedding cache when the
+    embedder is the same); then the target's entries must equal the store's and the top 5 of
+    `queries` sampled key texts must agree for `min_agreement` of them. Both KBs' write locks are
+    held throughout; on a mismatch or an error the target's level 1 goes back to the generation it
+    had and what was copied is removed. The source is never changed."""
     src = KnowledgeBase(source, name)
     if level1_place(source, name) == level1_place(target, name):
         raise ValueError("the source and target configurations put this KB's index in the same place")
-    copied = Path(target.home).resolve() != Path(source.home).resolve()
-    dest = target.kb_dir(name)
-    locks = sorted({src.dir.resolve(), dest.resolve()})  # one order, whichever way two migrations run
+    moved = store_place(source, name) != store_place(target, name)
+    dst = KnowledgeBase(target, name, create=True)
+    sides = sorted([(store_place(source, name), src), (store_place(target, name), dst)], key=lambda x: x[0])
     with ExitStack() as stack:
-        for d in locks:
-            stack.enter_context(write_lock(d, max(source.retrieval.write_lock_timeout_s,
-                                                  target.retrieval.write_lock_timeout_s)))
-        if copied and (dest / "store.sqlite").exists():
-            raise ValueError(f"knowledge base {name!r} already exists under {target.home} (remove it there first: "
+        for _, kb in sides:  # one order, whichever way two migrations run
+            stack.enter_context(kb.writing(create=kb is dst))
+        if moved and dst.exists():
+            raise ValueError(f"knowledge base {name!r} already exists in the target's store (remove it there first: "
                              f"kb rm --kb {name} --config TARGET)")
         written: list[Path] = []
-        dst, previous = None, None
+        previous, made = None, False
         try:
-            if copied:
-                copy_kb_files(src.dir, dest, written)
-            dst = KnowledgeBase(target, name)
+            if moved:
+                made = True
+                copy_store(src, dst, written)
             previous = dst.index_generation()
             return _build_and_verify(src, dst, previous, queries, min_agreement, progress)
         except BaseException:
             try:
-                if dst is not None:
-                    dst.milvus().revert_to(previous) if dst.uses_milvus else IndexDir(dst.dir).revert_to(previous)
+                dst.milvus().revert_to(previous) if dst.uses_milvus else IndexDir(dst.dir).revert_to(previous)
             except Exception:  # noqa: BLE001 (the first error is the one to report)
                 log.exception("could not put the target's level 1 back after a failed migration of %s", name)
             finally:
+                if made and dst.settings.store.shared:
+                    from ingest import pgstore
+
+                    pgstore.drop(dst.settings.store, name)
                 remove_copied(written)
             raise
+
+
+def copy_store(src: KnowledgeBase, dst: KnowledgeBase, written: list[Path]) -> None:
+    """Copy the source KB's store, and its folder's other files when the folders differ, to the target."""
+    if src.dir.resolve() != dst.dir.resolve() and src.dir.is_dir():
+        if not src.settings.store.shared and not dst.settings.store.shared:
+            copy_kb_files(src.dir, dst.dir, written)  # the SQLite store as a file, last
+            return
+        dst.dir.mkdir(parents=True, exist_ok=True)
+        copy_kb_files(src.dir, dst.dir, written, with_store=False)
+    if not dst.settings.store.shared:
+        written.append(dst.dir / "store.sqlite")
+    with src.store() as a, dst.store(create=True) as b:
+        b.copy_from(a)
 
 
 def _build_and_verify(src: KnowledgeBase, dst: KnowledgeBase, previous: str | None, queries: int,

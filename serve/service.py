@@ -43,7 +43,7 @@ class Service:
         """The open KB `name` (NoSuchKB when it does not exist and `create` is false)."""
         with self._lock:
             kb = self._kbs.get(name)
-            if kb is None or not (kb.dir / "store.sqlite").is_file():
+            if kb is None or not kb.exists():
                 kb = KnowledgeBase(self.settings, name, create=create)
                 self._kbs[name] = kb
                 self._chains.pop(name, None)
@@ -91,11 +91,24 @@ class Service:
         self.discard(kb, [s for s in saved if str(s.item.path) in failed])
         for f in out["failed"]:  # callers see the file's name, never a server path
             f["path"], f["error"] = Path(f["path"]).name, without_paths(f["error"], f["path"], kb.dir)
+        for w in out.get("warnings", []):
+            w["path"], w["warning"] = Path(w["path"]).name, without_paths(w["warning"], w["path"], kb.dir)
         if replace is not None and not failed and saved[0].item.doc_id != replace \
                 and kb.document(saved[0].item.doc_id) is not None:
             self.remove_document(name, replace)
             out["replaced"] = replace
         return out
+
+    def enqueue(self, name: str, files: list[tuple[str | None, BinaryIO]], replace: str | None = None) -> str:
+        """Queue uploaded files for `kb worker` (a shared store); the job's id. The files are read
+        (within serve.max_upload_mb each, with usable names) before anything is queued."""
+        from serve import jobs
+        from serve.uploads import read_upload
+
+        if replace is not None:
+            self.check_replace(name, replace, len(files))
+        limit = int(self.settings.serve.max_upload_mb * 2**20)
+        return jobs.enqueue(self.settings.store, name, [read_upload(f, data, limit) for f, data in files], replace)
 
     def check_replace(self, name: str, doc_id: str, n_files: int) -> None:
         """BadUpload unless one file replaces; NoSuchDocument unless KB `name` has `doc_id`."""

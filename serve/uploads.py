@@ -95,6 +95,15 @@ def copy_limited(data: BinaryIO, dest: Path, max_bytes: int, fname: str) -> str:
     return digest.hexdigest()
 
 
+def read_upload(name: str | None, data: BinaryIO, max_bytes: int) -> tuple[str, bytes]:
+    """An upload's safe file name and bytes, refusing more than `max_bytes` (UploadTooLarge)."""
+    fname = safe_name(name)
+    body = data.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise UploadTooLarge(f"{fname}: larger than the {max_bytes / 2**20:g} MiB upload limit")
+    return fname, body
+
+
 def save_upload(kb_dir: Path, name: str | None, data: BinaryIO, max_bytes: int) -> SavedUpload:
     """Store `data` as `<kb_dir>/uploads/<doc_id>/<name>`, refusing more than `max_bytes`.
 

@@ -56,6 +56,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """`kb worker`: ingest uploads queued in the shared store until stopped (SIGTERM or Ctrl-C
+    let the job in hand finish first); `--once`: until the queue is empty."""
+    import logging
+    import signal
+    import threading
+
+    from serve.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    n = run_worker(settings, once=args.once, stop=stop)
+    emit(args, {"jobs": n}, lambda r: f"{r['jobs']} jobs run")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     """`kb ui`: run the Streamlit staff UI; its exit status."""
     import subprocess
@@ -95,6 +113,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--host", help="default: serve.host")
     s.add_argument("--port", type=int, help="default: serve.port")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", parents=[common],
+                       help="ingest the uploads queued in a shared store (store.url: postgresql://…)")
+    s.add_argument("--once", action="store_true", help="stop when the queue is empty")
+    s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("ui", parents=[common], help="run the Streamlit app")
     s.add_argument("--host", default="127.0.0.1")

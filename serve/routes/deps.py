@@ -71,3 +71,5 @@ KBPath = Annotated[str, PathParam(min_length=1, max_length=64, pattern=KB_NAME_P
                                   description="the knowledge base's name")]
 DocPath = Annotated[str, PathParam(min_length=1, max_length=128, description="the document's id")]
 OrdPath = Annotated[int, PathParam(ge=0, le=10**9, description="the chunk's ord, as GET .../chunks lists it")]
+JobPath = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$",
+                                   description="the ingest job's id, as an upload answered it")]

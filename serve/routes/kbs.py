@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData
 
+from serve import jobs
 from serve.routes.common import ApiError, errors, key_user
-from serve.routes.deps import Auth, Caller, DocPath, KBPath, OrdPath, Svc
+from serve.routes.deps import Auth, Caller, DocPath, JobPath, KBPath, OrdPath, Svc
 from serve.routes.schemas import ChunkEditRequest
+from serve.service import Service
 from serve.uploads import NoSuchDocument
 
 router = APIRouter(tags=["knowledge bases"])
@@ -28,6 +33,8 @@ UPLOAD_LINKS = {
 }
 """OpenAPI links from an upload to its KB's documents and to deleting what it added."""
 UPLOAD_RESPONSES = {200: {"description": "the `kb ingest` JSON", "links": UPLOAD_LINKS},
+                    202: {"description": "with a shared store: the upload is queued and its ingest job (`job`) "
+                                         "not finished within serve.upload_wait_s; poll GET /v1/jobs/{job_id}"},
                     **errors(400, 401, 403, 404, 413, 422)}
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}}
 
@@ -60,13 +67,53 @@ async def upload(kb: KBPath, request: Request, caller: Caller, svc: Svc) -> dict
     form = await request.form(max_files=100, max_fields=20)
     try:
         files, replace = upload_fields(form)
-        out = await run_in_threadpool(svc.upload, kb, files, replace=replace)
+        if svc.settings.store.shared:  # queued for `kb worker`: no API replica parses documents
+            job = await run_in_threadpool(svc.enqueue, kb, files, replace)
+            out = await wait_for_job(svc, job)
+            if out["state"] == "failed":
+                raise ApiError(422, "ingest_failed", out["error"] or "the ingest failed")
+            if out["state"] != "done":  # still queued or running: the caller polls the job
+                return JSONResponse({"job": job_json(out)}, status_code=202, headers={"Location": f"/v1/jobs/{job}"})
+            out = {**out["result"], "job_id": job}
+        else:
+            out = await run_in_threadpool(svc.upload, kb, files, replace=replace)
     finally:
         await form.close()
     if out["failed"] and not out["ingested"] and not out["skipped"]:
         reasons = "; ".join(f"{f['path']}: {f['error']}" for f in out["failed"])
         raise ApiError(422, "unreadable_document", reasons)
     return out
+
+
+async def wait_for_job(svc: Service, job_id: str) -> dict:
+    """The job's state once it is done or failed, or when `serve.upload_wait_s` has passed."""
+    deadline = time.monotonic() + svc.settings.serve.upload_wait_s
+    delay = 0.05
+    while True:
+        out = await run_in_threadpool(jobs.status, svc.settings.store, job_id)
+        if out["state"] in ("done", "failed") or time.monotonic() >= deadline:
+            return out
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 2, 1.0)
+
+
+def job_json(out: dict) -> dict:
+    """A job's public JSON: times as ISO 8601, the error as a message."""
+    from retrieval.kb import iso_time
+
+    return {**{k: out[k] for k in ("job_id", "kb", "state", "attempts", "error", "result")},
+            **{k: None if out[k] is None else iso_time(out[k]) for k in ("created_at", "started_at", "finished_at")}}
+
+
+@router.get("/v1/jobs/{job_id}", responses=errors(401, 403, 404, 422))
+def job(job_id: JobPath, caller: Caller, svc: Svc) -> dict:
+    """An upload's ingest job (a shared store queues uploads for `kb worker`): its state
+    (queued, running, done, failed), and the `kb ingest` JSON once done."""
+    if not svc.settings.store.shared:
+        raise jobs.NoSuchJob("no ingest jobs: uploads are ingested at once with the embedded store")
+    out = jobs.status(svc.settings.store, job_id)
+    caller.readable(out["kb"])
+    return {"job": job_json(out)}
 
 
 def upload_fields(form: FormData) -> tuple[list[tuple[str | None, BinaryIO]], str | None]:

@@ -1,0 +1,174 @@
+"""The ingest queue of a shared store: uploads wait in PostgreSQL until a `kb worker` takes them.
+
+An API replica stores the uploaded files with their job in one transaction and only then
+acknowledges the upload: whatever happens to the replica afterwards, the job is there. Workers
+claim the oldest waiting job with `FOR UPDATE SKIP LOCKED` (many workers never take the same
+one) and hold a lease on it that a heartbeat renews; a job whose worker died (its lease ran out)
+is taken again, up to `serve.job_attempts` times. Times are the database server's, so hosts'
+clocks never disagree about a lease.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.pgstore import REGISTRY, pool_for
+from kb.db import PgConnection
+from kb.errors import NotFound
+from kb.settings import StoreConfig
+
+JOB_STATES = ("queued", "running", "done", "failed")
+_DDL = [
+    f"CREATE TABLE IF NOT EXISTS {REGISTRY}.jobs (job_id TEXT PRIMARY KEY, kb TEXT NOT NULL, "
+    "state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')), replace_doc TEXT, "
+    "created_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION, "
+    "lease_until DOUBLE PRECISION, worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT)",
+    f"CREATE INDEX IF NOT EXISTS jobs_waiting ON {REGISTRY}.jobs (created_at) WHERE state IN ('queued', 'running')",
+    f"CREATE TABLE IF NOT EXISTS {REGISTRY}.job_files (job_id TEXT NOT NULL REFERENCES {REGISTRY}.jobs "
+    "ON DELETE CASCADE, ord INTEGER NOT NULL, name TEXT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (job_id, ord))",
+]
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
+_ready: set[int] = set()
+
+
+class NoSuchJob(NotFound, LookupError):
+    """No ingest job of that id."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: its KB, its files (name, bytes) and the document it replaces."""
+
+    job_id: str
+    kb: str
+    files: list[tuple[str, bytes]]
+    replace: str | None
+    attempts: int
+
+
+def _conn(cfg: StoreConfig) -> PgConnection:
+    pool = pool_for(cfg)
+    conn = PgConnection(pool)
+    if id(pool) not in _ready:
+        try:
+            with conn:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (7_402_118_560_332,))
+                for ddl in _DDL:
+                    conn.execute(ddl)
+        except BaseException:
+            conn.close()
+            raise
+        _ready.add(id(pool))
+    return conn
+
+
+def enqueue(cfg: StoreConfig, kb: str, files: list[tuple[str, bytes]], replace: str | None = None) -> str:
+    """Queue the ingest of `files` into KB `kb` (one transaction); the job's id."""
+    job_id = secrets.token_hex(12)
+    conn = _conn(cfg)
+    try:
+        with conn:
+            conn.execute(f"INSERT INTO {REGISTRY}.jobs (job_id, kb, state, replace_doc, created_at) "
+                         f"VALUES (?, ?, 'queued', ?, {_NOW})", (job_id, kb, replace))
+            conn.executemany(f"INSERT INTO {REGISTRY}.job_files VALUES (?, ?, ?, ?)",
+                             [(job_id, i, name, data) for i, (name, data) in enumerate(files)])
+    finally:
+        conn.close()
+    return job_id
+
+
+KEEP_S = 7 * 86400
+"""How long a finished job's record (state, result) is kept for GET /v1/jobs after it ended."""
+
+
+def claim(cfg: StoreConfig, worker: str, lease_s: float, max_attempts: int) -> Job | None:
+    """Take the oldest job waiting (or whose worker's lease ran out), or None. A job already tried
+    `max_attempts` times (its worker died each time) is marked failed instead."""
+    conn = _conn(cfg)
+    try:
+        with conn:
+            row = conn.execute(
+                f"UPDATE {REGISTRY}.jobs SET state = 'running', worker = ?, attempts = attempts + 1, "
+                f"started_at = {_NOW}, lease_until = {_NOW} + ? WHERE job_id = (SELECT job_id FROM {REGISTRY}.jobs "
+                f"WHERE state = 'queued' OR (state = 'running' AND lease_until < {_NOW}) ORDER BY created_at "
+                "FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING job_id, kb, replace_doc, attempts",
+                (worker, lease_s)).fetchone()
+            if row is None:
+                return None
+            if row["attempts"] > max_attempts:
+                _end(conn, row["job_id"], "failed", None, f"gave up after {max_attempts} attempts: the worker "
+                     "stopped each time (killed, or out of memory) while ingesting these files")
+                return claim(cfg, worker, lease_s, max_attempts)
+            files = [(r["name"], bytes(r["data"])) for r in conn.execute(
+                f"SELECT name, data FROM {REGISTRY}.job_files WHERE job_id = ? ORDER BY ord", (row["job_id"],))]
+        return Job(row["job_id"], row["kb"], files, row["replace_doc"], row["attempts"])
+    finally:
+        conn.close()
+
+
+def renew(cfg: StoreConfig, job_id: str, worker: str, lease_s: float) -> bool:
+    """Extend the lease of a job this worker holds; False when it no longer holds it."""
+    conn = _conn(cfg)
+    try:
+        return conn.execute(f"UPDATE {REGISTRY}.jobs SET lease_until = {_NOW} + ? WHERE job_id = ? AND worker = ? "
+                            "AND state = 'running'", (lease_s, job_id, worker)).rowcount == 1
+    finally:
+        conn.close()
+
+
+def finish(cfg: StoreConfig, job_id: str, worker: str, result: dict | None, error: str | None = None) -> None:
+    """Record a job's outcome (done with `result`, or failed with `error`); its files are dropped."""
+    conn = _conn(cfg)
+    try:
+        with conn:
+            held = conn.execute(f"SELECT 1 FROM {REGISTRY}.jobs WHERE job_id = ? AND worker = ? AND state = 'running' "
+                                "FOR UPDATE", (job_id, worker)).fetchone()
+            if held is not None:
+                _end(conn, job_id, "failed" if error else "done", result, error)
+    finally:
+        conn.close()
+
+
+def _end(conn: PgConnection, job_id: str, state: str, result: dict | None, error: str | None) -> None:
+    conn.execute(f"UPDATE {REGISTRY}.jobs SET state = ?, finished_at = {_NOW}, lease_until = NULL, result = ?, "
+                 "error = ? WHERE job_id = ?",
+                 (state, None if result is None else json.dumps(result, ensure_ascii=False), error, job_id))
+    conn.execute(f"DELETE FROM {REGISTRY}.job_files WHERE job_id = ?", (job_id,))
+
+
+def status(cfg: StoreConfig, job_id: str) -> dict[str, Any]:
+    """A job's public state: job_id, kb, state, attempts, created/started/finished (epoch
+    seconds), result (the `kb ingest` JSON when done) and error. NoSuchJob for an unknown id."""
+    conn = _conn(cfg)
+    try:
+        row = conn.execute(f"SELECT job_id, kb, state, attempts, created_at, started_at, finished_at, result, error "
+                           f"FROM {REGISTRY}.jobs WHERE job_id = ?", (job_id,)).fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise NoSuchJob(f"no ingest job {job_id!r}")
+    out = dict(row)
+    out["result"] = None if out["result"] is None else json.loads(out["result"])
+    return out
+
+
+def prune(cfg: StoreConfig) -> int:
+    """Remove the records of jobs that ended over KEEP_S ago; how many."""
+    conn = _conn(cfg)
+    try:
+        return conn.execute(f"DELETE FROM {REGISTRY}.jobs WHERE state IN ('done', 'failed') AND finished_at < "
+                            f"{_NOW} - ?", (KEEP_S,)).rowcount
+    finally:
+        conn.close()
+
+
+def waiting(cfg: StoreConfig) -> int:
+    """Jobs queued or running now."""
+    conn = _conn(cfg)
+    try:
+        return conn.execute(f"SELECT COUNT(*) FROM {REGISTRY}.jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+    finally:
+        conn.close()

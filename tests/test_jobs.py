@@ -1,0 +1,71 @@
+"""The ingest queue in PostgreSQL (serve/jobs.py), for real: jobs are taken once, in order; a
+lapsed lease gives a job to another worker; a job that keeps killing its worker ends failed;
+only the worker holding a job records its outcome."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kb.settings import StoreConfig
+from serve import jobs
+
+
+@pytest.fixture()
+def cfg(pg_db_url):
+    return StoreConfig(url=pg_db_url)
+
+
+def test_jobs_are_taken_once_each_in_order_by_many_workers(cfg):
+    ids = [jobs.enqueue(cfg, "a", [(f"f{i}.md", f"text {i}".encode())]) for i in range(30)]
+    taken: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        while (job := jobs.claim(cfg, name, 60, 3)) is not None:
+            with lock:
+                taken.append((name, job.job_id))
+            jobs.finish(cfg, job.job_id, name, {"ok": True})
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j for _, j in taken) == sorted(ids) and len(taken) == len(set(taken)) == 30
+    assert len({w for w, _ in taken}) > 1
+    st = jobs.status(cfg, ids[0])
+    assert st["state"] == "done" and st["result"] == {"ok": True} and st["attempts"] == 1 and jobs.waiting(cfg) == 0
+
+
+def test_a_lapsed_lease_gives_the_job_to_another_worker_and_only_its_holder_finishes_it(cfg):
+    job_id = jobs.enqueue(cfg, "a", [("x.md", b"x"), ("y.md", b"y")], replace="old")
+    first = jobs.claim(cfg, "w1", 0.3, 3)
+    assert first.files == [("x.md", b"x"), ("y.md", b"y")] and first.replace == "old" and first.kb == "a"
+    assert jobs.claim(cfg, "w2", 0.3, 3) is None  # held
+    time.sleep(0.5)
+    assert not jobs.renew(cfg, job_id, "w2", 1)
+    second = jobs.claim(cfg, "w2", 30, 3)
+    assert second.job_id == job_id and second.attempts == 2
+    assert not jobs.renew(cfg, job_id, "w1", 30)  # w1 lost it
+    jobs.finish(cfg, job_id, "w1", {"from": "w1"})  # not the holder: ignored
+    assert jobs.status(cfg, job_id)["state"] == "running"
+    jobs.finish(cfg, job_id, "w2", None, "no such document")
+    st = jobs.status(cfg, job_id)
+    assert (st["state"], st["error"], st["result"]) == ("failed", "no such document", None)
+
+
+def test_a_job_that_keeps_killing_its_worker_ends_failed(cfg):
+    job_id = jobs.enqueue(cfg, "a", [("boom.pdf", b"%PDF")])
+    other = jobs.enqueue(cfg, "a", [("ok.md", b"fine")])
+    for _ in range(2):
+        assert jobs.claim(cfg, "w", 0.05, 2).job_id == job_id
+        time.sleep(0.1)  # the worker died: its lease runs out
+    nxt = jobs.claim(cfg, "w", 30, 2)  # the third take is refused: the next job comes instead
+    assert nxt.job_id == other
+    st = jobs.status(cfg, job_id)
+    assert st["state"] == "failed" and "gave up after 2 attempts" in st["error"]
+    with pytest.raises(jobs.NoSuchJob):
+        jobs.status(cfg, "0" * 24)
