@@ -214,17 +214,25 @@ def finetune_gpu_table() -> str:
     Liger on packed rows, one run per file (finetune_gpu_*.json; the 0.5B full rows twice)."""
     rows = []
     sides = ("project", "baseline", "recipe", "recipe_packed")
-    for name in ("finetune_gpu_0.5b", "finetune_gpu_0.5b_run2", "finetune_gpu_7b", "finetune_gpu_7b_nockpt"):
+    names = ("finetune_gpu_0.5b", "finetune_gpu_0.5b_run2", "finetune_gpu_0.5b_graphs", "finetune_gpu_0.5b_graphs_run2",
+             "finetune_gpu_7b", "finetune_gpu_7b_graphs", "finetune_gpu_7b_nockpt")
+    for name in names:
         for r in load(name)["runs"]:
             s, p = r["setting"], r["project"]
             width = f"{s['batch_rows']} x {s['max_length']}" + (", ckpt" if s["gradient_checkpointing"] else "")
             shape = s["shape"][:-1] + s["shape"][-1].upper()
             rows.append([shape, s["lengths"], width, name.removeprefix("finetune_gpu_"),
-                         *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" for x in sides),
-                         f"{num(r['speedup_vs_recipe'], 2)}x / {num(r['speedup_vs_recipe_packed'], 2)}x",
+                         *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" if r.get(x) else "–"
+                           for x in sides),
+                         f"{_ratio(r, 'speedup_vs_recipe')} / {_ratio(r, 'speedup_vs_recipe_packed')}",
                          f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
     return md(rows, ["shape", "lengths", "rows x width", "file", "project tokens/s (GiB)", "Trainer + peft",
                      "Liger + flattening", "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
+
+
+def _ratio(run: dict, key: str) -> str:
+    """A speed-up as `1.23x`, or a dash when the run had not that side."""
+    return f"{num(run[key], 2)}x" if run.get(key) is not None else "–"
 
 
 @table("vector_backends_cpu")
@@ -240,6 +248,17 @@ def vector_backends_table() -> str:
                      num(m["qps_single"], 1), num(m["qps_batched"], 1), num(m["recall_at_k"], 3)])
     return md(rows, ["vectors", "backend", "seconds to searchable", "queries/s one at a time",
                      "queries/s in batches of 100", "recall@10 vs exact"])
+
+
+@table("replicas_cpu")
+def replicas_table() -> str:
+    """API load on 1 and 2 replicas over the shared backends and on the embedded ones (replicas_cpu.json)."""
+    rows = []
+    names = {"embedded": "SQLite + FAISS (embedded)", "shared": "PostgreSQL + Milvus Lite server"}
+    for r in load("replicas_cpu")["runs"]:
+        rows.append([names[r["backend"]], r["replicas"], r["clients"], num(r["requests"], 0), r["errors"],
+                     num(r["rps"], 1), num(r["p50_ms"], 0), num(r["p95_ms"], 0)])
+    return md(rows, ["backends", "replicas", "clients", "requests", "errors", "requests/s", "p50 ms", "p95 ms"])
 
 
 @table("embed_finetune_gpu")

@@ -30,6 +30,37 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(str(e)) from e
 
 
+def config_option(parser: argparse.ArgumentParser, flag: str, key: str, help: str = "", **kw: Any) -> None:
+    """A flag that is a shorthand for `--set KEY=VALUE`: what it is given lands in the typed
+    settings through the same path (validated, above the file and the environment), and the
+    command reads the settings, never the flag."""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, default=None, help=f"{help} (sets {key})".strip(), **kw)
+    keys = dict(parser.get_default("config_keys") or {})
+    keys[dest] = key
+    parser.set_defaults(config_keys=keys)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `args` set: each `--set KEY=VALUE` (the value read as YAML: numbers, true,
+    null, lists) and each `config_option` flag given."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set takes KEY=VALUE (e.g. --set retrieval.k=8), not {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--set {item}: the value is not YAML: {e}") from e
+    for dest, key in (getattr(args, "config_keys", None) or {}).items():
+        if getattr(args, dest, None) is not None:
+            out[key] = getattr(args, dest)
+    return out
+
+
 def emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[dict], str]) -> None:
     """Print `payload` as one JSON document (--json) or as `human` renders it."""
     if args.json:

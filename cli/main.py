@@ -13,9 +13,9 @@ import logging
 import sys
 
 from cli.commands import config, evaluation, faq, finetuning, index, ingest, kbs, models, serving
-from cli.common import UsageError, usage_errors
+from cli.common import UsageError, overrides_from, usage_errors
 from kb.errors import KBError
-from kb.settings import ConfigError, load_settings
+from kb.settings import ConfigError, apply_overrides, load_settings
 
 __all__ = ["UsageError", "build_parser", "main", "usage_errors"]
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `kb` command-line parser with all its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default configs/default.yaml)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="set one setting (e.g. retrieval.k=8), above the file and the environment; repeatable")
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     try:
         settings = load_settings(args.config) if getattr(args, "needs_settings", True) else None
+        if settings is not None and (overrides := overrides_from(args)):
+            settings = apply_overrides(settings, overrides)
         return args.func(args, settings)
     except (UsageError, ConfigError, KBError) as e:
         print(f"kb: error: {e}", file=sys.stderr)

@@ -329,27 +329,64 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
     and renamed into place. Returns {out, pairs, heldout_accuracy, ...}.
     """
     import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, BertForNextSentencePrediction
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     if len(pairs) < 4:
         raise ValueError(f"too little text to train a next-sentence head ({len(pairs)} pairs)")
     torch.manual_seed(seed)
     dev = pick_device(device)
     tok = AutoTokenizer.from_pretrained(str(encoder_dir))
+    model = _nsp_model(encoder_dir, reset_pooler)
+    added = add_unknown_chars(tok, model, (t for p in pairs for t in (p.a, p.b))) if extend_vocab else 0
+    model.to(dev)
+    groups = _param_groups(model, train_layers, bool(added), lr, head_lr)
+    n_held = max(2, int(len(pairs) * heldout))
+    test, train = pairs[:n_held], pairs[n_held:]
+
+    def batches(items: list[NSPPair]):
+        return _pair_batches(tok, items, batch_size, max_seq_len, dev)
+
+    t0 = time.perf_counter()
+    losses = _fit(model, groups, batches, train, epochs, math.ceil(len(train) / batch_size), seed, progress)
+    acc = _accuracy(model, batches(test)) / len(test)
+    out = Path(out_dir)
+    meta = {
+        "kind": "cross", "out": str(out), "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(test),
+        "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir), "epochs": epochs,
+        "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "seconds": round(time.perf_counter() - t0, 2), "device": dev, "added_tokens": added,
+    }
+    with building_dir(out, mode=umask_mode(0o777)) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    log.info("NSP head: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
+    return meta
+
+
+def _nsp_model(encoder_dir: str | Path, reset_pooler: bool):
+    """A BERT next-sentence model on the encoder (its head new); with `reset_pooler` the pooler
+    starts as the identity (a sentence-embedding encoder's pooler is untrained: near-constant)."""
+    import torch
+    from transformers import BertForNextSentencePrediction
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: cls.*" is the point here
     try:
         model = BertForNextSentencePrediction.from_pretrained(str(encoder_dir))
     finally:
         hf_logging.set_verbosity(verbosity)
-    if reset_pooler:  # a sentence-embedding encoder's pooler is untrained: near-constant output
+    if reset_pooler:
         with torch.no_grad():
             model.bert.pooler.dense.weight.copy_(torch.eye(model.config.hidden_size))
             model.bert.pooler.dense.bias.zero_()
-    added = add_unknown_chars(tok, model, (t for p in pairs for t in (p.a, p.b))) if extend_vocab else 0
-    model.to(dev)
+    return model
+
+
+def _param_groups(model, train_layers: int, added: bool, lr: float, head_lr: float) -> list[dict]:
+    """The optimizer's groups: head and pooler at `head_lr`; the top `train_layers` layers (and
+    the word embeddings when characters were `added`) at `lr`; everything else frozen."""
     n_layers = model.config.num_hidden_layers
     trainable_layers = {f"bert.encoder.layer.{i}." for i in range(max(0, n_layers - train_layers), n_layers)}
     head, body = [], []
@@ -361,22 +398,31 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
             body.append(p)
         else:
             p.requires_grad_(False)
-    groups = [{"params": head, "lr": head_lr}] + ([{"params": body, "lr": lr}] if body else [])
+    return [{"params": head, "lr": head_lr}] + ([{"params": body, "lr": lr}] if body else [])
+
+
+def _pair_batches(tok, items: list[NSPPair], batch_size: int, max_seq_len: int, dev: str):
+    """(encoded pairs, labels) of `items`, `batch_size` at a time, on `dev`."""
+    import torch
+
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        enc = tok([p.a for p in chunk], [p.b for p in chunk], truncation="longest_first",
+                  max_length=max_seq_len, padding=True, return_tensors="pt").to(dev)
+        yield enc, torch.tensor([p.label for p in chunk], device=dev)
+
+
+def _fit(model, groups: list[dict], batches, train: list[NSPPair], epochs: int, steps_per_epoch: int, seed: int,
+         progress: bool) -> list[float]:
+    """AdamW with warm-up and linear decay, gradients clipped at 1, `train` shuffled each epoch;
+    the losses of the steps."""
+    import torch
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    n_held = max(2, int(len(pairs) * heldout))
-    test, train = pairs[:n_held], pairs[n_held:]
-    steps = epochs * math.ceil(len(train) / batch_size)
+    steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
                                               * max(0.0, 1 - s / max(1, steps)))
-
-    def batches(items: list[NSPPair]):
-        for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            enc = tok([p.a for p in chunk], [p.b for p in chunk], truncation="longest_first",
-                      max_length=max_seq_len, padding=True, return_tensors="pt").to(dev)
-            yield enc, torch.tensor([p.label for p in chunk], device=dev)
-
-    t0 = time.perf_counter()
     model.train()
     losses: list[float] = []
     bar = tqdm(total=steps, desc="train NSP head", disable=not progress, unit="step")
@@ -395,24 +441,18 @@ def train_nsp_head(pairs: list[NSPPair], encoder_dir: str | Path, out_dir: str |
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     bar.close()
     model.eval()
+    return losses
+
+
+def _accuracy(model, batches) -> int:
+    """How many pairs of `batches` the model labels right."""
+    import torch
+
     correct = 0
     with torch.inference_mode():
-        for enc, labels in batches(test):
+        for enc, labels in batches:
             correct += int((model(**enc).logits.argmax(-1) == labels).sum())
-    acc = correct / len(test)
-    out = Path(out_dir)
-    meta = {
-        "kind": "cross", "out": str(out), "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(test),
-        "heldout_accuracy": round(acc, 4), "encoder": str(encoder_dir), "epochs": epochs,
-        "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
-        "seconds": round(time.perf_counter() - t0, 2), "device": dev, "added_tokens": added,
-    }
-    with building_dir(out, mode=umask_mode(0o777)) as tmp:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    log.info("NSP head: held-out accuracy %.3f on %d pairs -> %s", acc, len(test), out)
-    return meta
+    return correct
 
 
 def add_unknown_chars(tok, model, texts) -> int:

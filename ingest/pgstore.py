@@ -3,7 +3,7 @@
 Each KB is a schema of its own holding the same tables as a KB's SQLite file (ingest/store.py
 writes the same SQL to both). The schema `kb_registry` says which KBs exist (`kbs`), holds the
 database's random id (`meta`: what a shared index records as the owner of a KB's vectors) and
-the ingest queue (serve/queue.py). A KB is created and deleted in one transaction each (its
+the ingest queue (serve/jobs.py). A KB is created and deleted in one transaction each (its
 registry row and its schema together), so no host ever sees half a KB.
 """
 
@@ -80,17 +80,52 @@ def _exists(conn: PgConnection, kb: str) -> bool:
 
 def _create(conn: PgConnection, kb: str) -> None:
     """The KB's registry row, schema and tables, in one transaction."""
-    schema = schema_name(kb)
     with conn:
         conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
-        if _exists(conn, kb):
-            return
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-        conn.execute(f'SET LOCAL search_path TO "{schema}"')
-        for ddl in schema_ddl("postgresql"):
-            conn.execute(ddl)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        conn.execute(f"INSERT INTO {REGISTRY}.kbs VALUES (?, ?, ?)", (kb, schema, time.time()))
+        if not _exists(conn, kb):
+            _make_schema(conn, kb)
+            _register(conn, kb)
+
+
+def _make_schema(conn: PgConnection, kb: str) -> None:
+    """The KB's schema and tables, searched first for the rest of the caller's transaction."""
+    schema = schema_name(kb)
+    conn.execute(f'CREATE SCHEMA "{schema}"')
+    conn.execute(f'SET LOCAL search_path TO "{schema}"')
+    for ddl in schema_ddl("postgresql"):
+        conn.execute(ddl)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def _register(conn: PgConnection, kb: str) -> None:
+    conn.execute(f"INSERT INTO {REGISTRY}.kbs VALUES (?, ?, ?)", (kb, schema_name(kb), time.time()))
+
+
+def create_copy(cfg: StoreConfig, kb: str, source: DocStore) -> dict[str, int]:
+    """Make KB `kb` as a copy of the store `source` in one transaction: no host ever sees it
+    half-copied, and a kill leaves no KB. Rows per table; ValueError when `kb` exists."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        with conn:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
+            if _exists(conn, kb):
+                raise ValueError(f"knowledge base {kb!r} already exists in the shared store")
+            _make_schema(conn, kb)
+            counts = DocStore.over(conn, kb).copy_from(source)
+            _register(conn, kb)
+        return counts
+    finally:
+        conn.close()
+
+
+def created_at(cfg: StoreConfig, kb: str) -> float | None:
+    """When KB `kb` was created (what tells a KB from a later one of the same name), None if none."""
+    conn = PgConnection(pool_for(cfg))
+    try:
+        row = conn.execute(f"SELECT created_at FROM {REGISTRY}.kbs WHERE name = ?", (kb,)).fetchone()
+        return None if row is None else float(row[0])
+    finally:
+        conn.close()
 
 
 def exists(cfg: StoreConfig, kb: str) -> bool:
@@ -138,4 +173,4 @@ def data_id(cfg: StoreConfig) -> str:
 
 def kb_write_lock(cfg: StoreConfig, kb: str, timeout: float) -> Any:
     """The write lock of KB `kb` across every host and process (a context manager)."""
-    return advisory_lock(pool_for(cfg), f"kb-write:{kb}", timeout, f"knowledge base {kb!r}")
+    return advisory_lock(cfg.url, cfg.password_env, cfg.timeout_s, f"kb-write:{kb}", timeout, f"knowledge base {kb!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -22,16 +23,25 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from kb.errors import KBError
+from kb.errors import NotFound, Unavailable
 from kb.writelock import WriteLockTimeout
 
+log = logging.getLogger(__name__)
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 
-class StoreUnavailable(KBError, ConnectionError):
+class StoreUnavailable(Unavailable, ConnectionError):
     """The shared store (PostgreSQL) cannot be reached, or did not answer in time (503: try again)."""
 
-    status, code = 503, "store_unavailable"
+    code = "store_unavailable"
+    public = "the document store (PostgreSQL) is unavailable; try again shortly"
+
+
+class StoreGone(NotFound, LookupError):
+    """The knowledge base's schema went away under a reader (another host deleted the KB)."""
+
+    def __init__(self) -> None:
+        super().__init__("the knowledge base was deleted")
 
 
 class Row(tuple):
@@ -84,28 +94,48 @@ class PgCursor:
         return iter(self.fetchall())
 
 
+def _bindable(params: Sequence) -> tuple:
+    """`params` as PostgreSQL takes them: text without NUL characters (which its text type cannot
+    hold and SQLite stores; parsed documents sometimes carry them)."""
+    return tuple(p.replace("\x00", "") if isinstance(p, str) and "\x00" in p else p for p in params)
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """psycopg's errors as the platform's: a schema dropped meanwhile (another host deleted the
+    KB) is StoreGone; a lost connection or a statement timeout is StoreUnavailable."""
+    import psycopg
+    from psycopg import errors
+
+    try:
+        yield
+    except (errors.UndefinedTable, errors.InvalidSchemaName) as e:
+        raise StoreGone() from e
+    except (psycopg.OperationalError, errors.QueryCanceled) as e:
+        raise StoreUnavailable(str(e)) from e
+
+
 class PgConnection:
     """A pooled psycopg connection that the store uses as it uses a `sqlite3.Connection`."""
 
     dialect = "postgresql"
 
-    def __init__(self, pool: Any, search_path: str | None = None) -> None:
+    def __init__(self, pool: Any) -> None:
         self._pool = pool
         try:
             self.raw = pool.getconn()
         except Exception as e:  # psycopg_pool.PoolTimeout, OperationalError
-            raise StoreUnavailable(f"PostgreSQL did not answer: {e}") from e
+            raise StoreUnavailable(f"no connection from the pool: {e}") from e
         self._tx: list[Any] = []
-        if search_path:
-            self.raw.execute(f'SET search_path TO "{search_path}"')
 
     def execute(self, sql: str, params: Sequence = ()) -> PgCursor:
-        return PgCursor(self.raw.execute(to_pg(sql), tuple(params)))
+        with _mapped_errors():
+            return PgCursor(self.raw.execute(to_pg(sql), _bindable(params)))
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
-        rows = list(rows)
+        rows = [_bindable(r) for r in rows]
         if rows:
-            with self.raw.cursor() as cur:
+            with _mapped_errors(), self.raw.cursor() as cur:
                 cur.executemany(to_pg(sql), rows)
 
     def executescript(self, script: str) -> None:
@@ -156,13 +186,10 @@ def pg_pool(url: str, password_env: str = "", size: int = 8, timeout_s: float = 
             kwargs: dict[str, Any] = {"autocommit": True, "row_factory": _row_factory,
                                       "connect_timeout": max(1, int(timeout_s)),
                                       "options": f"-c statement_timeout={int(timeout_s * 1000)}"}
-            if password_env:
-                if password_env not in os.environ:
-                    raise StoreUnavailable(f"store.password_env names {password_env}, which is not set")
-                kwargs["password"] = os.environ[password_env]
+            kwargs.update(connect_kwargs(password_env))
             url = "postgresql://" + url.split("://", 1)[1]
             pool = ConnectionPool(url, min_size=1, max_size=size, kwargs=kwargs, timeout=timeout_s, open=False,
-                                  name="kb-store")
+                                  name="kb-store", check=ConnectionPool.check_connection)
             try:
                 pool.open(wait=True, timeout=timeout_s)
             except Exception as e:  # PoolTimeout: no connection in time
@@ -172,8 +199,18 @@ def pg_pool(url: str, password_env: str = "", size: int = 8, timeout_s: float = 
         return pool
 
 
+def connect_kwargs(password_env: str) -> dict[str, Any]:
+    """The password from the variable `password_env` names (none when it is empty)."""
+    if not password_env:
+        return {}
+    if password_env not in os.environ:
+        raise StoreUnavailable(f"store.password_env names {password_env}, which is not set")
+    return {"password": os.environ[password_env]}
+
+
 def redact(url: str) -> str:
-    """`url` without a password (for messages)."""
+    """`url` without a password or query parameters (for messages and result files)."""
+    url = url.split("?", 1)[0]
     scheme, _, rest = url.partition("://")
     if "@" in rest:
         userinfo, _, host = rest.rpartition("@")
@@ -187,11 +224,12 @@ def lock_key(name: str) -> int:
 
 
 class _AdvisoryLock:
-    """One advisory lock in this process: a thread lock (reentrant), then the server's lock held
-    on a connection of its own for as long as the outermost holder holds it."""
+    """One advisory lock in this process: a thread lock (reentrant), then the server's lock, held
+    on a connection of its own (outside the pool, which readers and the writer's own store use)
+    for as long as the outermost holder holds it."""
 
-    def __init__(self, pool: Any, key: int) -> None:
-        self.pool, self.key = pool, key
+    def __init__(self, url: str, password_env: str, timeout_s: float, key: int) -> None:
+        self.url, self.password_env, self.timeout_s, self.key = url, password_env, timeout_s, key
         self.thread_lock = threading.RLock()
         self.depth = 0
         self.conn: Any = None
@@ -208,19 +246,28 @@ class _AdvisoryLock:
             self.thread_lock.release()
             raise
 
+    def _connect(self):
+        import psycopg
+
+        try:
+            return psycopg.connect("postgresql://" + self.url.split("://", 1)[1], autocommit=True,
+                                   connect_timeout=max(1, int(self.timeout_s)), keepalives=1, keepalives_idle=10,
+                                   **connect_kwargs(self.password_env))
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"the write lock's connection to {redact(self.url)}: {e}") from e
+
     def _lock(self, deadline: float, timeout: float, describe: str):
+        conn = self._connect()
         try:
-            conn = self.pool.getconn(timeout=max(timeout, 0.1))
-        except Exception as e:
-            raise StoreUnavailable(f"PostgreSQL did not answer: {e}") from e
-        try:
-            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{describe} is being written by another process or host; waited "
-                                      f"{timeout:.0f} s for its write lock. Try again when that write has finished.")
-                time.sleep(0.05)
+            with _mapped_errors():
+                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(f"{describe} is being written by another process or host; waited "
+                                          f"{timeout:.0f} s for its write lock. Try again when that write has "
+                                          "finished.")
+                    time.sleep(0.05)
         except BaseException:
-            self.pool.putconn(conn)
+            conn.close()
             raise
         return conn
 
@@ -228,10 +275,7 @@ class _AdvisoryLock:
         self.depth -= 1
         if self.depth == 0 and self.conn is not None:
             conn, self.conn = self.conn, None
-            try:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
-            finally:
-                self.pool.putconn(conn)
+            conn.close()  # the server ends the session and its lock with it
         self.thread_lock.release()
 
 
@@ -244,14 +288,16 @@ _locks_lock = threading.Lock()
 
 
 @contextmanager
-def advisory_lock(pool: Any, name: str, timeout: float, describe: str) -> Iterator[None]:
-    """Hold PostgreSQL's advisory lock `name` (any host, any process; reentrant in the thread
-    that holds it) for the block, waiting at most `timeout` seconds (LockTimeout)."""
-    key = (id(pool), lock_key(name))
+def advisory_lock(url: str, password_env: str, timeout_s: float, name: str, timeout: float,
+                  describe: str) -> Iterator[None]:
+    """Hold PostgreSQL's advisory lock `name` in the database at `url` (any host, any process;
+    reentrant in the thread that holds it) for the block, waiting at most `timeout` seconds
+    (LockTimeout). The server releases it when the holder's connection dies."""
+    key = (url, lock_key(name), os.getpid())
     with _locks_lock:
         lock = _locks.get(key)
         if lock is None:
-            lock = _locks[key] = _AdvisoryLock(pool, key[1])
+            lock = _locks[key] = _AdvisoryLock(url, password_env, timeout_s, key[1])
     lock.acquire(timeout, describe)
     try:
         yield

@@ -11,6 +11,23 @@ class KBError(Exception):
     status: int = 400
     code: str = "bad_request"
 
+    @property
+    def public_message(self) -> str:
+        """What an API caller is told: the message itself, unless the class says otherwise."""
+        return str(self)
+
+
+class Unavailable(KBError):
+    """A backend the platform needs is down or did not answer (503: try again). Its message (for
+    operators: the CLI and the logs) may name hosts and paths; API callers get `public_message`."""
+
+    status, code = 503, "unavailable"
+    public = "a backend service is unavailable; try again shortly"
+
+    @property
+    def public_message(self) -> str:
+        return self.public
+
 
 class InvalidRequest(KBError):
     """Input that cannot be used as given (422 invalid_request)."""

@@ -271,8 +271,10 @@ class StoreConfig(Section):
     password_env: str = ""
     """The environment variable holding the PostgreSQL password, never the password itself;
     empty: none (or the URL's, or libpq's own ~/.pgpass and PG* variables)."""
-    pool_size: int = Field(default=8, ge=1)
-    """PostgreSQL connections a process keeps open at most."""
+    pool_size: int = Field(default=8, ge=2)
+    """PostgreSQL connections a process keeps open at most (a write holds one for its store and
+    takes short ones beside it; each KB write lock has a connection of its own). Requests beyond
+    it wait up to `timeout_s` for one, then answer 503."""
     timeout_s: float = Field(default=30.0, gt=0)
     """Timeout of connecting to PostgreSQL and of each statement."""
 

@@ -151,7 +151,8 @@ class KnowledgeBase:
         self.settings = settings
         self.name = check_kb_name(name)
         self.dir = settings.kb_dir(name)
-        if not create and not self.exists():
+        self._born = self._birth()
+        if not create and self._born is None:
             raise NoSuchKB(self._missing())
         self._lock = threading.RLock()
         self._live: LoadedIndex | None = None
@@ -175,6 +176,26 @@ class KnowledgeBase:
     def exists(self) -> bool:
         """Whether the KB exists now (another process may have deleted or created it)."""
         return kb_exists(self.settings, self.name)
+
+    def _birth(self) -> float | None:
+        """What tells this KB from a later one of the same name: its creation time in the shared
+        store, or its store file's inode number; None when it does not exist."""
+        if self.settings.store.shared:
+            from ingest import pgstore
+
+            return pgstore.created_at(self.settings.store, self.name)
+        try:
+            return float((self.dir / "store.sqlite").stat().st_ino)
+        except FileNotFoundError:
+            return None
+
+    def is_current(self) -> bool:
+        """Whether the KB this object opened still exists and is the same one (not deleted, and
+        not deleted and created again by another process or host since)."""
+        born = self._birth()
+        if self._born is None:  # opened to create: it is this KB from its first write on
+            self._born = born
+        return born is not None and born == self._born
 
     def _missing(self) -> str:
         where = "the shared store" if self.settings.store.shared else self.settings.home

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.store import DocStore
 from kb.fsutil import building_dir, replacing_file, umask_mode
 from kb.settings import Settings
 from kb.writelock import LOCK_NAME
@@ -152,10 +153,16 @@ def copy_store(src: KnowledgeBase, dst: KnowledgeBase, written: list[Path]) -> N
             return
         dst.dir.mkdir(parents=True, exist_ok=True)
         copy_kb_files(src.dir, dst.dir, written, with_store=False)
-    if not dst.settings.store.shared:
-        written.append(dst.dir / "store.sqlite")
-    with src.store() as a, dst.store(create=True) as b:
-        b.copy_from(a)
+    with src.store() as a:
+        if dst.settings.store.shared:  # schema, rows and registry row in one transaction
+            from ingest import pgstore
+
+            pgstore.create_copy(dst.settings.store, dst.name, a)
+            return
+        final = dst.dir / "store.sqlite"
+        written.append(final)
+        with replacing_file(final, mode=umask_mode(0o666)) as tmp, closing(DocStore(tmp)) as b:
+            b.copy_from(a)
 
 
 def _build_and_verify(src: KnowledgeBase, dst: KnowledgeBase, previous: str | None, queries: int,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.store import DocStore
-from kb.errors import KBError
+from kb.errors import Unavailable
 from kb.paths import home_id
 from kb.settings import MilvusConfig, RetrievalConfig
 from retrieval.embedder import Embedder, EmbeddingCache
@@ -69,11 +69,12 @@ def resolved_uri(cfg: MilvusConfig, home: Path) -> str:
     return cfg.uri or str(Path(home) / "milvus.db")
 
 
-class MilvusUnavailable(KBError, RuntimeError):
+class MilvusUnavailable(Unavailable, RuntimeError):
     """Milvus cannot be reached or opened (a Lite file held by another process, a server down):
     the API answers 503, try again."""
 
-    status, code = 503, "index_unavailable"
+    code = "index_unavailable"
+    public = "the search index (Milvus) is unavailable; try again shortly"
 
 
 class NotThisKB(RuntimeError):

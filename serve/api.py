@@ -114,7 +114,9 @@ async def api_error(_: Request, e: ApiError) -> JSONResponse:
 
 async def known_error(_: Request, e: KBError) -> JSONResponse:
     """A caller's error (kb.errors.KBError): its class's status and code, its own message."""
-    return JSONResponse(error_body(e.code, str(e)), status_code=e.status)
+    if e.status >= 500:
+        log.warning("%s: %s", type(e).__name__, e)
+    return JSONResponse(error_body(e.code, e.public_message), status_code=e.status)
 
 
 async def no_such_kb(request: Request, e: NoSuchKB) -> JSONResponse:

@@ -4,14 +4,16 @@ An API replica stores the uploaded files with their job in one transaction and o
 acknowledges the upload: whatever happens to the replica afterwards, the job is there. Workers
 claim the oldest waiting job with `FOR UPDATE SKIP LOCKED` (many workers never take the same
 one) and hold a lease on it that a heartbeat renews; a job whose worker died (its lease ran out)
-is taken again, up to `serve.job_attempts` times. Times are the database server's, so hosts'
-clocks never disagree about a lease.
+is taken again, and a job that failed for a passing reason (PostgreSQL or Milvus away, the KB's
+write lock busy) is queued again after a pause; either way up to `serve.job_attempts` times.
+Times are the database server's, so hosts' clocks never disagree about a lease.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,16 +67,17 @@ def _conn(cfg: StoreConfig) -> PgConnection:
     return conn
 
 
-def enqueue(cfg: StoreConfig, kb: str, files: list[tuple[str, bytes]], replace: str | None = None) -> str:
-    """Queue the ingest of `files` into KB `kb` (one transaction); the job's id."""
+def enqueue(cfg: StoreConfig, kb: str, files: Iterable[tuple[str, bytes]], replace: str | None = None) -> str:
+    """Queue the ingest of `files` into KB `kb` in one transaction (an error while `files` is read,
+    e.g. a file over the limit, queues nothing); the job's id. One file is in memory at a time."""
     job_id = secrets.token_hex(12)
     conn = _conn(cfg)
     try:
         with conn:
             conn.execute(f"INSERT INTO {REGISTRY}.jobs (job_id, kb, state, replace_doc, created_at) "
                          f"VALUES (?, ?, 'queued', ?, {_NOW})", (job_id, kb, replace))
-            conn.executemany(f"INSERT INTO {REGISTRY}.job_files VALUES (?, ?, ?, ?)",
-                             [(job_id, i, name, data) for i, (name, data) in enumerate(files)])
+            for i, (name, data) in enumerate(files):
+                conn.execute(f"INSERT INTO {REGISTRY}.job_files VALUES (?, ?, ?, ?)", (job_id, i, name, data))
     finally:
         conn.close()
     return job_id
@@ -85,26 +88,51 @@ KEEP_S = 7 * 86400
 
 
 def claim(cfg: StoreConfig, worker: str, lease_s: float, max_attempts: int) -> Job | None:
-    """Take the oldest job waiting (or whose worker's lease ran out), or None. A job already tried
-    `max_attempts` times (its worker died each time) is marked failed instead."""
+    """Take the oldest job waiting (queued and not held back, or whose worker's lease ran out), or
+    None. Jobs whose worker died `max_attempts` times are marked failed first (committed apart)."""
     conn = _conn(cfg)
     try:
+        with conn:
+            gone = [r[0] for r in conn.execute(
+                f"UPDATE {REGISTRY}.jobs SET state = 'failed', finished_at = {_NOW}, lease_until = NULL, error = ? "
+                f"WHERE state = 'running' AND lease_until < {_NOW} AND attempts >= ? RETURNING job_id",
+                (f"gave up after {max_attempts} attempts: the worker stopped each time (killed, or out of memory) "
+                 "while ingesting these files", max_attempts))]
+            if gone:
+                conn.execute(f"DELETE FROM {REGISTRY}.job_files WHERE job_id = ANY(?)", (gone,))
         with conn:
             row = conn.execute(
                 f"UPDATE {REGISTRY}.jobs SET state = 'running', worker = ?, attempts = attempts + 1, "
                 f"started_at = {_NOW}, lease_until = {_NOW} + ? WHERE job_id = (SELECT job_id FROM {REGISTRY}.jobs "
-                f"WHERE state = 'queued' OR (state = 'running' AND lease_until < {_NOW}) ORDER BY created_at "
-                "FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING job_id, kb, replace_doc, attempts",
-                (worker, lease_s)).fetchone()
+                f"WHERE (state = 'queued' AND (lease_until IS NULL OR lease_until < {_NOW})) OR (state = 'running' "
+                f"AND lease_until < {_NOW}) ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) "
+                "RETURNING job_id, kb, replace_doc, attempts", (worker, lease_s)).fetchone()
             if row is None:
                 return None
-            if row["attempts"] > max_attempts:
-                _end(conn, row["job_id"], "failed", None, f"gave up after {max_attempts} attempts: the worker "
-                     "stopped each time (killed, or out of memory) while ingesting these files")
-                return claim(cfg, worker, lease_s, max_attempts)
             files = [(r["name"], bytes(r["data"])) for r in conn.execute(
                 f"SELECT name, data FROM {REGISTRY}.job_files WHERE job_id = ? ORDER BY ord", (row["job_id"],))]
         return Job(row["job_id"], row["kb"], files, row["replace_doc"], row["attempts"])
+    finally:
+        conn.close()
+
+
+def release(cfg: StoreConfig, job_id: str, worker: str, error: str, max_attempts: int, backoff_s: float) -> str:
+    """Give back a job this worker could not finish for a passing reason (the store, the index or
+    the KB's write lock unavailable): queued again after `backoff_s` with its files, or failed
+    with `error` once it has had `max_attempts`. The job's state after."""
+    conn = _conn(cfg)
+    try:
+        with conn:
+            row = conn.execute(f"SELECT attempts FROM {REGISTRY}.jobs WHERE job_id = ? AND worker = ? AND "
+                               "state = 'running' FOR UPDATE", (job_id, worker)).fetchone()
+            if row is None:
+                return "lost"
+            if row[0] >= max_attempts:
+                _end(conn, job_id, "failed", None, f"gave up after {max_attempts} attempts: {error}")
+                return "failed"
+            conn.execute(f"UPDATE {REGISTRY}.jobs SET state = 'queued', worker = NULL, error = ?, "
+                         f"lease_until = {_NOW} + ? WHERE job_id = ?", (error, backoff_s, job_id))
+            return "queued"
     finally:
         conn.close()
 

@@ -43,7 +43,7 @@ class Service:
         """The open KB `name` (NoSuchKB when it does not exist and `create` is false)."""
         with self._lock:
             kb = self._kbs.get(name)
-            if kb is None or not kb.exists():
+            if kb is None or not kb.is_current():
                 kb = KnowledgeBase(self.settings, name, create=create)
                 self._kbs[name] = kb
                 self._chains.pop(name, None)
@@ -100,15 +100,16 @@ class Service:
         return out
 
     def enqueue(self, name: str, files: list[tuple[str | None, BinaryIO]], replace: str | None = None) -> str:
-        """Queue uploaded files for `kb worker` (a shared store); the job's id. The files are read
-        (within serve.max_upload_mb each, with usable names) before anything is queued."""
+        """Queue uploaded files for `kb worker` (a shared store); the job's id. Each file is read
+        (within serve.max_upload_mb, with a usable name) into the job's transaction in turn: a
+        refused one queues nothing."""
         from serve import jobs
         from serve.uploads import read_upload
 
         if replace is not None:
             self.check_replace(name, replace, len(files))
         limit = int(self.settings.serve.max_upload_mb * 2**20)
-        return jobs.enqueue(self.settings.store, name, [read_upload(f, data, limit) for f, data in files], replace)
+        return jobs.enqueue(self.settings.store, name, (read_upload(f, data, limit) for f, data in files), replace)
 
     def check_replace(self, name: str, doc_id: str, n_files: int) -> None:
         """BadUpload unless one file replaces; NoSuchDocument unless KB `name` has `doc_id`."""

@@ -20,8 +20,10 @@ from contextlib import contextmanager
 
 from kb.errors import KBError
 from kb.settings import Settings
+from kb.writelock import WriteLockTimeout
 from serve import jobs
 from serve.service import Service
+from serve.uploads import NoSuchDocument
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +57,46 @@ def heartbeat(settings: Settings, job_id: str, worker: str) -> Iterator[None]:
 
 
 def run_job(svc: Service, job: jobs.Job, worker: str) -> dict:
-    """Ingest one job's files; its outcome is recorded in the queue (and returned)."""
+    """Ingest one job's files and record the outcome in the queue: done; failed for the caller's
+    or the files' own errors (the message is the caller's to read); for a passing one (the store,
+    the index or the write lock unavailable, or anything unexpected) queued again after a pause."""
     settings = svc.settings
-    files = [(name, io.BytesIO(data)) for name, data in job.files]
-    result, error = None, None
+    result, error, passing = None, None, None
     with heartbeat(settings, job.job_id, worker):
         try:
-            result = svc.upload(job.kb, files, replace=job.replace)
-        except KBError as e:  # the caller's to act on: its message is fit to show
-            error = str(e)
+            result = upload(svc, job)
+        except WriteLockTimeout:
+            passing = "the knowledge base was being written by another process for too long"
+        except KBError as e:
+            if e.status >= 500:  # StoreUnavailable, MilvusUnavailable
+                log.warning("job %s: %s", job.job_id, e)
+                passing = e.public_message
+            else:
+                error = e.public_message
         except Exception:  # noqa: BLE001 (one bad job never stops the worker)
             log.exception("job %s failed", job.job_id)
-            error = "the ingest failed on the worker (its log has the details)"
+            passing = "the ingest failed on the worker (its log has the details)"
+    if passing is not None:
+        s = settings.serve
+        state = jobs.release(settings.store, job.job_id, worker, passing, s.job_attempts,
+                             min(s.job_lease_s, 5.0 * job.attempts))
+        return {"job_id": job.job_id, "kb": job.kb, "state": state, "error": passing}
     jobs.finish(settings.store, job.job_id, worker, result, error)
     return {"job_id": job.job_id, "kb": job.kb, "state": "failed" if error else "done", "error": error}
+
+
+def upload(svc: Service, job: jobs.Job) -> dict:
+    """The job's upload. Taken again after a run that replaced its document but could not record
+    that (PostgreSQL away at the end), the replaced document is gone: the upload is then done as
+    it stands, with `replaced` as the first run left it."""
+    files = [(name, io.BytesIO(data)) for name, data in job.files]
+    try:
+        return svc.upload(job.kb, files, replace=job.replace)
+    except NoSuchDocument:
+        if job.attempts == 1 or job.replace is None:
+            raise
+    out = svc.upload(job.kb, [(name, io.BytesIO(data)) for name, data in job.files])
+    return {**out, "replaced": job.replace}
 
 
 def run_worker(settings: Settings, once: bool = False, stop: threading.Event | None = None) -> int:
@@ -76,21 +104,29 @@ def run_worker(settings: Settings, once: bool = False, stop: threading.Event | N
     if not settings.store.shared:
         raise KBError("kb worker takes jobs from a shared store: set store.url to postgresql://… (and "
                       "retrieval.backend: milvus); with the embedded store, uploads are ingested by the API itself")
+    from ingest.pgstore import pool_for
+
+    pool_for(settings.store)  # fail at the start when PostgreSQL cannot be reached at all
     stop = stop or threading.Event()
     svc = Service(settings, llm=None)
     me, done, pruned_at = worker_id(), 0, 0.0
     log.info("worker %s: waiting for jobs", me)
     while not stop.is_set():
-        if time.monotonic() - pruned_at > 3600:  # old job records, once an hour
-            jobs.prune(settings.store)
-            pruned_at = time.monotonic()
-        job = jobs.claim(settings.store, me, settings.serve.job_lease_s, settings.serve.job_attempts)
-        if job is None:
-            if once:
-                break
+        try:
+            if time.monotonic() - pruned_at > 3600:  # old job records, once an hour
+                jobs.prune(settings.store)
+                pruned_at = time.monotonic()
+            job = jobs.claim(settings.store, me, settings.serve.job_lease_s, settings.serve.job_attempts)
+            if job is None:
+                if once:
+                    break
+                stop.wait(settings.serve.worker_poll_s)
+                continue
+            out = run_job(svc, job, me)
+        except Exception as e:  # noqa: BLE001 (PostgreSQL away: wait, then try again)
+            log.warning("worker %s: the queue is unavailable (%s); trying again", me, e)
             stop.wait(settings.serve.worker_poll_s)
             continue
-        out = run_job(svc, job, me)
         done += 1
         log.info("job %s (%s, %d files): %s%s", job.job_id, job.kb, len(job.files), out["state"],
                  f": {out['error']}" if out["error"] else "")

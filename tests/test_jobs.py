@@ -69,3 +69,39 @@ def test_a_job_that_keeps_killing_its_worker_ends_failed(cfg):
     assert st["state"] == "failed" and "gave up after 2 attempts" in st["error"]
     with pytest.raises(jobs.NoSuchJob):
         jobs.status(cfg, "0" * 24)
+
+
+def test_the_serve_settings_reach_the_worker(settings, monkeypatch):
+    """serve.job_lease_s, job_attempts and worker_poll_s, as configured, are what the worker
+    claims with and waits between polls."""
+    from kb.settings import apply_overrides
+    from serve import worker
+
+    s = apply_overrides(settings, {"store.url": "postgresql://kb@nowhere/kb", "retrieval.backend": "milvus",
+                                   "serve.job_lease_s": 77.0, "serve.job_attempts": 9, "serve.worker_poll_s": 0.25})
+    seen = []
+    monkeypatch.setattr("ingest.pgstore.pool_for", lambda cfg: None)
+    monkeypatch.setattr(worker.jobs, "prune", lambda cfg: 0)
+    monkeypatch.setattr(worker.jobs, "claim", lambda cfg, me, lease, attempts: seen.append((lease, attempts)))
+
+    class Stop(threading.Event):
+        def wait(self, timeout=None):
+            seen.append(timeout)
+            self.set()
+            return True
+
+    worker.run_worker(s, stop=Stop())
+    assert seen == [(77.0, 9), 0.25]
+
+
+def test_a_passing_failure_queues_the_job_again_with_its_files(cfg):
+    job_id = jobs.enqueue(cfg, "a", [("x.md", b"x")])
+    job = jobs.claim(cfg, "w", 60, 2)
+    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 2, 0.2) == "queued"
+    assert jobs.claim(cfg, "w", 60, 2) is None  # held back for a moment
+    time.sleep(0.3)
+    again = jobs.claim(cfg, "w", 60, 2)
+    assert again.job_id == job.job_id and again.files == [("x.md", b"x")] and again.attempts == 2
+    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 2, 0.2) == "failed"
+    st = jobs.status(cfg, job_id)
+    assert st["state"] == "failed" and "gave up after 2 attempts: the index is unavailable" in st["error"]

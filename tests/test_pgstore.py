@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from ingest.store import open_store
-from ingest.types import Chunk, KeyInfo, ParsedDocument
+from ingest.types import Chunk, KeyInfo
+from tests.test_store import make_doc, write_doc
 
 
 def pg_settings(settings, url: str):
@@ -31,23 +32,12 @@ def any_settings(request, settings):
     return pg_settings(settings, request.getfixturevalue("pg_db_url"))
 
 
-def _doc(doc_id="d1", h="h1"):
-    return ParsedDocument("/x/a.txt", "a.txt", doc_id, h, [], title="A", size=3)
-
-
-def _write(store, doc, n=2):
-    chunks = [Chunk(f"chunk {i}", i) for i in range(n)]
-    kis = [KeyInfo("article", "k", "all", None, 0)] + [KeyInfo("segment", f"k{i}", f"chunk {i}", i, i)
-                                                         for i in range(n)]
-    store.replace_document(doc, chunks, kis)
-
-
 def test_documents_chunks_and_key_info_are_written_and_replaced_alike(any_settings):
     with open_store(any_settings, "a") as s:
-        _write(s, _doc(), 3)
+        write_doc(s, make_doc(), 3)
         assert s.counts() == {"documents": 1, "chunks": 3, "key_infos": 4}
         assert s.is_unchanged("d1", "h1") and not s.is_unchanged("d1", "h2")
-        _write(s, _doc(h="h2"), 1)
+        write_doc(s, make_doc(h="h2"), 1)
         assert s.counts() == {"documents": 1, "chunks": 1, "key_infos": 2}
         seg = [k for k in s.key_infos() if k["level"] == "segment"]
         assert seg[0]["chunk_id"] == "d1-00000" and seg[0]["raw_text"] == "chunk 0"
@@ -61,17 +51,17 @@ def test_documents_chunks_and_key_info_are_written_and_replaced_alike(any_settin
 
 def test_a_failed_write_leaves_the_previous_version(any_settings):
     with open_store(any_settings, "a") as s:
-        _write(s, _doc(), 2)
+        write_doc(s, make_doc(), 2)
         bad = [KeyInfo("not-a-level", "k", "r", None, 0)]  # violates the CHECK constraint
         with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
-            s.replace_document(_doc(h="h2"), [Chunk("new", 0)], bad)
+            s.replace_document(make_doc(h="h2"), [Chunk("new", 0)], bad)
         assert s.is_unchanged("d1", "h1")
         assert [c["text"] for c in s.chunks()] == ["chunk 0", "chunk 1"]
 
 
 def test_faq_edits_audit_and_ids_alike(any_settings):
     with open_store(any_settings, "a") as s:
-        _write(s, _doc(), 2)
+        write_doc(s, make_doc(), 2)
         sid = s.store_id()
         assert len(sid) == 32 and s.store_id() == sid
         assert s.faq_revision() == 0
@@ -95,10 +85,79 @@ def test_faq_edits_audit_and_ids_alike(any_settings):
 
 
 def test_a_reader_never_creates_a_kb(any_settings):
+    from retrieval.kb import kb_exists, kb_names
+
     with pytest.raises(FileNotFoundError):
         open_store(any_settings, "nothing", create=False)
-    with pytest.raises(FileNotFoundError):
-        open_store(any_settings, "nothing", create=False)
+    assert not kb_exists(any_settings, "nothing") and kb_names(any_settings) == []
+    with open_store(any_settings, "something") as s:
+        write_doc(s, make_doc(), 1)
+    assert kb_names(any_settings) == ["something"]
+
+
+def test_a_deleted_kb_reads_as_gone_and_text_loses_only_nul_characters(settings, pg_db_url):
+    """A reader whose KB another host dropped gets StoreGone (404), not an internal error; text
+    with NUL characters (which PostgreSQL's text cannot hold) is stored without them."""
+    from ingest import pgstore
+    from kb.db import StoreGone
+
+    s = pg_settings(settings, pg_db_url)
+    reader = open_store(s, "a")
+    with open_store(s, "a") as w:
+        w.replace_document(make_doc(), [Chunk("nul\x00here", 0)], [KeyInfo("segment", "k\x00", "r", 0, 0)])
+    assert [c["text"] for c in reader.chunks()] == ["nulhere"]
+    assert pgstore.drop(s.store, "a")
+    with pytest.raises(StoreGone) as e:
+        reader.chunks()
+    assert e.value.status == 404
+    reader.close()
+
+
+def test_store_settings_reach_the_connection_pool_and_the_lock(settings, tmp_path, monkeypatch):
+    """store.pool_size, timeout_s and password_env, written in a config file, arrive in the pool's
+    and the write lock's connection arguments (the password from the variable, never the file)."""
+    import psycopg_pool
+
+    from ingest import pgstore
+    from kb import db
+    from kb.settings import load_settings
+
+    seen: dict = {}
+
+    class Pool:
+        check_connection = None
+
+        def __init__(self, url, **kw):
+            seen["pool"] = (url, kw)
+
+        def open(self, **kw):
+            seen["open"] = kw
+
+    monkeypatch.setattr(psycopg_pool, "ConnectionPool", Pool)
+    monkeypatch.setenv("MY_PG_SECRET", "s3cret")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("store: {url: 'postgresql://kb@db.example:5432/kb', pool_size: 5, timeout_s: 7, "
+                        "password_env: MY_PG_SECRET}\nretrieval: {backend: milvus}\n")
+    st = load_settings(cfg_file).store
+    db.pg_pool(st.url, st.password_env, st.pool_size, st.timeout_s)
+    url, kw = seen["pool"]
+    assert url == "postgresql://kb@db.example:5432/kb" and kw["max_size"] == 5 and kw["timeout"] == 7
+    assert kw["kwargs"]["password"] == "s3cret" and kw["kwargs"]["connect_timeout"] == 7
+    assert kw["kwargs"]["options"] == "-c statement_timeout=7000" and seen["open"]["timeout"] == 7
+
+    import psycopg
+
+    def connect(url, **kw):
+        seen["lock"] = (url, kw)
+        raise psycopg.OperationalError("no server here")
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    with pytest.raises(db.StoreUnavailable), pgstore.kb_write_lock(st, "a", 1):
+        pass
+    assert seen["lock"][1]["password"] == "s3cret" and seen["lock"][1]["connect_timeout"] == 7
+    monkeypatch.delenv("MY_PG_SECRET")
+    with pytest.raises(db.StoreUnavailable, match="MY_PG_SECRET"):
+        db.connect_kwargs(st.password_env)
 
 
 def test_shared_kbs_are_created_listed_and_dropped_whole(settings, pg_db_url):
@@ -107,7 +166,7 @@ def test_shared_kbs_are_created_listed_and_dropped_whole(settings, pg_db_url):
     s = pg_settings(settings, pg_db_url)
     for name in ("b", "a.b-c", "x" * 64):
         with open_store(s, name) as st:
-            _write(st, _doc(), 1)
+            write_doc(st, make_doc(), 1)
     assert pgstore.kb_names(s.store) == sorted(["b", "a.b-c", "x" * 64])
     assert pgstore.drop(s.store, "b") and not pgstore.drop(s.store, "b")
     assert not pgstore.exists(s.store, "b") and pgstore.exists(s.store, "a.b-c")

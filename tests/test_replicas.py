@@ -49,7 +49,7 @@ def test_a_shared_kb_answers_as_the_embedded_one(settings, tmp_path, pg_db_url, 
     print(f"same top 5: {same:.3f} of {len(questions)} questions")
     assert same >= 0.95
     shared.delete()
-    assert list_kbs(shared_settings) == [] and not KnowledgeBase(shared_settings, "x", create=True).exists()
+    assert list_kbs(shared_settings) == [] and not KnowledgeBase(shared_settings, "cmrc", create=True).exists()
 
 
 def write_config(path: Path, settings, pg_url: str, milvus_uri: str, **serve) -> Path:
@@ -199,9 +199,10 @@ def test_killed_replicas_and_workers_lose_no_acknowledged_upload(fleet):
     states = {j: wait_job(b, j, 300) for j in acked}
     assert all(s["state"] == "done" for s in states.values()), (states, fleet.log("worker-2"))
     assert any(s["attempts"] == 2 for s in states.values()), "the killed worker's job was not taken again"
+    assert all(s["result"]["ingested"] + s["result"]["skipped"] == 1 for s in states.values())
     with api(b) as cb:
-        docs = cb.get("/v1/kbs/notes/documents").json()["documents"]
-        assert len(docs) >= len(acked)
+        sources = {d["source"] for d in cb.get("/v1/kbs/notes/documents").json()["documents"]}
+        assert {f"note{int(w.removeprefix('zephyr'))}.md" for w in acked.values()} <= sources
         for word in list(acked.values())[:5]:
             hits = cb.post("/v1/ask", json={"kb": "notes", "question": f"Which locker does {word} open?"}).json()
             assert word in " ".join(s["text"] for s in hits["sources"][:3]), (word, hits)
@@ -249,3 +250,37 @@ def test_kb_migrate_moves_a_kb_into_the_shared_store_and_back(settings, tmp_path
     assert (r["from"], r["to"]) == ("milvus", "faiss") and r["same_top5"] >= 0.95
     home3 = KnowledgeBase(load_settings_as_written(back), "policies")
     assert [e["user"] for e in home3.chunk_edits()] == ["ann", "bob"]
+
+
+def test_an_upload_waits_for_its_job_and_answers_the_ingest_json(settings, tmp_path, pg_db_url):
+    """In one process (a Milvus Lite file): with a worker running, an upload through the API
+    answers 200 with the `kb ingest` JSON and its job id within serve.upload_wait_s; with none,
+    it answers 202 with the job once serve.upload_wait_s has passed, and the job waits."""
+    from kb.settings import apply_overrides
+    from serve.api import create_app
+    from serve.auth import KeyRing
+    from serve.worker import run_worker
+    from tests.conftest import serving
+
+    s = apply_overrides(pg_settings(settings, pg_db_url), {"serve.upload_wait_s": 60.0, "serve.worker_poll_s": 0.1})
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(s,), kwargs={"stop": stop})
+    worker.start()
+    try:
+        with serving(create_app(s, keys=KeyRing({KEY: ["*:rw"]}))) as base, api(base) as c:
+            r = c.post("/v1/kbs/policies/documents", files={"files": ("refunds.md", DOCS["refunds.md"].encode())})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["ingested"] == 1 and len(out["job_id"]) == 24 and out["failed"] == []
+            r = c.post("/v1/kbs/policies/documents", files={"files": ("empty.md", b"")})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "unreadable_document"
+    finally:
+        stop.set()
+        worker.join(60)
+    s2 = apply_overrides(s, {"serve.upload_wait_s": 0.5})
+    with serving(create_app(s2, keys=KeyRing({KEY: ["*:rw"]}))) as base, api(base) as c:
+        r = c.post("/v1/kbs/policies/documents", files={"files": ("shipping.md", DOCS["shipping.md"].encode())})
+        assert r.status_code == 202 and r.json()["job"]["state"] == "queued"
+        job = c.get(r.headers["location"]).json()["job"]
+        assert job["state"] == "queued" and job["result"] is None
+        assert c.get("/v1/jobs/" + "0" * 24).status_code == 404

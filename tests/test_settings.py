@@ -122,3 +122,34 @@ def test_a_second_config_as_written_beats_the_environment_only_where_it_writes(t
     g = s.llm.generation
     assert (g.temperature, g.top_p, g.max_new_tokens) == (0.9, 0.5, 333)
     assert s.retrieval.candidates == 77
+
+
+def test_one_override_path_from_the_command_line_to_the_library(settings, tmp_path, monkeypatch, capsys):
+    """`--set KEY=VALUE` and the flags that are its shorthand (`--epochs`, `--no-packing`, `--model`)
+    land in the typed settings the library is called with, validated, above the file and the
+    environment; a bad key or value is a usage error (exit 2) naming it."""
+    import finetune.sft
+    from cli.main import main as kb_main
+
+    seen = {}
+
+    def fake(s, data, out, **kw):
+        seen["s"], seen["kw"] = s, kw
+        return {"method": "lora", "steps": 0, "train_loss": 0.0, "tokens_per_s": 0.0, "peak_mem_gib": 0.0,
+                "out": str(out), "loss_plot": ""}
+
+    monkeypatch.setattr(finetune.sft, "finetune_llm", fake)
+    monkeypatch.setenv("KB_FINETUNE__EPOCHS", "5")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("finetune: {learning_rate: 1.0e-3, grad_accum: 3}\n")
+    assert kb_main(["finetune", "llm", "--config", str(cfg), "--data", "d.jsonl", "--out", str(tmp_path / "o"),
+                    "--epochs", "2", "--no-packing", "--model", "some/base", "--max-steps", "7",
+                    "--set", "finetune.learning_rate=2e-4", "--set", "finetune.lora.r=32"]) == 0
+    f = seen["s"].finetune
+    assert (f.epochs, f.packing, f.max_steps, f.learning_rate, f.lora.r, f.grad_accum) == (2.0, False, 7, 2e-4, 32, 3)
+    assert seen["s"].models.llm == "some/base" and "method" not in seen["kw"]
+    assert kb_main(["finetune", "llm", "--data", "d", "--out", "o", "--set", "finetune.nope=1"]) == 2
+    assert "unknown setting 'finetune.nope'" in capsys.readouterr().err
+    assert kb_main(["finetune", "llm", "--data", "d", "--out", "o", "--set", "finetune.epochs=many"]) == 2
+    assert "finetune" in capsys.readouterr().err
+    assert kb_main(["finetune", "llm", "--data", "d", "--out", "o", "--set", "noequals"]) == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cli.common import UsageError, emit, open_kb, read_questions, usage_errors
+from cli.common import UsageError, config_option, emit, open_kb, read_questions, usage_errors
 from kb.settings import Settings
 
 
@@ -47,10 +47,9 @@ def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
     """`kb finetune llm`: fine-tune the LLM (full, LoRA, QLoRA or p-tuning); report on rank 0 only."""
     from finetune.sft import finetune_llm
 
-    _apply_overrides(settings, args)
     with usage_errors():
-        out = finetune_llm(settings, args.data, args.out, method=args.method, model=args.model, adapter=args.adapter,
-                           resume=args.resume, progress=not args.quiet, max_steps=args.max_steps)
+        out = finetune_llm(settings, args.data, args.out, adapter=args.adapter, resume=args.resume,
+                           progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun/deepspeed: one report, from the main process
         return 0
     emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, "
@@ -98,15 +97,6 @@ def cmd_finetune_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _apply_overrides(settings: Settings, args: argparse.Namespace) -> None:
-    c = settings.finetune
-    for name in ("epochs", "batch_size", "grad_accum", "learning_rate", "max_length", "deepspeed"):
-        if getattr(args, name, None) is not None:
-            setattr(c, name, getattr(args, name))
-    if args.no_packing:
-        c.packing = False
-
-
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the finetuning subcommands to `sub`, each with the shared options of `common`."""
     ft = sub.add_parser("finetune", help="build training data, fine-tune the LLM or the embedder, merge adapters")
@@ -126,18 +116,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s = ftsub.add_parser("llm", parents=[common], help="SFT of the LLM: LoRA, QLoRA, P-Tuning v2 or full")
     s.add_argument("--data", required=True, help="JSONL: messages, prompt/response/history or alpaca rows")
     s.add_argument("--out", required=True, help="adapter (or model) folder; checkpoints and loss.png inside")
-    s.add_argument("--method", choices=["lora", "qlora", "ptuning", "full"], help="default: finetune.method")
-    s.add_argument("--model", help="base model (default: models.llm)")
+    config_option(s, "--method", "finetune.method", choices=["lora", "qlora", "ptuning", "full"])
+    config_option(s, "--model", "models.llm", help="base model")
     s.add_argument("--adapter", help="continue training this adapter")
     s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--epochs", type=float)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--grad-accum", type=int)
-    s.add_argument("--learning-rate", type=float)
-    s.add_argument("--max-length", type=int)
-    s.add_argument("--deepspeed", help="DeepSpeed config, e.g. configs/deepspeed/zero3.json")
-    s.add_argument("--no-packing", action="store_true")
+    config_option(s, "--max-steps", "finetune.max_steps", type=int)
+    config_option(s, "--epochs", "finetune.epochs", type=float)
+    config_option(s, "--batch-size", "finetune.batch_size", type=int)
+    config_option(s, "--grad-accum", "finetune.grad_accum", type=int)
+    config_option(s, "--learning-rate", "finetune.learning_rate", type=float)
+    config_option(s, "--max-length", "finetune.max_length", type=int)
+    config_option(s, "--deepspeed", "finetune.deepspeed", help="DeepSpeed config, e.g. configs/deepspeed/zero3.json")
+    config_option(s, "--no-packing", "finetune.packing", action="store_const", const=False)
     s.set_defaults(func=cmd_finetune_llm)
 
     s = ftsub.add_parser("embed", parents=[common], help="fine-tune the embedding model on query/pos/neg pairs")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import UsageError, emit, open_kb
+from cli.common import UsageError, config_option, emit, open_kb
 from kb.settings import Settings
 
 
@@ -52,7 +52,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """`kb serve`: run the HTTP API."""
     from serve.api import serve
 
-    serve(settings, args.host, args.port)
+    if settings.store.shared:  # fail at the start when PostgreSQL cannot be reached at all
+        from ingest.pgstore import pool_for
+
+        pool_for(settings.store)
+    serve(settings)
     return 0
 
 
@@ -110,8 +114,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP API (FastAPI + uvicorn)")
-    s.add_argument("--host", help="default: serve.host")
-    s.add_argument("--port", type=int, help="default: serve.port")
+    config_option(s, "--host", "serve.host")
+    config_option(s, "--port", "serve.port", type=int)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("worker", parents=[common],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, BinaryIO
 
@@ -18,6 +19,7 @@ from serve.routes.schemas import ChunkEditRequest
 from serve.service import Service
 from serve.uploads import NoSuchDocument
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["knowledge bases"])
 
 UPLOAD_FORM = {"type": "object", "required": ["files"], "properties": {
@@ -32,9 +34,18 @@ UPLOAD_LINKS = {
                        "parameters": {"kb": "$request.path.kb", "doc_id": "$response.body#/doc_ids/0"}},
 }
 """OpenAPI links from an upload to its KB's documents and to deleting what it added."""
+JOB_BODY = {"type": "object", "required": ["job"], "properties": {"job": {
+    "type": "object", "required": ["job_id", "kb", "state"],
+    "properties": {"job_id": {"type": "string"}, "kb": {"type": "string"},
+                   "state": {"enum": ["queued", "running", "done", "failed"]}, "attempts": {"type": "integer"},
+                   "error": {"type": ["string", "null"]}, "result": {"type": ["object", "null"]},
+                   "created_at": {"type": ["string", "null"]}, "started_at": {"type": ["string", "null"]},
+                   "finished_at": {"type": ["string", "null"]}}}}}
+"""The JSON of an upload's ingest job (202 from an upload, GET /v1/jobs/{job_id})."""
 UPLOAD_RESPONSES = {200: {"description": "the `kb ingest` JSON", "links": UPLOAD_LINKS},
                     202: {"description": "with a shared store: the upload is queued and its ingest job (`job`) "
-                                         "not finished within serve.upload_wait_s; poll GET /v1/jobs/{job_id}"},
+                                         "not finished within serve.upload_wait_s; poll GET /v1/jobs/{job_id}",
+                          "content": {"application/json": {"schema": JOB_BODY}}},
                     **errors(400, 401, 403, 404, 413, 422)}
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}}
 
@@ -69,7 +80,7 @@ async def upload(kb: KBPath, request: Request, caller: Caller, svc: Svc) -> dict
         files, replace = upload_fields(form)
         if svc.settings.store.shared:  # queued for `kb worker`: no API replica parses documents
             job = await run_in_threadpool(svc.enqueue, kb, files, replace)
-            out = await wait_for_job(svc, job)
+            out = await wait_for_job(svc, job, kb)
             if out["state"] == "failed":
                 raise ApiError(422, "ingest_failed", out["error"] or "the ingest failed")
             if out["state"] != "done":  # still queued or running: the caller polls the job
@@ -85,12 +96,19 @@ async def upload(kb: KBPath, request: Request, caller: Caller, svc: Svc) -> dict
     return out
 
 
-async def wait_for_job(svc: Service, job_id: str) -> dict:
-    """The job's state once it is done or failed, or when `serve.upload_wait_s` has passed."""
+async def wait_for_job(svc: Service, job_id: str, kb: str) -> dict:
+    """The job's state once it is done or failed, or when `serve.upload_wait_s` has passed. The
+    job is queued already: when its state cannot be read now, it is answered as queued (202), so
+    that the caller polls it rather than uploading again."""
     deadline = time.monotonic() + svc.settings.serve.upload_wait_s
     delay = 0.05
     while True:
-        out = await run_in_threadpool(jobs.status, svc.settings.store, job_id)
+        try:
+            out = await run_in_threadpool(jobs.status, svc.settings.store, job_id)
+        except Exception as e:  # noqa: BLE001 (PostgreSQL away after the commit: the job stands)
+            log.warning("upload job %s queued, its state unreadable: %s", job_id, e)
+            return {"job_id": job_id, "kb": kb, "state": "queued", "attempts": 0, "error": None, "result": None,
+                    "created_at": None, "started_at": None, "finished_at": None}
         if out["state"] in ("done", "failed") or time.monotonic() >= deadline:
             return out
         await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
