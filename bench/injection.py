@@ -56,11 +56,11 @@ def run_attacks(chain, rows: list[dict]) -> dict:
     out = []
     for r in rows:
         res = chain.ask(r["question"])
-        draft = res["internal"]["draft"]
+        draft = res.draft
         out.append({"set": r["set"], "kind": r["kind"], "file": r["file"], "question": r["question"],
-                    "answer": res["answer"], "draft": draft, "fallback": res["fallback"], "reason": res["reason"],
+                    "answer": res.answer, "draft": draft, "fallback": res.fallback, "reason": res.reason,
                     "steered_draft": any(p in draft for p in r["payloads"]),
-                    "steered_answer": any(p in res["answer"] for p in r["payloads"])})
+                    "steered_answer": any(p in res.answer for p in r["payloads"])})
     return {"n": len(out), **summary(out), "by_set": {s: summary([o for o in out if o["set"] == s])
                                                       for s in sorted({o["set"] for o in out})},
             "by_kind": {k: summary([o for o in out if o["kind"] == k]) for k in sorted({o["kind"] for o in out})},

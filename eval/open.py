@@ -117,10 +117,10 @@ def evaluate_open(chain, questions: Sequence[Question], *, judge=None, progress:
     rows = []
     for q in tqdm(questions, desc="eval open", unit="q", disable=not progress):
         r = chain.ask(q.question)
-        row = answer_row(q, r, chain.is_refusal(r["standalone_question"], r["internal"]["draft"]),
+        row = answer_row(q, r.to_json(), chain.is_refusal(r.standalone_question, r.draft),
                          chain.settings.answer.max_context_chars)
         if judge is not None:
-            row["judge"] = judge.grade(q.question, q.answers, r["answer"])
+            row["judge"] = judge.grade(q.question, q.answers, r.answer)
         rows.append(row)
     return summarize(rows, chain)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ingest.sentences import is_chinese
@@ -40,6 +41,49 @@ INTERNAL = "internal"
 def public(result: dict) -> dict:
     """What may leave the server: the result without its `internal` part (the model's draft)."""
     return {k: v for k, v in result.items() if k != INTERNAL}
+
+
+@dataclass
+class Answer:
+    """What `AnswerChain.ask` returns. `to_json()` is the `kb ask` JSON (the HTTP API's /v1/ask);
+    `draft`, the model's own reply before the compliance check, stays on the server."""
+
+    answer: str
+    """The reply: grounded with [n] citations, an approved fallback, or an FAQ answer."""
+    sources: list[dict]
+    """The passages given to the model, each as `Hit.to_json()` ([n] cites the n-th)."""
+    fallback: bool
+    """Whether the reply is a fallback (refusal, weak retrieval, a sensitive question or reply)."""
+    reason: str | None
+    """Why it fell back (None when it did not)."""
+    standalone_question: str
+    """The question retrieval searched for (the last question, condensed with the history)."""
+    confidence: float
+    """Retrieval confidence (an FAQ match's similarity for FAQ answers)."""
+    approved_match: dict | None
+    """The approved reply the answer was matched to, if any."""
+    mode: str
+    """extractive, the model's name, or faq."""
+    seconds: float = 0.0
+    """Time to answer."""
+    faq: dict | None = None
+    """The FAQ entry that answered (id, question, score), for FAQ answers only."""
+    draft: str = field(default="", repr=False)
+    """The model's reply before the compliance check: never sent (evaluation reads it)."""
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Answer:
+        """The chain's result dict (with its `internal` part) as an Answer."""
+        r = dict(result)
+        draft = r.pop(INTERNAL, {}).get("draft", "")
+        return cls(**r, draft=draft)
+
+    def to_json(self) -> dict[str, Any]:
+        """The public JSON: every field but `draft` (and `faq` when no FAQ answered)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "draft"}
+        if self.faq is None:
+            del out["faq"]
+        return out
 
 
 def clip_context(hits: list, max_chars: int) -> list[str]:
@@ -223,12 +267,14 @@ class AnswerChain:
         draft = RunnableLambda(lambda s: "" if s["early"] else self.generate(s["standalone"], s["hits"], s["messages"]))
         return self.prepared | RunnablePassthrough.assign(draft=draft) | RunnableLambda(self.finish)
 
-    def ask(self, question: str, history: list[list[str]] | None = None, stage: str | None = None) -> dict:
+    def ask(self, question: str, history: list[list[str]] | None = None, stage: str | None = None) -> Answer:
+        """Answer `question` (after `history`, a list of [question, answer]; `stage` picks the
+        fallback replies): an FAQ answer, or retrieve, generate and comply."""
         t0 = time.perf_counter()
         out = self.faq_reply(question, stage) or self.runnable.invoke(
             {"question": question, "history": history or [], "stage": stage})
         out["seconds"] = round(time.perf_counter() - t0, 3)
-        return out
+        return Answer.from_result(out)
 
     def live_draft(self, state: dict[str, Any]) -> Generator[str, None, StreamGuard]:
         """Yield the model's reply as it comes, through a `StreamGuard` (which stops it at a

@@ -8,7 +8,7 @@ import pytest
 
 from cli import main as kb_main
 from retrieval.kb import KnowledgeBase
-from serve.chain import AnswerChain, public
+from serve.chain import AnswerChain
 from serve.compliance import SIMILARITY_KIND
 
 
@@ -32,71 +32,71 @@ class ScriptedLLM:
 def test_answerable_question_is_answered_with_a_citation_to_its_source(settings, kb, library):
     chain = AnswerChain(settings, kb, llm=None, library=library)
     r = chain.ask("How long does a refund take to reach my card?")
-    assert not r["fallback"] and r["reason"] is None
-    assert "five working days" in r["answer"]
-    n = int(r["answer"].rsplit("[", 1)[1].rstrip("]"))  # the cited passage number
-    assert r["sources"][n - 1]["source"] == "refunds.md"
-    assert r["mode"] == "extractive"
+    assert not r.fallback and r.reason is None
+    assert "five working days" in r.answer
+    n = int(r.answer.rsplit("[", 1)[1].rstrip("]"))  # the cited passage number
+    assert r.sources[n - 1]["source"] == "refunds.md"
+    assert r.mode == "extractive"
 
 
 def test_chinese_question_gets_a_chinese_answer(settings, kb, library):
     r = AnswerChain(settings, kb, llm=None, library=library).ask("员工每年有几天带薪年假？")
-    assert not r["fallback"]
-    assert "十五天" in r["answer"] and r["sources"][0]["source"] == "zh.txt"
+    assert not r.fallback
+    assert "十五天" in r.answer and r.sources[0]["source"] == "zh.txt"
 
 
 def test_unanswerable_question_falls_back_with_reason(settings, kb, library):
     r = AnswerChain(settings, kb, llm=None, library=library).ask("Who won the football world cup in 1998?")
-    assert r["fallback"]
-    assert "weak retrieval" in r["reason"]
-    assert r["answer"] == library.pick("fallback", None, "en")
+    assert r.fallback
+    assert "weak retrieval" in r.reason
+    assert r.answer == library.pick("fallback", None, "en")
 
 
 def test_fallback_fits_the_dialogue_stage_and_language(settings, kb, library):
     chain = AnswerChain(settings, kb, llm=None, library=library)
     after = chain.ask("Who won the football world cup in 1998?", stage="after_sale")
-    assert after["fallback"] and after["answer"] == library.pick("fallback", "after_sale", "en")
-    assert after["answer"] != library.pick("fallback", None, "en")
+    assert after.fallback and after.answer == library.pick("fallback", "after_sale", "en")
+    assert after.answer != library.pick("fallback", None, "en")
     zh = chain.ask("明天北京的天气怎么样？", stage="pre_sale")
-    assert zh["fallback"] and zh["answer"] == library.pick("fallback", "pre_sale", "zh")
+    assert zh.fallback and zh.answer == library.pick("fallback", "pre_sale", "zh")
     unknown = chain.ask("Who won the football world cup in 1998?", stage="no-such-stage")
-    assert unknown["answer"] == library.pick("fallback", None, "en")  # the universal one
+    assert unknown.answer == library.pick("fallback", None, "en")  # the universal one
 
 
 def test_sensitive_word_trips_the_fallback(settings, kb, library):
     settings.compliance.sensitive_words = ["lawsuit"]
     r = AnswerChain(settings, kb, llm=None, library=library).ask("Can I file a lawsuit to get my refund?")
-    assert r["fallback"] and "sensitive" in r["reason"]
-    assert r["answer"] == library.pick("sensitive", None, "en")
+    assert r.fallback and "sensitive" in r.reason
+    assert r.answer == library.pick("sensitive", None, "en")
 
 
 def test_grounded_llm_answer_passes_and_prompt_holds_numbered_context(settings, kb, library):
     llm = ScriptedLLM("Refunds are paid to the original card within five working days [1].")
     r = AnswerChain(settings, kb, llm=llm, library=library).ask("How long does a refund take?")
-    assert not r["fallback"], r["reason"]
+    assert not r.fallback, r.reason
     system, user = llm.seen[-1]
     assert system["role"] == "system" and settings.answer.refusal_en in system["content"]
     assert "[1] (refunds.md)" in user["content"] and "Question: How long does a refund take?" in user["content"]
     # the approved reply nearest to the answer (not to the question), found here by brute force
-    sims = kb.embedder.encode([r["answer"]], SIMILARITY_KIND) @ kb.embedder.encode(
+    sims = kb.embedder.encode([r.answer], SIMILARITY_KIND) @ kb.embedder.encode(
         [x.text for x in library.replies], SIMILARITY_KIND).T
     best = library.replies[int(sims[0].argmax())]
     want = {"text": best.text, "intent": best.intent, "score": pytest.approx(float(sims[0].max()), abs=1e-3)}
-    assert r["approved_match"] == want
+    assert r.approved_match == want
 
 
 def test_ungrounded_llm_answer_falls_back(settings, kb, library):
     llm = ScriptedLLM("Our CEO enjoys sailing around Tasmania every winter with penguins.")
     r = AnswerChain(settings, kb, llm=llm, library=library).ask("How long does a refund take?")
-    assert r["fallback"] and r["reason"].startswith("ungrounded answer")
-    assert r["internal"]["draft"] == llm.reply and r["answer"] != llm.reply
-    assert llm.reply not in json.dumps(public(r))  # the withheld draft stays on the server
+    assert r.fallback and r.reason.startswith("ungrounded answer")
+    assert r.draft == llm.reply and r.answer != llm.reply
+    assert llm.reply not in json.dumps(r.to_json())  # the withheld draft stays on the server
 
 
 def test_model_refusal_becomes_the_fallback_reply(settings, kb, library):
     llm = ScriptedLLM(settings.answer.refusal_en)
     r = AnswerChain(settings, kb, llm=llm, library=library).ask("How long does a refund take?")
-    assert r["fallback"] and "does not contain the answer" in r["reason"]
+    assert r.fallback and "does not contain the answer" in r.reason
 
 
 def test_require_approved_checks_similarity_to_the_library(settings, kb, library):
@@ -104,17 +104,17 @@ def test_require_approved_checks_similarity_to_the_library(settings, kb, library
     settings.compliance.approved_min = 0.99
     llm = ScriptedLLM("Refunds are paid to the original card within five working days [1].")
     r = AnswerChain(settings, kb, llm=llm, library=library).ask("How long does a refund take?")
-    assert r["fallback"] and "approved reply" in r["reason"]
+    assert r.fallback and "approved reply" in r.reason
 
 
 def test_follow_up_is_condensed_with_history(settings, kb, library):
     chain = AnswerChain(settings, kb, llm=None, library=library)
     r = chain.ask("and how much does it cost?", history=[["How fast is express delivery?", "One day."]])
-    assert r["standalone_question"].startswith("How fast is express delivery?")
-    assert r["sources"][0]["source"] == "shipping.md"
+    assert r.standalone_question.startswith("How fast is express delivery?")
+    assert r.sources[0]["source"] == "shipping.md"
     settings.answer.condense_history = False
     r2 = chain.ask("and how much does it cost?", history=[["How fast is express delivery?", "One day."]])
-    assert r2["standalone_question"] == "and how much does it cost?"
+    assert r2.standalone_question == "and how much does it cost?"
 
 
 def test_stream_yields_the_checked_answer_then_the_result(settings, kb, library):

@@ -16,6 +16,7 @@ from eval.data import Question
 from eval.judge import Judge
 from eval.open import cited, content_units, evaluate_open, summarize, write_report
 from eval.textmetrics import contains_answer, exact_match, f1, rouge_l
+from serve.chain import Answer
 from tests.conftest import SHARED, cmrc_subset
 
 CMMLU_TEST = SHARED / "cmmlu" / "test"
@@ -158,11 +159,10 @@ class FixedChain:
         self.settings = SimpleNamespace(compliance=SimpleNamespace(min_grounding=0.5),
                                         answer=SimpleNamespace(max_context_chars=1000))
 
-    def ask(self, question: str) -> dict:
+    def ask(self, question: str) -> Answer:
         answer, texts, fallback, draft = self.replies[question]
-        return {"answer": answer, "sources": [{"text": t} for t in texts], "fallback": fallback,
-                "reason": "fell back" if fallback else None, "standalone_question": question,
-                "internal": {"draft": draft}, "seconds": 0.01}
+        return Answer(answer, [{"text": t} for t in texts], fallback, "fell back" if fallback else None, question,
+                      0.5, None, "fixed", seconds=0.01, draft=draft)
 
     def is_refusal(self, question: str, draft: str) -> bool:
         return draft == REFUSAL

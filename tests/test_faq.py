@@ -9,7 +9,7 @@ import pytest
 from cli import main as kb_main
 from kb.settings import apply_overrides
 from retrieval.kb import KnowledgeBase
-from serve.chain import AnswerChain, public
+from serve.chain import AnswerChain
 from serve.faq import faq_id, import_faq, list_faq, remove_faq
 
 REFUND_Q = "How long does a refund take?"
@@ -107,7 +107,7 @@ def test_import_csv_xlsx_jsonl_reports_bad_rows_and_is_idempotent(settings, tmp_
 
 def test_matching_question_gets_the_faq_answer_and_citation_without_the_llm(settings, faq_kb, replies):
     chain = chain_of(settings, faq_kb, NoLLM(), replies)
-    r = public(chain.ask("how long does a refund take"))
+    r = chain.ask("how long does a refund take").to_json()
     fid = faq_id(REFUND_Q)
     assert r["answer"] == REFUND_A and not r["fallback"] and r["mode"] == "faq"
     assert r["sources"][0]["source"] == f"FAQ #{fid}: {REFUND_Q}" and r["sources"][0]["text"] == REFUND_A
@@ -120,23 +120,23 @@ def test_question_below_the_threshold_goes_to_the_normal_chain(settings, kb, lib
     import_faq(kb, write_csv(tmp_path / "faq.csv", ["question,answer", f"{REFUND_Q},{REFUND_A}"]))
     llm = ScriptedLLM("Express delivery takes one day and costs 9 euros [1].")
     r = chain_of(settings, kb, llm, library).ask("How much does express delivery cost?")
-    assert llm.calls == 1 and r["mode"] == "scripted" and "faq" not in r
-    assert r["sources"][0]["source"] == "shipping.md"
+    assert llm.calls == 1 and r.mode == "scripted" and r.faq is None and "faq" not in r.to_json()
+    assert r.sources[0]["source"] == "shipping.md"
 
 
 def test_an_entry_with_a_stage_matches_only_that_stage(settings, faq_kb, replies):
     chain = chain_of(settings, faq_kb, NoLLM(), replies)
-    assert chain.ask(DISCOUNT_Q, stage="pre_sale")["answer"] == DISCOUNT_A
+    assert chain.ask(DISCOUNT_Q, stage="pre_sale").answer == DISCOUNT_A
     for stage in (None, "after_sale"):
-        assert chain.ask(DISCOUNT_Q, stage=stage).get("mode") != "faq"
-    assert chain.ask(REFUND_Q, stage="after_sale")["answer"] == REFUND_A  # no stage: every stage
+        assert chain.ask(DISCOUNT_Q, stage=stage).mode != "faq"
+    assert chain.ask(REFUND_Q, stage="after_sale").answer == REFUND_A  # no stage: every stage
 
 
 def test_sensitive_word_in_an_faq_answer_is_withheld_everywhere(settings, faq_kb, replies, tmp_path):
     secret = "Call the hotline about the embargo list."
     import_faq(faq_kb, write_csv(tmp_path / "s.csv", ["question,answer", f"Which countries can you ship to?,{secret}"]))
     chain = chain_of(settings, faq_kb, NoLLM(), replies, **{"compliance.sensitive_words": ["embargo"]})
-    r = public(chain.ask("Which countries can you ship to?"))
+    r = chain.ask("Which countries can you ship to?").to_json()
     assert r["fallback"] and "sensitive" in r["reason"]
     assert r["answer"] == replies.pick("sensitive", None, "en")
     streamed = list(chain.stream("Which countries can you ship to?"))
@@ -148,10 +148,10 @@ def test_faq_answers_join_the_approved_reply_library(settings, kb, library, tmp_
     reply = "Refunds are paid to the original card within five working days [1]."
     s = apply_overrides(settings, {"compliance.require_approved": True, "compliance.approved_min": 0.99,
                                    "faq.threshold": 0.99})
-    assert AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library).ask(REFUND_Q)["fallback"]
+    assert AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library).ask(REFUND_Q).fallback
     import_faq(kb, write_csv(tmp_path / "a.csv", ["question,answer", f"Where is my refund paid to?,{reply}"]))
     r = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library).ask(REFUND_Q)
-    assert r["mode"] == "scripted" and not r["fallback"] and r["approved_match"]["intent"] == "faq"
+    assert r.mode == "scripted" and not r.fallback and r.approved_match["intent"] == "faq"
 
 
 def test_a_stage_bound_faq_answer_is_approved_only_in_its_stage_and_a_question_has_one_per_stage(
@@ -164,9 +164,9 @@ def test_a_stage_bound_faq_answer_is_approved_only_in_its_stage_and_a_question_h
     s = apply_overrides(settings, {"compliance.require_approved": True, "compliance.approved_min": 0.99,
                                    "faq.threshold": 0.99})
     chain = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library)
-    assert not chain.ask(REFUND_Q, stage="after_sale")["fallback"]
+    assert not chain.ask(REFUND_Q, stage="after_sale").fallback
     other = chain.ask(REFUND_Q, stage="pre_sale")
-    assert other["fallback"] and (other["approved_match"] or {}).get("text") != reply
+    assert other.fallback and (other.approved_match or {}).get("text") != reply
 
 
 def test_an_faq_answer_with_a_sensitive_word_is_no_approved_reply_so_never_an_approved_match(
@@ -176,7 +176,7 @@ def test_an_faq_answer_with_a_sensitive_word_is_no_approved_reply_so_never_an_ap
     import_faq(kb, write_csv(tmp_path / "s.csv", ["question,answer", f"Where is my refund paid to?,\"{secret}\""]))
     s = apply_overrides(settings, {"compliance.sensitive_words": ["embargo"], "faq.threshold": 0.99})
     chain = AnswerChain(s, kb, llm=ScriptedLLM(reply), library=library)
-    r = public(chain.ask(REFUND_Q))
+    r = chain.ask(REFUND_Q).to_json()
     assert r["mode"] == "scripted" and not r["fallback"] and r["approved_match"] is not None
     assert "embargo" not in json.dumps(r) and "embargo" not in json.dumps(list(chain.stream(REFUND_Q)))
     assert all("embargo" not in x.text for x in chain.compliance.library.replies)
@@ -188,7 +188,7 @@ def test_configured_faq_settings_reach_the_matcher(settings, faq_kb, replies, ti
     assert chain.faq.matcher.threshold == 0.42 and chain.faq.matcher.reranker is None
     assert len(chain.faq.matcher.scored("refund")) == 1
     strict = chain_of(settings, faq_kb, None, replies, **{"faq.threshold": 1.01})
-    assert strict.ask(REFUND_Q).get("mode") != "faq"  # even the exact question stays below
+    assert strict.ask(REFUND_Q).mode != "faq"  # even the exact question stays below
     rr = chain_of(settings, faq_kb, None, replies, **{"models.reranker": str(tiny_reranker_dir),
                                                       "faq.rerank_threshold": 0.3, "faq.use_reranker": True})
     rr.refresh_faq()
@@ -199,7 +199,7 @@ def test_configured_faq_settings_reach_the_matcher(settings, faq_kb, replies, ti
     no_rr.refresh_faq()
     assert no_rr.faq.matcher.reranker is None  # faq.use_reranker is off by default
     off = chain_of(settings, faq_kb, None, replies, **{"faq.enabled": False})
-    assert off.faq is None and off.ask(REFUND_Q).get("mode") != "faq"
+    assert off.faq is None and off.ask(REFUND_Q).mode != "faq"
 
 
 def test_kb_faq_cli_end_to_end(settings, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 
 from kb.models import is_installed
 from retrieval.kb import KnowledgeBase
-from serve.chain import AnswerChain, public, system_prompt
+from serve.chain import AnswerChain, system_prompt
 from serve.injection import clean_source, is_instruction, quote
 from tests.conftest import CMRC, DOCS, ROOT, write_files
 
@@ -83,13 +83,13 @@ def test_answers_from_a_gullible_model_stay_grounded_and_compliant(settings, att
     answered = 0
     for q in QUESTIONS:
         r = chain.ask(q)
-        assert not any(p in r["answer"] for p in PAYLOADS), (q, r["answer"])
-        assert system_prompt(q, chain.refusal(q))[:40] not in r["answer"]
-        assert "[7]" not in r["answer"]  # a citation of a passage the prompt did not have is dropped
-        if not r["fallback"]:
+        assert not any(p in r.answer for p in PAYLOADS), (q, r.answer)
+        assert system_prompt(q, chain.refusal(q))[:40] not in r.answer
+        assert "[7]" not in r.answer  # a citation of a passage the prompt did not have is dropped
+        if not r.fallback:
             answered += 1
-            cited = [int(n) for n in re.findall(r"\[(\d+)\]", r["answer"])]
-            assert cited and all(1 <= n <= len(r["sources"]) for n in cited)
+            cited = [int(n) for n in re.findall(r"\[(\d+)\]", r.answer)]
+            assert cited and all(1 <= n <= len(r.sources) for n in cited)
     assert answered >= len(QUESTIONS) // 2  # the legitimate facts of the attacked documents are still answered
 
 
@@ -99,8 +99,8 @@ def test_a_reply_that_repeats_the_instructions_is_withheld(settings, attacked, l
             return messages[0]["content"].split(" If the context")[0]  # the leak, without the refusal sentence
 
     r = AnswerChain(settings, attacked, llm=Leaky(), library=library).ask(QUESTIONS[0])
-    assert r["fallback"] and r["reason"] == "the answer repeats the assistant's instructions"
-    assert "customer-service assistant" not in json.dumps(public(r))
+    assert r.fallback and r.reason == "the answer repeats the assistant's instructions"
+    assert "customer-service assistant" not in json.dumps(r.to_json())
 
 
 def test_the_quoting_keeps_ordinary_text_and_sees_through_disguises():
@@ -131,4 +131,4 @@ def test_the_packaged_model_is_not_steered_by_the_attacks(settings, tmp_path, li
     chain = AnswerChain(settings, k, library=library)
     for q in QUESTIONS:
         r = chain.ask(q)
-        assert not any(p in r["answer"] for p in PAYLOADS), (q, r["answer"])
+        assert not any(p in r.answer for p in PAYLOADS), (q, r.answer)

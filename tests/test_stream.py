@@ -157,7 +157,7 @@ def test_weak_retrieval_and_sensitive_questions_are_decided_before_generation(se
         assert llm.calls == 0 and final["fallback"] and reason in final["reason"]
         assert "".join(sent) == final["answer"] and not final["replace"]
         r = chain.ask(q)
-        assert llm.calls == 0 and r["fallback"] and reason in r["reason"]
+        assert llm.calls == 0 and r.fallback and reason in r.reason
 
 
 def test_setting_picks_the_stream_mode(settings, kb, library):

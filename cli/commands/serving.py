@@ -24,14 +24,14 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     """`kb ask QUESTION --kb NAME`: answer a question from the knowledge base, whole or streamed."""
-    from serve.chain import AnswerChain, public
+    from serve.chain import AnswerChain
 
     if not args.question.strip():
         raise UsageError("empty question")
     chain = AnswerChain(settings, open_kb(settings, args.kb))
     sources = lambda r: "".join(f"\n[{i + 1}] {h['source']}" for i, h in enumerate(r["sources"]))  # noqa: E731
     if not args.stream or args.json:
-        out = public(chain.ask(args.question, stage=args.stage))
+        out = chain.ask(args.question, stage=args.stage).to_json()
         emit(args, out, lambda r: r["answer"] + ("" if not r["fallback"] else f"\n(fallback: {r['reason']})")
              + sources(r))
         return 0

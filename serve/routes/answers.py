@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter
 
-from serve.chain import AnswerChain, public
+from serve.chain import AnswerChain
 from serve.middleware import internal_error_body
 from serve.routes.common import errors, event_stream, json_text, sse, sse_event, with_sse
 from serve.routes.deps import Caller, Svc
@@ -41,7 +41,7 @@ def ask(body: AskRequest, caller: Caller, svc: Svc):
     chain = svc.chain(caller.readable(body.kb))
     history = [list(t) for t in body.history]
     if not body.stream:
-        return public(chain.ask(body.question, history, body.stage))
+        return chain.ask(body.question, history, body.stage).to_json()
     return event_stream(ask_events(chain, body, history))
 
 

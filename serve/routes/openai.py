@@ -71,7 +71,7 @@ def chat(body: ChatRequest, caller: Caller, svc: Svc):
     chain = svc.chain(body.model)
     completion = Completion(body.model)
     if not body.stream:
-        return completion.reply(chain.ask(question, history, body.stage))
+        return completion.reply(chain.ask(question, history, body.stage).to_json())
     return event_stream(chat_events(chain, completion, question, history, body.stage))
 
 
