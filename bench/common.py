@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -37,6 +38,7 @@ def peak_gpu_gib() -> float:
 def command() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # run as `python -m bench.NAME`
     argv = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name else sys.argv
+    argv = [re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", a) for a in argv]  # no password in a URL
     return " ".join(["python"] + [a if " " not in a else repr(a) for a in argv])
 
 

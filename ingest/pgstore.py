@@ -14,8 +14,8 @@ import time
 import uuid
 from typing import Any
 
-from ingest.store import SCHEMA_VERSION, DocStore, schema_ddl
-from kb.db import PgConnection, advisory_lock, pg_pool
+from ingest.store import SCHEMA_VERSION, DocStore, new_store_id, schema_ddl
+from kb.db import PgConnection, advisory_lock, check_lock, pg_pool
 from kb.settings import StoreConfig
 
 REGISTRY = "kb_registry"
@@ -68,6 +68,7 @@ def open_shared(cfg: StoreConfig, kb: str, create: bool = True) -> DocStore:
                 raise FileNotFoundError(f"no knowledge base {kb!r} in the shared store")
             _create(conn, kb)
         conn.execute(f'SET search_path TO "{schema_name(kb)}"')
+        conn.kb = kb
     except BaseException:
         conn.close()
         raise
@@ -95,6 +96,7 @@ def _make_schema(conn: PgConnection, kb: str) -> None:
     for ddl in schema_ddl("postgresql"):
         conn.execute(ddl)
     conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT INTO meta VALUES ('store_id', ?)", (new_store_id(),))
 
 
 def _register(conn: PgConnection, kb: str) -> None:
@@ -169,6 +171,11 @@ def data_id(cfg: StoreConfig) -> str:
         return conn.execute(f"SELECT value FROM {REGISTRY}.meta WHERE key = 'data_id'").fetchone()[0]
     finally:
         conn.close()
+
+
+def check_write_lock(cfg: StoreConfig, kb: str) -> None:
+    """StoreUnavailable when this thread's write lock of KB `kb` was lost (its connection ended)."""
+    check_lock(cfg.url, f"kb-write:{kb}")
 
 
 def kb_write_lock(cfg: StoreConfig, kb: str, timeout: float) -> Any:

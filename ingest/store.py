@@ -134,6 +134,8 @@ class DocStore:
                 self.conn.executescript(_SCHEMA)
                 self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
                                   "SET value = excluded.value", (str(SCHEMA_VERSION),))
+                self.conn.execute("INSERT INTO meta VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                                  (new_store_id(),))
         except sqlite3.OperationalError:
             if not older:
                 raise
@@ -146,11 +148,9 @@ class DocStore:
         if row is None and not create:
             return None
         if row is None:
-            import uuid
-
             with self.conn:
                 self.conn.execute("INSERT INTO meta VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
-                                  (uuid.uuid4().hex,))
+                                  (new_store_id(),))
             row = self.conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
         return row[0]
 
@@ -484,6 +484,13 @@ def open_store(settings: Settings, kb: str, create: bool = True) -> DocStore:
 
         return open_shared(settings.store, kb, create)
     return DocStore.for_kb(settings.kb_dir(kb), create)
+
+
+def new_store_id() -> str:
+    """A store's random id, given when it is made (a new store of the same KB name gets another)."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def chunk_id(doc_id: str, ord_: int) -> str:

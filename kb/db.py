@@ -101,15 +101,18 @@ def _bindable(params: Sequence) -> tuple:
 
 
 @contextlib.contextmanager
-def _mapped_errors() -> Iterator[None]:
-    """psycopg's errors as the platform's: a schema dropped meanwhile (another host deleted the
-    KB) is StoreGone; a lost connection or a statement timeout is StoreUnavailable."""
+def _mapped_errors(kb: str | None = None) -> Iterator[None]:
+    """psycopg's errors as the platform's: on a KB's connection (`kb`), a table or schema gone
+    (another host deleted the KB meanwhile) is StoreGone; a lost connection or a statement
+    timeout is StoreUnavailable."""
     import psycopg
     from psycopg import errors
 
     try:
         yield
     except (errors.UndefinedTable, errors.InvalidSchemaName) as e:
+        if kb is None:
+            raise
         raise StoreGone() from e
     except (psycopg.OperationalError, errors.QueryCanceled) as e:
         raise StoreUnavailable(str(e)) from e
@@ -127,21 +130,23 @@ class PgConnection:
         except Exception as e:  # psycopg_pool.PoolTimeout, OperationalError
             raise StoreUnavailable(f"no connection from the pool: {e}") from e
         self._tx: list[Any] = []
+        self.kb: str | None = None
+        """The KB whose schema this connection reads (set by ingest.pgstore), None for the registry."""
 
     def execute(self, sql: str, params: Sequence = ()) -> PgCursor:
-        with _mapped_errors():
+        with _mapped_errors(self.kb):
             return PgCursor(self.raw.execute(to_pg(sql), _bindable(params)))
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
         rows = [_bindable(r) for r in rows]
         if rows:
-            with _mapped_errors(), self.raw.cursor() as cur:
+            with _mapped_errors(self.kb), self.raw.cursor() as cur:
                 cur.executemany(to_pg(sql), rows)
 
     def executescript(self, script: str) -> None:
         for stmt in (s.strip() for s in script.split(";")):
             if stmt:
-                self.raw.execute(stmt)
+                self.execute(stmt)
 
     @property
     def in_transaction(self) -> bool:
@@ -150,16 +155,19 @@ class PgConnection:
         return self.raw.info.transaction_status != TransactionStatus.IDLE
 
     def rollback(self) -> None:
-        self.raw.execute("ROLLBACK")
+        with _mapped_errors(self.kb):
+            self.raw.execute("ROLLBACK")
 
     def __enter__(self) -> PgConnection:
         tx = self.raw.transaction()
-        tx.__enter__()
+        with _mapped_errors(self.kb):
+            tx.__enter__()
         self._tx.append(tx)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._tx.pop().__exit__(*exc)
+        with _mapped_errors(self.kb):
+            self._tx.pop().__exit__(*exc)
 
     def close(self) -> None:
         if self.raw is not None:
@@ -271,12 +279,25 @@ class _AdvisoryLock:
             raise
         return conn
 
-    def release(self) -> None:
+    def alive(self) -> bool:
+        """Whether the lock's connection (so the lock) is still there: a connection the server or
+        the network ended has let the lock go."""
+        try:
+            self.conn.execute("SELECT 1")
+        except Exception:  # noqa: BLE001 (any failure: the session and its lock are gone)
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Let go (the outermost holder closes the connection); whether the lock was still held."""
+        held = True
         self.depth -= 1
         if self.depth == 0 and self.conn is not None:
+            held = self.alive()
             conn, self.conn = self.conn, None
             conn.close()  # the server ends the session and its lock with it
         self.thread_lock.release()
+        return held
 
 
 class LockTimeout(WriteLockTimeout):
@@ -293,13 +314,30 @@ def advisory_lock(url: str, password_env: str, timeout_s: float, name: str, time
     """Hold PostgreSQL's advisory lock `name` in the database at `url` (any host, any process;
     reentrant in the thread that holds it) for the block, waiting at most `timeout` seconds
     (LockTimeout). The server releases it when the holder's connection dies."""
-    key = (url, lock_key(name), os.getpid())
+    lock = _lock_for(url, password_env, timeout_s, name)
+    lock.acquire(timeout, describe)
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        raise
+    if not lock.release():
+        raise StoreUnavailable(f"the write lock of {describe} was lost during the write (its connection ended)")
+
+
+def _lock_for(url: str, password_env: str, timeout_s: float, name: str) -> _AdvisoryLock:
+    key = ("postgresql://" + url.split("://", 1)[1], lock_key(name), os.getpid())
     with _locks_lock:
         lock = _locks.get(key)
         if lock is None:
             lock = _locks[key] = _AdvisoryLock(url, password_env, timeout_s, key[1])
-    lock.acquire(timeout, describe)
-    try:
-        yield
-    finally:
-        lock.release()
+        return lock
+
+
+def check_lock(url: str, name: str) -> None:
+    """StoreUnavailable when this thread holds advisory lock `name` but its connection ended (the
+    lock with it): a writer checks before the steps that must not overlap another writer's."""
+    key = ("postgresql://" + url.split("://", 1)[1], lock_key(name), os.getpid())
+    lock = _locks.get(key)
+    if lock is not None and lock.conn is not None and lock.depth > 0 and not lock.alive():
+        raise StoreUnavailable(f"the write lock {name!r} was lost (its connection ended)")

@@ -422,6 +422,10 @@ class ServeConfig(Section):
     is taken again this long after its last renewal."""
     job_attempts: int = Field(default=3, ge=1)
     """Times a job is taken before it is marked failed (its worker died each time)."""
+    job_retry_s: float = Field(default=3600.0, gt=0)
+    """How long a job that fails for a passing reason (PostgreSQL, Milvus or the KB's write lock
+    unavailable) is tried again, with growing pauses (5 s doubling, at most 5 min), counted from
+    when it was queued; then it is marked failed."""
     worker_poll_s: float = Field(default=1.0, gt=0)
     """How often an idle `kb worker` looks for jobs."""
 

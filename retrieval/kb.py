@@ -177,15 +177,18 @@ class KnowledgeBase:
         """Whether the KB exists now (another process may have deleted or created it)."""
         return kb_exists(self.settings, self.name)
 
-    def _birth(self) -> float | None:
+    def _birth(self) -> str | None:
         """What tells this KB from a later one of the same name: its creation time in the shared
-        store, or its store file's inode number; None when it does not exist."""
+        store, or its store's random id (a store of the first releases has none until its first
+        write: then "" stands for it); None when it does not exist."""
         if self.settings.store.shared:
             from ingest import pgstore
 
-            return pgstore.created_at(self.settings.store, self.name)
+            born = pgstore.created_at(self.settings.store, self.name)
+            return None if born is None else repr(born)
         try:
-            return float((self.dir / "store.sqlite").stat().st_ino)
+            with DocStore.for_kb(self.dir, create=False) as store:
+                return store.store_id(create=False) or ""
         except FileNotFoundError:
             return None
 
@@ -349,6 +352,10 @@ class KnowledgeBase:
     def sync(self, progress: bool = False, rebuild: bool = False) -> dict:
         """Bring the index in line with the store (see retrieval.index.sync_index)."""
         with self.writing(), self.store() as store:
+            if self.settings.store.shared:  # no sync may overlap another writer's
+                from ingest.pgstore import check_write_lock
+
+                check_write_lock(self.settings.store, self.name)
             if self.uses_milvus:
                 from retrieval.milvus import sync_milvus
 

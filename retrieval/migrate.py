@@ -127,22 +127,31 @@ def migrate_kb(source: Settings, target: Settings, name: str, queries: int = 100
         previous, made = None, False
         try:
             if moved:
-                made = True
                 copy_store(src, dst, written)
+                made = True  # only now is there a KB of this run's in the target's store
             previous = dst.index_generation()
             return _build_and_verify(src, dst, previous, queries, min_agreement, progress)
         except BaseException:
-            try:
-                dst.milvus().revert_to(previous) if dst.uses_milvus else IndexDir(dst.dir).revert_to(previous)
-            except Exception:  # noqa: BLE001 (the first error is the one to report)
-                log.exception("could not put the target's level 1 back after a failed migration of %s", name)
-            finally:
-                if made and dst.settings.store.shared:
-                    from ingest import pgstore
-
-                    pgstore.drop(dst.settings.store, name)
-                remove_copied(written)
+            _undo(dst, previous, made, written)
             raise
+
+
+def _undo(dst: KnowledgeBase, previous: str | None, made: bool, written: list[Path]) -> None:
+    """After a failed migration: the target's level 1 back to `previous`, the KB this run made in a
+    shared store dropped, copied files removed; each step tried whatever the others do (the
+    migration's own error is the one reported)."""
+    steps = [("put the target's level 1 back", lambda: dst.milvus().revert_to(previous) if dst.uses_milvus
+              else IndexDir(dst.dir).revert_to(previous))]
+    if made and dst.settings.store.shared:
+        from ingest import pgstore
+
+        steps.append(("drop the copied KB from the shared store", lambda: pgstore.drop(dst.settings.store, dst.name)))
+    steps.append(("remove the copied files", lambda: remove_copied(written)))
+    for what, step in steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001
+            log.exception("could not %s after a failed migration of %s", what, dst.name)
 
 
 def copy_store(src: KnowledgeBase, dst: KnowledgeBase, written: list[Path]) -> None:

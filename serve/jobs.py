@@ -4,8 +4,9 @@ An API replica stores the uploaded files with their job in one transaction and o
 acknowledges the upload: whatever happens to the replica afterwards, the job is there. Workers
 claim the oldest waiting job with `FOR UPDATE SKIP LOCKED` (many workers never take the same
 one) and hold a lease on it that a heartbeat renews; a job whose worker died (its lease ran out)
-is taken again, and a job that failed for a passing reason (PostgreSQL or Milvus away, the KB's
-write lock busy) is queued again after a pause; either way up to `serve.job_attempts` times.
+is taken again (up to `serve.job_attempts` times), and a job that failed for a passing reason
+(PostgreSQL or Milvus away, the KB's write lock busy) is queued again after a growing pause,
+for up to `serve.job_retry_s` after it was queued.
 Times are the database server's, so hosts' clocks never disagree about a lease.
 """
 
@@ -27,7 +28,8 @@ _DDL = [
     f"CREATE TABLE IF NOT EXISTS {REGISTRY}.jobs (job_id TEXT PRIMARY KEY, kb TEXT NOT NULL, "
     "state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')), replace_doc TEXT, "
     "created_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION, "
-    "lease_until DOUBLE PRECISION, worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT)",
+    "lease_until DOUBLE PRECISION, worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL "
+    "DEFAULT 0, result TEXT, error TEXT)",
     f"CREATE INDEX IF NOT EXISTS jobs_waiting ON {REGISTRY}.jobs (created_at) WHERE state IN ('queued', 'running')",
     f"CREATE TABLE IF NOT EXISTS {REGISTRY}.job_files (job_id TEXT NOT NULL REFERENCES {REGISTRY}.jobs "
     "ON DELETE CASCADE, ord INTEGER NOT NULL, name TEXT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (job_id, ord))",
@@ -96,8 +98,8 @@ def claim(cfg: StoreConfig, worker: str, lease_s: float, max_attempts: int) -> J
             gone = [r[0] for r in conn.execute(
                 f"UPDATE {REGISTRY}.jobs SET state = 'failed', finished_at = {_NOW}, lease_until = NULL, error = ? "
                 f"WHERE state = 'running' AND lease_until < {_NOW} AND attempts >= ? RETURNING job_id",
-                (f"gave up after {max_attempts} attempts: the worker stopped each time (killed, or out of memory) "
-                 "while ingesting these files", max_attempts))]
+                (f"gave up after {max_attempts} attempts: the worker stopped each time (killed, out of memory, or "
+                 "cut off from the database) while ingesting these files", max_attempts))]
             if gone:
                 conn.execute(f"DELETE FROM {REGISTRY}.job_files WHERE job_id = ANY(?)", (gone,))
         with conn:
@@ -105,8 +107,8 @@ def claim(cfg: StoreConfig, worker: str, lease_s: float, max_attempts: int) -> J
                 f"UPDATE {REGISTRY}.jobs SET state = 'running', worker = ?, attempts = attempts + 1, "
                 f"started_at = {_NOW}, lease_until = {_NOW} + ? WHERE job_id = (SELECT job_id FROM {REGISTRY}.jobs "
                 f"WHERE (state = 'queued' AND (lease_until IS NULL OR lease_until < {_NOW})) OR (state = 'running' "
-                f"AND lease_until < {_NOW}) ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) "
-                "RETURNING job_id, kb, replace_doc, attempts", (worker, lease_s)).fetchone()
+                f"AND lease_until < {_NOW} AND attempts < ?) ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) "
+                "RETURNING job_id, kb, replace_doc, attempts", (worker, lease_s, max_attempts)).fetchone()
             if row is None:
                 return None
             files = [(r["name"], bytes(r["data"])) for r in conn.execute(
@@ -116,22 +118,30 @@ def claim(cfg: StoreConfig, worker: str, lease_s: float, max_attempts: int) -> J
         conn.close()
 
 
-def release(cfg: StoreConfig, job_id: str, worker: str, error: str, max_attempts: int, backoff_s: float) -> str:
-    """Give back a job this worker could not finish for a passing reason (the store, the index or
-    the KB's write lock unavailable): queued again after `backoff_s` with its files, or failed
-    with `error` once it has had `max_attempts`. The job's state after."""
+RETRY_MAX_S = 300.0
+"""The longest pause before a job that failed for a passing reason is taken again."""
+
+
+def release(cfg: StoreConfig, job_id: str, worker: str, error: str, retry_s: float) -> str:
+    """Give back a job this worker could not finish for a passing reason (PostgreSQL, Milvus or the
+    KB's write lock unavailable): queued again with its files after a pause that doubles each time
+    (5 s up to RETRY_MAX_S), without using up one of its attempts (those count workers that died),
+    or failed with `error` once `retry_s` seconds have passed since it was queued. The job's state
+    after ("queued", "failed", or "lost" when this worker no longer held it)."""
     conn = _conn(cfg)
     try:
         with conn:
-            row = conn.execute(f"SELECT attempts FROM {REGISTRY}.jobs WHERE job_id = ? AND worker = ? AND "
-                               "state = 'running' FOR UPDATE", (job_id, worker)).fetchone()
+            row = conn.execute(f"SELECT retries, {_NOW} - created_at FROM {REGISTRY}.jobs WHERE job_id = ? AND "
+                               "worker = ? AND state = 'running' FOR UPDATE", (job_id, worker)).fetchone()
             if row is None:
                 return "lost"
-            if row[0] >= max_attempts:
-                _end(conn, job_id, "failed", None, f"gave up after {max_attempts} attempts: {error}")
+            if row[1] >= retry_s:
+                _end(conn, job_id, "failed", None, f"gave up after {retry_s:g} s of trying: {error}")
                 return "failed"
+            pause = min(RETRY_MAX_S, 5.0 * 2 ** row[0])
             conn.execute(f"UPDATE {REGISTRY}.jobs SET state = 'queued', worker = NULL, error = ?, "
-                         f"lease_until = {_NOW} + ? WHERE job_id = ?", (error, backoff_s, job_id))
+                         f"retries = retries + 1, attempts = attempts - 1, lease_until = {_NOW} + ? WHERE job_id = ?",
+                         (error, pause, job_id))
             return "queued"
     finally:
         conn.close()

@@ -41,13 +41,15 @@ class Service:
 
     def kb(self, name: str, create: bool = False) -> KnowledgeBase:
         """The open KB `name` (NoSuchKB when it does not exist and `create` is false)."""
-        with self._lock:
-            kb = self._kbs.get(name)
-            if kb is None or not kb.is_current():
-                kb = KnowledgeBase(self.settings, name, create=create)
-                self._kbs[name] = kb
-                self._chains.pop(name, None)
+        kb = self._kbs.get(name)
+        if kb is not None and kb.is_current():  # a store round trip: not under the service's lock
             return kb
+        fresh = KnowledgeBase(self.settings, name, create=create)
+        with self._lock:
+            if self._kbs.get(name) is kb:  # no other thread replaced it meanwhile
+                self._kbs[name] = fresh
+                self._chains.pop(name, None)
+            return self._kbs[name]
 
     def chain(self, name: str) -> AnswerChain:
         kb = self.kb(name)

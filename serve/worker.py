@@ -8,6 +8,7 @@ ingest is idempotent (an identical file is skipped, each document is written in 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ from kb.settings import Settings
 from kb.writelock import WriteLockTimeout
 from serve import jobs
 from serve.service import Service
-from serve.uploads import NoSuchDocument
+from serve.uploads import NoSuchDocument, upload_doc_id
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def run_job(svc: Service, job: jobs.Job, worker: str) -> dict:
             log.exception("job %s failed", job.job_id)
             passing = "the ingest failed on the worker (its log has the details)"
     if passing is not None:
-        s = settings.serve
-        state = jobs.release(settings.store, job.job_id, worker, passing, s.job_attempts,
-                             min(s.job_lease_s, 5.0 * job.attempts))
+        state = jobs.release(settings.store, job.job_id, worker, passing, settings.serve.job_retry_s)
         return {"job_id": job.job_id, "kb": job.kb, "state": state, "error": passing}
     jobs.finish(settings.store, job.job_id, worker, result, error)
     return {"job_id": job.job_id, "kb": job.kb, "state": "failed" if error else "done", "error": error}
@@ -93,8 +92,9 @@ def upload(svc: Service, job: jobs.Job) -> dict:
     try:
         return svc.upload(job.kb, files, replace=job.replace)
     except NoSuchDocument:
-        if job.attempts == 1 or job.replace is None:
-            raise
+        new = [upload_doc_id(hashlib.sha256(data).hexdigest()) for _, data in job.files]
+        if job.replace is None or not all(svc.kb(job.kb).document(d) is not None for d in new):
+            raise  # not a retake of a run that replaced the document: the caller's error
     out = svc.upload(job.kb, [(name, io.BytesIO(data)) for name, data in job.files])
     return {**out, "replaced": job.replace}
 
@@ -109,7 +109,7 @@ def run_worker(settings: Settings, once: bool = False, stop: threading.Event | N
     pool_for(settings.store)  # fail at the start when PostgreSQL cannot be reached at all
     stop = stop or threading.Event()
     svc = Service(settings, llm=None)
-    me, done, pruned_at = worker_id(), 0, 0.0
+    me, done, pruned_at = worker_id(), 0, float("-inf")
     log.info("worker %s: waiting for jobs", me)
     while not stop.is_set():
         try:
@@ -125,6 +125,8 @@ def run_worker(settings: Settings, once: bool = False, stop: threading.Event | N
             out = run_job(svc, job, me)
         except Exception as e:  # noqa: BLE001 (PostgreSQL away: wait, then try again)
             log.warning("worker %s: the queue is unavailable (%s); trying again", me, e)
+            if once:
+                raise
             stop.wait(settings.serve.worker_poll_s)
             continue
         done += 1

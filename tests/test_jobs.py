@@ -94,14 +94,29 @@ def test_the_serve_settings_reach_the_worker(settings, monkeypatch):
     assert seen == [(77.0, 9), 0.25]
 
 
-def test_a_passing_failure_queues_the_job_again_with_its_files(cfg):
+def test_a_passing_failure_queues_the_job_again_with_its_files(cfg, pg_db_url):
+    """A job given back for a passing reason is queued again after a pause that doubles, keeps
+    its files, uses up none of its attempts, and fails only once serve.job_retry_s has passed."""
+    import psycopg
+
+    def due_now() -> None:  # the pause is over (as if its seconds had passed)
+        with psycopg.connect(pg_db_url, autocommit=True) as c:
+            c.execute("UPDATE kb_registry.jobs SET lease_until = 0")
+
     job_id = jobs.enqueue(cfg, "a", [("x.md", b"x")])
-    job = jobs.claim(cfg, "w", 60, 2)
-    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 2, 0.2) == "queued"
-    assert jobs.claim(cfg, "w", 60, 2) is None  # held back for a moment
-    time.sleep(0.3)
-    again = jobs.claim(cfg, "w", 60, 2)
-    assert again.job_id == job.job_id and again.files == [("x.md", b"x")] and again.attempts == 2
-    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 2, 0.2) == "failed"
+    assert jobs.claim(cfg, "w", 60, 1).attempts == 1
+    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 3600) == "queued"
+    assert jobs.claim(cfg, "w", 60, 1) is None  # held back for its pause
+    due_now()
+    again = jobs.claim(cfg, "w", 60, 1)  # max_attempts 1: the passing failure did not use it up
+    assert again.job_id == job_id and again.files == [("x.md", b"x")] and again.attempts == 1
+    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 3600) == "queued"
+    with psycopg.connect(pg_db_url, autocommit=True) as c:
+        pause = c.execute("SELECT lease_until - EXTRACT(EPOCH FROM clock_timestamp()) FROM kb_registry.jobs")
+        assert 8 < pause.fetchone()[0] <= 10  # 5 s, then 10 s
+    due_now()
+    jobs.claim(cfg, "w", 60, 1)
+    assert jobs.release(cfg, job_id, "w", "the index is unavailable", 0.001) == "failed"
     st = jobs.status(cfg, job_id)
-    assert st["state"] == "failed" and "gave up after 2 attempts: the index is unavailable" in st["error"]
+    assert st["state"] == "failed" and "the index is unavailable" in st["error"] and st["result"] is None
+    assert jobs.release(cfg, job_id, "w", "x", 3600) == "lost"

@@ -134,6 +134,8 @@ def test_store_settings_reach_the_connection_pool_and_the_lock(settings, tmp_pat
             seen["open"] = kw
 
     monkeypatch.setattr(psycopg_pool, "ConnectionPool", Pool)
+    monkeypatch.setattr(db, "_pools", {})  # the fake pool and lock stay out of the other tests
+    monkeypatch.setattr(db, "_locks", {})
     monkeypatch.setenv("MY_PG_SECRET", "s3cret")
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("store: {url: 'postgresql://kb@db.example:5432/kb', pool_size: 5, timeout_s: 7, "
@@ -207,3 +209,23 @@ def test_the_write_lock_holds_across_processes_and_dies_with_its_holder(pg_db_ur
     t0 = time.monotonic()
     with kb_write_lock(cfg, "a", 10):
         assert time.monotonic() - t0 < 10
+
+
+def test_a_write_lock_whose_connection_ends_is_reported_lost(pg_db_url):
+    """When the server ends the lock's session (so the lock), the writer learns it: before its
+    next guarded step and when it lets go."""
+    import psycopg
+
+    from ingest.pgstore import check_write_lock, kb_write_lock
+    from kb.db import StoreUnavailable
+    from kb.settings import StoreConfig
+
+    cfg = StoreConfig(url=pg_db_url)
+    with pytest.raises(StoreUnavailable, match="lost"), kb_write_lock(cfg, "a", 5):
+        check_write_lock(cfg, "a")  # held: no error
+        with psycopg.connect(pg_db_url, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'")
+        with pytest.raises(StoreUnavailable, match="lost"):
+            check_write_lock(cfg, "a")
+    with kb_write_lock(cfg, "a", 1):  # free again
+        check_write_lock(cfg, "a")
