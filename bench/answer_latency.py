@@ -94,7 +94,7 @@ class Recorder:
 
 
 def open_kb(settings, name: str):
-    from retrieval.kb import KnowledgeBase, NoSuchKB
+    from retrieval.knowledge_base import KnowledgeBase, NoSuchKB
 
     try:
         return KnowledgeBase(settings, name)

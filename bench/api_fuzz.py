@@ -147,7 +147,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.common import write_result
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from serve.api import create_app
     from serve.auth import KeyRing
     from tests.conftest import DOCS, serving, write_files

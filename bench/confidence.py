@@ -24,7 +24,7 @@ THRESHOLDS = [round(0.02 * i, 2) for i in range(51)]
 
 
 def build_kb(settings, name: str, paragraphs, folder: Path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     folder.mkdir(parents=True, exist_ok=True)
     for p in paragraphs:

@@ -116,7 +116,7 @@ def inspect(settings, name: str, expected: set[str], recent: dict[str, str]) -> 
     index entries missing or extra, orphans in the index folder, and which of the `recent`
     documents (source -> query) a search does not return."""
     from retrieval.index import IndexDir, desired_entries
-    from retrieval.kb import KnowledgeBase, list_kbs
+    from retrieval.knowledge_base import KnowledgeBase, list_kbs
 
     k = KnowledgeBase(settings, name)
     sources = [d["source"] for d in k.documents()]

@@ -383,7 +383,7 @@ def wrap_ingest_stages(timer: StageTimer) -> None:
     """Time each stage of `kb ingest` (KnowledgeBase.add_paths) where the production code calls it."""
     import ingest.pipeline as pipeline
     import retrieval.index as index
-    import retrieval.kb as rkb
+    import retrieval.knowledge_base as rkb
     from ingest.chunking import NSPChunker
     from ingest.keyinfo import ExtractiveKeyInfo
     from ingest.nsp import CrossNSPScorer
@@ -465,7 +465,7 @@ def bench_e2e(n_docs: int, per_doc: int, device: str, shape: str, tok_spec: str,
     `model:nsp-e5`, key info, embedding with `model:e5-small`, SQLite store, FAISS + BM25 index)
     over long Chinese documents, the models random weights of `shape` with the real tokenizer."""
     from kb.models import resolve_model
-    from retrieval.kb import KnowledgeBase, shared_embedder
+    from retrieval.knowledge_base import KnowledgeBase, shared_embedder
 
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp_s:

@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--cmrc", default=str(ROOT.parent / "shared" / "data" / "cmrc2018" / "cmrc2018_trial.json"))
     args = ap.parse_args()
     from kb.settings import load_settings
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from serve.chain import AnswerChain
 
     rows = [{**json.loads(line), "set": name} for name, path in ATTACK_SETS.items()

@@ -110,7 +110,7 @@ def probe(config: Path, home: Path, kb: str, n: int = 12) -> dict:
     the BM25 search of level 1, and the store's part (the KB check, opening the store, reading the
     top hits)."""
     from kb.settings import load_settings
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     os.environ["KB_HOME"] = str(home)
     try:

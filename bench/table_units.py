@@ -91,7 +91,7 @@ def grid_units(table, max_chars: int, whole_chars: int, rows_per_unit: int = 1) 
 def run_variant(name: str, overrides: dict, base: dict, qs: list, data: Path) -> dict:
     from ingest.pipeline import FileItem, doc_id_for
     from kb.settings import load_settings
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     with tempfile.TemporaryDirectory() as home:
         settings = load_settings(None, home=home, **base, **overrides)

@@ -72,7 +72,7 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[dic
 
 def open_kb(settings: Settings, name: str | None):
     """The knowledge base `name`; a usage error when it is missing or not given."""
-    from retrieval.kb import KnowledgeBase, NoSuchKB
+    from retrieval.knowledge_base import KnowledgeBase, NoSuchKB
 
     if not name:
         raise UsageError("--kb is required (with --compare, CONFIG.yaml@KB names one per run)")

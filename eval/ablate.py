@@ -154,7 +154,7 @@ def build_kb(settings: Settings, name: str, docs: Path, like: Path | None, progr
     """Ingest `docs` into KB `name`, or with `like` copy that KB's store (the same chunks) and
     build only this row's index. A KB built before from the same documents and settings is reused;
     one built otherwise is deleted and rebuilt."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     origin = json.loads((like / "ablate.json").read_text()) if like is not None else {}
     target, mark = settings.kb_dir(name), fingerprint(settings, docs, origin.get("fingerprint", ""))
@@ -251,7 +251,7 @@ class Builds:
 def run_corpus(builds: Builds, rows: list[Row], questions: list[Question], k: int) -> list[dict]:
     """Score every row on `questions` (building the KBs they need)."""
     from eval.retrieval import evaluate_retrieval
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     out = []
     for row in rows:

@@ -54,7 +54,7 @@ def run_answers(squad: str | Path, work: str | Path, names: Sequence[str], *, co
     `docs_sha256`: the documents the rows were picked on (a saved grid's); others are an error."""
     from eval.open import evaluate_open
     from eval.report import provenance
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from serve.chain import AnswerChain
 
     by_name: dict[str, Row] = {r.name: r for r in grid()}

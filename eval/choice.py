@@ -226,7 +226,7 @@ def run_choice(settings, items: Sequence[ChoiceItem], *, problems: Sequence[str]
     meta = {"mode": mode, "shots": shots, "kb": kb.name if kb is not None else None}
 
     if mode == "embed":
-        from retrieval.kb import shared_embedder
+        from retrieval.knowledge_base import shared_embedder
 
         emb = kb.embedder if kb is not None else shared_embedder(
             settings.models.embedder, settings.models.device, settings.retrieval.embed_batch_size)

@@ -372,7 +372,7 @@ class DocStore:
                           "SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)")
 
 
-    # chunk edits (retrieval/kb.py edit_chunk) --------------------------------------------------------
+    # chunk edits (retrieval/knowledge_base.py edit_chunk) --------------------------------------------------------
     def chunk(self, doc_id: str, ord_: int) -> dict | None:
         """One chunk of a document by its ord, with its latest edit (`edit`: None if never edited)."""
         row = self.conn.execute("SELECT c.*, d.source FROM chunks c JOIN documents d USING (doc_id) "

@@ -17,7 +17,7 @@ from kb.fsutil import building_dir, replacing_file, umask_mode
 from kb.settings import Settings
 from kb.writelock import LOCK_NAME
 from retrieval.index import IndexDir, desired_entries
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 
 log = logging.getLogger(__name__)
 SKIP_DIRS = {"index"}

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kb.errors import KBError
 from kb.settings import ConfigError, Settings
 from kb.writelock import WriteLockTimeout
-from retrieval.kb import NoSuchKB
+from retrieval.knowledge_base import NoSuchKB
 from serve.auth import NO_KEYS, KeyRing
 from serve.middleware import (
     BodyLimitMiddleware,

@@ -20,7 +20,7 @@ from typing import Any
 from ingest.sentences import is_chinese
 from ingest.text import terms
 from kb.settings import Settings
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.compliance import Compliance, ReplyLibrary, StreamGuard, find_sensitive, question_confidence
 from serve.faq import FaqMatch, KbFaq
 from serve.injection import clean_source, quote, quoted_sentences

@@ -339,7 +339,7 @@ class KbFaq:
         m, cfg = self.settings.models, self.settings.faq
         if not (cfg.use_reranker and m.reranker):
             return None
-        from retrieval.kb import shared_reranker
+        from retrieval.knowledge_base import shared_reranker
 
         return shared_reranker(m.reranker, m.device)
 

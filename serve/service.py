@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kb.settings import Settings
-from retrieval.kb import KnowledgeBase, NoSuchKB, list_kbs
+from retrieval.knowledge_base import KnowledgeBase, NoSuchKB, list_kbs
 from serve.chain import AnswerChain
 from serve.compliance import ReplyLibrary
 from serve.llm import LLM, OpenAICompatibleLLM, build_llm, pick_backend
@@ -30,7 +30,7 @@ class Service:
 
     @cached_property
     def library(self) -> ReplyLibrary:
-        from retrieval.kb import shared_embedder
+        from retrieval.knowledge_base import shared_embedder
 
         m, r = self.settings.models, self.settings.retrieval
         return ReplyLibrary.load(self.settings.compliance.approved_replies,

@@ -185,7 +185,7 @@ def serving(app) -> Iterator[str]:
 @pytest.fixture()
 def kb(settings, tmp_path):
     """The policy KB `policies` (a test module may define its own `kb`)."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     k = KnowledgeBase(settings, "policies", create=True)
     k.add_items(write_files(tmp_path / "d", DOCS), progress=False)

@@ -72,7 +72,7 @@ def small_squad(tmp_path):
 
 def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, tiny_reranker_dir, monkeypatch):
     from retrieval.index import IndexDir
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     cfg = tmp_path / "ablate.yaml"
     cfg.write_text("models: {device: cpu, llm: null}\nllm: {adapter: null}\n"
@@ -142,7 +142,7 @@ def test_ablation_end_to_end(settings, small_squad, tmp_path, tiny_nsp_dir, tiny
 def test_a_built_kb_is_reused_only_with_the_same_documents_and_settings(settings, tmp_path, monkeypatch):
     from eval.ablate import build_kb
     from kb.settings import apply_overrides
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from tests.conftest import write_files
 
     docs = tmp_path / "docs"

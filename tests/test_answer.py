@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cli import main as kb_main
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.chain import AnswerChain
 from serve.compliance import SIMILARITY_KIND
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.api import create_app
 from serve.auth import KeyRing
 from tests.conftest import DOCS, serving, write_files

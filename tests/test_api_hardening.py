@@ -209,7 +209,7 @@ def test_a_missing_kb_is_a_404_without_server_paths(server, settings):
 
 
 def stored_path(settings, doc_id: str) -> Path:
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     return Path(KnowledgeBase(settings, "policies").document(doc_id)["path"])
 

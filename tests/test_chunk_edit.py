@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from ingest.pipeline import FileItem
-from retrieval.kb import MAX_CHUNK_TEXT, BadChunkText, KnowledgeBase, NoSuchChunk
+from retrieval.knowledge_base import MAX_CHUNK_TEXT, BadChunkText, KnowledgeBase, NoSuchChunk
 from tests.conftest import ROOT, serving, write_files
 
 HANDBOOK = ("# Staff handbook\n\n"
@@ -220,7 +220,7 @@ def test_an_api_editor_cannot_forge_a_key_fingerprint_or_a_listing_line():
 
 
 def test_a_chunk_name_that_is_no_decimal_ord_is_no_such_chunk():
-    from retrieval.kb import chunk_ord
+    from retrieval.knowledge_base import chunk_ord
 
     assert chunk_ord("d", " 3 ") == 3 and chunk_ord("d", "d-00007") == 7 and chunk_ord("d", 2) == 2
     for bad in ("²", "d-²", "x", "-1", -1):

@@ -105,7 +105,7 @@ def test_sentence_chunker_makes_one_chunk_per_unit():
 
 
 def test_sentence_method_reaches_the_pipeline(settings, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from tests.conftest import write_files
 
     s = settings.model_copy(update={"chunking": settings.chunking.model_copy(update={"method": "sentence"})})

@@ -20,7 +20,7 @@ from bench.crash import committed, concurrent, consistent, corpus, inspect, kb_c
 from kb import faults
 from kb.settings import load_settings
 from retrieval.index import IndexDir
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from tests.conftest import ROOT, serving, write_files
 
 BASE = corpus(4)

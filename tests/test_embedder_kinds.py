@@ -78,7 +78,7 @@ def test_the_cache_keeps_query_and_passage_vectors_apart(prompted, plain, tmp_pa
 
 def test_a_kb_embeds_its_entries_as_passages_and_searches_with_queries(settings, prompted_dir, tmp_path, monkeypatch):
     from ingest.pipeline import FileItem, doc_id_for
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     settings.models.embedder = str(prompted_dir)
     kinds: list[str] = []

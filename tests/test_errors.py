@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def caller_errors() -> dict[str, type]:
     """Every KBError subclass the packages define, by name."""
     import kb.paths
-    import retrieval.kb
+    import retrieval.knowledge_base
     import serve.uploads
 
     found = {}
-    for mod in (kb.paths, retrieval.kb, serve.uploads):
+    for mod in (kb.paths, retrieval.knowledge_base, serve.uploads):
         found.update({n: c for n, c in vars(mod).items() if isinstance(c, type) and issubclass(c, KBError)
                       and c not in (KBError, InvalidRequest, NotFound)})
     return found

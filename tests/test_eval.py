@@ -278,7 +278,7 @@ def test_compare_default_and_baseline_retrieval(cmrc_small, capsys, tmp_path, mo
 def test_retrieval_augmented_choice_puts_kb_passages_into_the_prompt(cmrc_small, monkeypatch):
     from eval.choice import ChoiceItem, attach_context, build_prompt
     from kb.settings import load_settings
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     monkeypatch.delenv("KB_HOME", raising=False)
     data = json.loads(cmrc_small["squad"].read_text(encoding="utf-8"))

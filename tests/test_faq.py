@@ -8,7 +8,7 @@ import pytest
 
 from cli import main as kb_main
 from kb.settings import apply_overrides
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.chain import AnswerChain
 from serve.faq import faq_id, import_faq, list_faq, remove_faq
 

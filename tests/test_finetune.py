@@ -208,7 +208,7 @@ def test_formats(tmp_path):
 
 
 def test_training_data_from_a_kb(settings, tmp_path, capsys):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from tests.conftest import SAMPLES
 
     kb_ = KnowledgeBase(settings, "samples", create=True)

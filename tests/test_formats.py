@@ -46,7 +46,7 @@ def test_the_converted_formats_are_supported():
 
 
 def test_every_format_is_ingested_in_the_sandbox_and_bad_files_do_not_stop_the_batch(settings, made, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     folder = tmp_path / "inbox"
     folder.mkdir()

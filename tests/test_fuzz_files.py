@@ -20,7 +20,7 @@ BAD = {kind: words for kind, (_, words) in KINDS.items() if words is not None}
 
 @pytest.mark.timeout(300)
 def test_one_batch_of_bad_files_fails_each_clearly_and_ingests_the_good(settings, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     settings.parse = settings.parse.model_copy(update={"timeout_s": 8.0, "max_memory_mb": 300.0,
                                                        "max_unzipped_mb": 40.0})

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from kb.models import is_installed
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.chain import AnswerChain, system_prompt
 from serve.injection import clean_source, is_instruction, quote
 from tests.conftest import CMRC, DOCS, ROOT, write_files

@@ -37,7 +37,7 @@ def cmrc_docs(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_milvus_level1_answers_as_the_embedded_index_does(settings, tmp_path, cmrc_docs):
     """The same KB (same store) searched through FAISS + bm25s and through Milvus (dense + BM25 in
     the engine, the same fusion): the same top 5 for at least 95% of the CMRC questions."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     docs, questions = cmrc_docs
     embedded = KnowledgeBase(settings, "cmrc", create=True)
@@ -75,7 +75,7 @@ def above_last_tie(hits: list[tuple[int, float]], scale: float) -> dict[float, s
 def test_deletes_updates_and_rebuilds_keep_milvus_equal_to_the_store(settings, tmp_path):
     """Removing a document deletes its rows; adding one inserts only its rows; a reindex fills a new
     generation and moves the alias; deleting the KB drops its collections."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from retrieval.milvus import present_ids
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
@@ -109,7 +109,7 @@ def test_deletes_updates_and_rebuilds_keep_milvus_equal_to_the_store(settings, t
 
 
 def test_a_rebuild_killed_before_its_publish_is_swept_by_the_next_sync(settings, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
     kb = KnowledgeBase(s, "policies", create=True)
@@ -124,7 +124,7 @@ def test_a_rebuild_killed_before_its_publish_is_swept_by_the_next_sync(settings,
 def test_generations_built_before_data_folders_had_ids_are_adopted(settings, tmp_path):
     """A generation whose owner is the KB folder's path (how the first release recorded it) and
     whose store is this KB's is searched, and the next sync rebuilds it under the folder's id."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
     kb = KnowledgeBase(s, "policies", create=True)
@@ -140,7 +140,7 @@ def test_generations_built_before_data_folders_had_ids_are_adopted(settings, tmp
 
 def test_another_embedder_is_refused_until_reindexed(settings, tmp_path, monkeypatch):
     from retrieval.index import IndexMismatchError
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
     kb = KnowledgeBase(s, "policies", create=True)
@@ -182,7 +182,7 @@ def milvus_server(tmp_path):
 def test_a_milvus_server_is_shared_by_every_process_that_points_at_it(settings, tmp_path, milvus_server):
     """Through the gRPC server: one process ingests, another (a fresh interpreter with the same
     config) searches and gets the same hits; nothing is in the KB folder's index."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     s = milvus_settings(settings, milvus_server)
     kb = KnowledgeBase(s, "policies", create=True)
@@ -194,7 +194,7 @@ def test_a_milvus_server_is_shared_by_every_process_that_points_at_it(settings, 
     code = (
         "import json, sys\n"
         "from kb.settings import load_settings\n"
-        "from retrieval.kb import KnowledgeBase\n"
+        "from retrieval.knowledge_base import KnowledgeBase\n"
         f"s = load_settings(None, **{{'retrieval.backend': 'milvus', 'milvus.uri': {milvus_server!r}, "
         f"'models.device': 'cpu', 'models.llm': None, 'llm.adapter': None, 'models.nsp': {nsp!r}}})\n"
         "kb = KnowledgeBase(s, 'policies')\n"
@@ -211,7 +211,7 @@ def test_kb_migrate_moves_a_kb_to_milvus_and_back_verified(settings, tmp_path, c
     each verified by counts and by the top 5 of sampled queries; a migration onto itself is refused."""
     from cli.main import main as kb_main
     from kb.settings import load_settings_as_written
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     kb = KnowledgeBase(settings, "policies", create=True)
     kb.add_items(write_files(tmp_path / "d", DOCS), progress=False)
@@ -252,7 +252,7 @@ def test_kb_migrate_moves_a_kb_to_milvus_and_back_verified(settings, tmp_path, c
 def test_a_new_kb_of_a_deleted_name_never_searches_the_old_rows(settings, tmp_path, monkeypatch):
     """A delete killed before it dropped the collections leaves them behind; they record the old
     store, so the new KB of that name rebuilds instead of diffing its (restarted) ids against them."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from retrieval.milvus import MilvusLevel1
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
@@ -277,7 +277,7 @@ def test_a_new_kb_of_a_deleted_name_never_searches_the_old_rows(settings, tmp_pa
 
 
 def test_kbs_whose_names_look_like_generations_stay_apart(settings, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))
     a, b = KnowledgeBase(s, "a", create=True), KnowledgeBase(s, "a_g1", create=True)
@@ -291,7 +291,7 @@ def test_kbs_whose_names_look_like_generations_stay_apart(settings, tmp_path):
 
 
 def test_another_data_folder_cannot_take_over_a_kb_of_the_same_name(settings, tmp_path):
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from retrieval.milvus import NotThisKB
 
     s = milvus_settings(settings, str(tmp_path / "shared.db"))
@@ -314,7 +314,7 @@ def test_configured_milvus_settings_reach_every_request(settings, tmp_path, monk
     import pymilvus
 
     import retrieval.milvus as rm
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     made, calls = [], []
     real = pymilvus.MilvusClient
@@ -359,7 +359,7 @@ def test_milvus_settings_are_checked_before_any_request(settings, tmp_path, monk
     from pydantic import ValidationError
 
     from kb.settings import MilvusConfig
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from retrieval.milvus import MilvusUnavailable
 
     for bad in ({"collection_prefix": "9x"}, {"collection_prefix": "a-b"}, {"insert_batch": 0}, {"timeout_s": 0}):
@@ -375,7 +375,7 @@ def test_milvus_settings_are_checked_before_any_request(settings, tmp_path, monk
 def test_an_edit_inserts_the_new_rows_before_it_deletes_the_old(settings, tmp_path, monkeypatch):
     """A chunk edit replaces key-information entries: the sync inserts the new rows first, so a
     search meanwhile finds the old text or the new one, never neither."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from retrieval.milvus import MilvusLevel1
 
     s = milvus_settings(settings, str(tmp_path / "milvus.db"))

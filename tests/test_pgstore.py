@@ -85,7 +85,7 @@ def test_faq_edits_audit_and_ids_alike(any_settings):
 
 
 def test_a_reader_never_creates_a_kb(any_settings):
-    from retrieval.kb import kb_exists, kb_names
+    from retrieval.knowledge_base import kb_exists, kb_names
 
     with pytest.raises(FileNotFoundError):
         open_store(any_settings, "nothing", create=False)

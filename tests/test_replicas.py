@@ -31,7 +31,7 @@ def test_a_shared_kb_answers_as_the_embedded_one(settings, tmp_path, pg_db_url, 
     """The same documents ingested into SQLite + FAISS and into PostgreSQL + Milvus: the same top 5
     for at least 95% of the CMRC questions, and the same stored documents and chunks."""
     from kb.settings import apply_overrides
-    from retrieval.kb import KnowledgeBase, list_kbs
+    from retrieval.knowledge_base import KnowledgeBase, list_kbs
 
     docs, questions = cmrc_docs
     embedded = KnowledgeBase(settings, "cmrc", create=True)
@@ -215,7 +215,7 @@ def test_kb_migrate_moves_a_kb_into_the_shared_store_and_back(settings, tmp_path
     entries travel with the store, and ids continue after the copied ones."""
     from cli.main import main as kb_main
     from kb.settings import load_settings_as_written
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     kb = KnowledgeBase(settings, "policies", create=True)
     kb.add_items(write_files(tmp_path / "d", DOCS), progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kb.cross_encoder import SIGMOID, add_lora, build_cross_encoder, load_classifier, save_asset
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from tests.conftest import write_files
 
 DOCS = {
@@ -56,7 +56,7 @@ def _with(settings, **retrieval):
 def test_search_reranks_the_configured_candidates_with_sigmoid_scores(kb, tiny_reranker, monkeypatch):
     from sentence_transformers import CrossEncoder
 
-    from retrieval import kb as kb_module
+    from retrieval import knowledge_base as kb_module
 
     kb_module.shared_reranker.cache_clear()
     seen = []

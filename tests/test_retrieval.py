@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval.index import IndexDir, IndexMismatchError
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from retrieval.search import fuse
 from retrieval.vector import FaissIndex, TorchExactIndex, choose_type, torch_from_faiss
 from tests.conftest import DOCS, write_files
@@ -80,7 +80,7 @@ def test_killed_index_write_leaves_previous_index_loadable(kb, tmp_path):
         import kb
         from kb.settings import load_settings
         from retrieval import index as ix
-        from retrieval.kb import KnowledgeBase
+        from retrieval.knowledge_base import KnowledgeBase
         orig = ix.FaissIndex.save
         def save_then_die(self, path):
             orig(self, path)

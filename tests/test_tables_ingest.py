@@ -245,7 +245,7 @@ def test_cmrc_paragraphs_with_middle_dots_round_trip(tmp_path):
 
 def test_table_settings_reach_the_chunker(settings, tmp_path):
     from ingest.pipeline import FileItem, doc_id_for
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     settings.chunking.table_rows_per_unit = 4
     f = tmp_path / "价格表.csv"

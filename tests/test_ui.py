@@ -19,7 +19,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 
 from kb.paths import BadKBName
 from kb.settings import ConfigError
-from retrieval.kb import KnowledgeBase
+from retrieval.knowledge_base import KnowledgeBase
 from serve.auth import KeyRing, parse_grant
 from tests.conftest import DOCS, free_port, write_files
 from ui.app import authorize, login_delay, may_create, visible_kbs

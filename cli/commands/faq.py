@@ -10,7 +10,7 @@ from kb.settings import Settings
 
 def cmd_faq_import(args: argparse.Namespace, settings: Settings) -> int:
     """`kb faq import FILE --kb NAME`: import FAQ rows; 2 when none was imported."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
     from serve.faq import FaqFileError, import_faq
 
     try:

@@ -10,7 +10,7 @@ from kb.settings import Settings
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     """`kb ingest PATHS --kb NAME`: parse, chunk and index files; 2 when every file failed."""
-    from retrieval.kb import KnowledgeBase
+    from retrieval.knowledge_base import KnowledgeBase
 
     kb_ = KnowledgeBase(settings, args.kb, create=True)
     out = kb_.add_paths(args.paths, progress=not args.quiet)
@@ -40,7 +40,7 @@ def cmd_train_nsp(args: argparse.Namespace, settings: Settings) -> int:
 
 def _require_kb(settings: Settings, name: str):
     """The knowledge base `name`; UsageError when there is none."""
-    from retrieval.kb import KnowledgeBase, NoSuchKB
+    from retrieval.knowledge_base import KnowledgeBase, NoSuchKB
 
     try:
         return KnowledgeBase(settings, name)

@@ -12,7 +12,7 @@ from kb.settings import Settings
 
 def cmd_kbs(args: argparse.Namespace, settings: Settings) -> int:
     """`kb kbs`: list the knowledge bases with their document and chunk counts."""
-    from retrieval.kb import list_kbs
+    from retrieval.knowledge_base import list_kbs
 
     kbs = list_kbs(settings)
     emit(args, {"kbs": kbs}, lambda r: "\n".join(
@@ -24,7 +24,7 @@ def cmd_chunks(args: argparse.Namespace, settings: Settings) -> int:
     """`kb chunks --kb NAME --doc ID` lists a document's chunks; `kb chunks edit ...` changes one."""
     if getattr(args, "chunks_command", None) == "edit":
         return cmd_chunks_edit(args, settings)
-    from retrieval.kb import NoSuchChunk
+    from retrieval.knowledge_base import NoSuchChunk
 
     if not args.kb or not args.doc:
         raise UsageError("kb chunks needs --kb NAME and --doc ID (document ids: `kb chunks --kb NAME --doc ID` "
@@ -43,7 +43,7 @@ def cmd_chunks_edit(args: argparse.Namespace, settings: Settings) -> int:
     """`kb chunks edit`: replace a chunk's text (from --text or --file), recorded under the user's name."""
     import getpass
 
-    from retrieval.kb import BadChunkText, NoSuchChunk
+    from retrieval.knowledge_base import BadChunkText, NoSuchChunk
 
     if (args.text is None) == (args.file is None):
         raise UsageError("give the chunk's new text with --text TEXT or --file FILE (one of them)")
@@ -66,7 +66,7 @@ def cmd_chunks_edit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
     """`kb rm --kb NAME [--doc ID]`: delete a document or a whole knowledge base."""
-    from retrieval.kb import NoSuchKB
+    from retrieval.knowledge_base import NoSuchKB
 
     kb_ = open_kb(settings, args.kb)
     try:

@@ -117,7 +117,7 @@ async def wait_for_job(svc: Service, job_id: str, kb: str) -> dict:
 
 def job_json(out: dict) -> dict:
     """A job's public JSON: times as ISO 8601, the error as a message."""
-    from retrieval.kb import iso_time
+    from retrieval.knowledge_base import iso_time
 
     return {**{k: out[k] for k in ("job_id", "kb", "state", "attempts", "error", "result")},
             **{k: None if out[k] is None else iso_time(out[k]) for k in ("created_at", "started_at", "finished_at")}}

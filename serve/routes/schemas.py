@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from kb.paths import KB_NAME_PATTERN
-from retrieval.kb import MAX_CHUNK_TEXT, MAX_USER
+from retrieval.knowledge_base import MAX_CHUNK_TEXT, MAX_USER
 from serve.routes.common import ApiError
 
 MAX_TEXT = 4000
