@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kb.errors import NotFound, Unavailable
-from kb.writelock import WriteLockTimeout
+from kb.writelock import ReentrantLock, WriteLockTimeout
 
 log = logging.getLogger(__name__)
 PG_SCHEMES = ("postgresql://", "postgres://")
@@ -231,28 +231,19 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
-class _AdvisoryLock:
+class _AdvisoryLock(ReentrantLock):
     """One advisory lock in this process: a thread lock (reentrant), then the server's lock, held
     on a connection of its own (outside the pool, which readers and the writer's own store use)
     for as long as the outermost holder holds it."""
 
     def __init__(self, url: str, password_env: str, timeout_s: float, key: int) -> None:
+        super().__init__()
         self.url, self.password_env, self.timeout_s, self.key = url, password_env, timeout_s, key
-        self.thread_lock = threading.RLock()
-        self.depth = 0
-        self.conn: Any = None
 
-    def acquire(self, timeout: float, describe: str) -> None:
-        deadline = time.monotonic() + timeout
-        if not self.thread_lock.acquire(timeout=max(timeout, 0.0)):
-            raise LockTimeout(f"{describe} is being written by another thread of this process; waited {timeout:.0f} s")
-        try:
-            if self.depth == 0:
-                self.conn = self._lock(deadline, timeout, describe)
-            self.depth += 1
-        except BaseException:
-            self.thread_lock.release()
-            raise
+    @property
+    def conn(self) -> Any:
+        """The lock's connection while it is held, else None."""
+        return self.handle
 
     def _connect(self):
         import psycopg
@@ -264,7 +255,7 @@ class _AdvisoryLock:
         except psycopg.OperationalError as e:
             raise StoreUnavailable(f"the write lock's connection to {redact(self.url)}: {e}") from e
 
-    def _lock(self, deadline: float, timeout: float, describe: str):
+    def _take(self, deadline: float, timeout: float, describe: str = "the knowledge base") -> Any:
         conn = self._connect()
         try:
             with _mapped_errors():
@@ -279,24 +270,18 @@ class _AdvisoryLock:
             raise
         return conn
 
-    def alive(self) -> bool:
+    def alive(self, conn: Any = None) -> bool:
         """Whether the lock's connection (so the lock) is still there: a connection the server or
         the network ended has let the lock go."""
         try:
-            self.conn.execute("SELECT 1")
+            (conn or self.handle).execute("SELECT 1")
         except Exception:  # noqa: BLE001 (any failure: the session and its lock are gone)
             return False
         return True
 
-    def release(self) -> bool:
-        """Let go (the outermost holder closes the connection); whether the lock was still held."""
-        held = True
-        self.depth -= 1
-        if self.depth == 0 and self.conn is not None:
-            held = self.alive()
-            conn, self.conn = self.conn, None
-            conn.close()  # the server ends the session and its lock with it
-        self.thread_lock.release()
+    def _drop(self, handle: Any) -> bool:
+        held = self.alive(handle)
+        handle.close()  # the server ends the session and its lock with it
         return held
 
 
@@ -315,7 +300,8 @@ def advisory_lock(url: str, password_env: str, timeout_s: float, name: str, time
     reentrant in the thread that holds it) for the block, waiting at most `timeout` seconds
     (LockTimeout). The server releases it when the holder's connection dies."""
     lock = _lock_for(url, password_env, timeout_s, name)
-    lock.acquire(timeout, describe)
+    lock.acquire(timeout, f"{describe} is being written by another thread of this process; waited {timeout:.0f} s",
+                 describe=describe)
     try:
         yield
     except BaseException:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LOCK_NAME = ".write.lock"
 _POLL_S = 0.05
@@ -29,35 +30,62 @@ class WriteLockTimeout(TimeoutError):
     """Another process (or thread) kept writing the knowledge base longer than the timeout."""
 
 
-class _FolderLock:
-    """The lock of one KB folder in this process: a thread lock, then the file lock."""
+class ReentrantLock:
+    """A lock one thread of one process holds at a time, across processes: a reentrant thread
+    lock, then an outer lock (a file's, a database's) that the outermost holder takes (`_take`,
+    which returns its handle) and lets go (`_drop`)."""
 
-    def __init__(self, kb_dir: Path) -> None:
-        self.kb_dir = kb_dir
-        self.path = kb_dir / LOCK_NAME
+    def __init__(self) -> None:
         self.thread_lock = threading.RLock()
         self.depth = 0
-        self.fd: int | None = None
+        self.handle: Any = None
 
-    def acquire(self, timeout: float, create: bool) -> None:
+    def acquire(self, timeout: float, busy: str, **take: Any) -> None:
+        """Take it within `timeout` seconds; WriteLockTimeout(`busy`) when another thread of this
+        process holds it that long; `take` goes to `_take`."""
         deadline = time.monotonic() + timeout
         if not self.thread_lock.acquire(timeout=max(timeout, 0.0)):
-            raise WriteLockTimeout(self._busy_message(timeout, "another thread of this process"))
+            raise WriteLockTimeout(busy)
         try:
             if self.depth == 0:
-                self.fd = self._lock_file(deadline, timeout, create)
+                self.handle = self._take(deadline, timeout, **take)
             self.depth += 1
         except BaseException:
             self.thread_lock.release()
             raise
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Let go (the outermost holder lets the outer lock go); whether it was still held."""
+        held = True
         self.depth -= 1
-        if self.depth == 0 and self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self.depth == 0 and self.handle is not None:
+            handle, self.handle = self.handle, None
+            held = self._drop(handle)
         self.thread_lock.release()
+        return held
+
+    def _take(self, deadline: float, timeout: float, **take: Any) -> Any:
+        raise NotImplementedError
+
+    def _drop(self, handle: Any) -> bool:
+        raise NotImplementedError
+
+
+class _FolderLock(ReentrantLock):
+    """The lock of one KB folder in this process: a thread lock, then the file lock."""
+
+    def __init__(self, kb_dir: Path) -> None:
+        super().__init__()
+        self.kb_dir = kb_dir
+        self.path = kb_dir / LOCK_NAME
+
+    def _take(self, deadline: float, timeout: float, create: bool = True) -> int:
+        return self._lock_file(deadline, timeout, create)
+
+    def _drop(self, handle: int) -> bool:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
+        return True
 
     def _lock_file(self, deadline: float, timeout: float, create: bool) -> int:
         """flock the lock file; retry on a fresh file when the one locked was deleted meanwhile."""
@@ -104,7 +132,7 @@ def write_lock(kb_dir: str | Path, timeout: float, create: bool = True) -> Itera
     (WriteLockTimeout names the KB and the holder). `create=False`: FileNotFoundError when the
     folder does not exist, instead of creating it."""
     lock = _folder_lock(Path(kb_dir))
-    lock.acquire(timeout, create)
+    lock.acquire(timeout, lock._busy_message(timeout, "another thread of this process"), create=create)
     try:
         yield
     finally:
