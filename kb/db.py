@@ -239,6 +239,7 @@ class _AdvisoryLock(ReentrantLock):
     def __init__(self, url: str, password_env: str, timeout_s: float, key: int) -> None:
         super().__init__()
         self.url, self.password_env, self.timeout_s, self.key = url, password_env, timeout_s, key
+        self.busy_error = LockTimeout
 
     @property
     def conn(self) -> Any:
@@ -274,7 +275,7 @@ class _AdvisoryLock(ReentrantLock):
         """Whether the lock's connection (so the lock) is still there: a connection the server or
         the network ended has let the lock go."""
         try:
-            (conn or self.handle).execute("SELECT 1")
+            (conn if conn is not None else self.handle).execute("SELECT 1")
         except Exception:  # noqa: BLE001 (any failure: the session and its lock are gone)
             return False
         return True

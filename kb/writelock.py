@@ -35,6 +35,9 @@ class ReentrantLock:
     lock, then an outer lock (a file's, a database's) that the outermost holder takes (`_take`,
     which returns its handle) and lets go (`_drop`)."""
 
+    busy_error: type[Exception] = WriteLockTimeout
+    """What a wait for another thread of this process that outlasts the timeout raises."""
+
     def __init__(self) -> None:
         self.thread_lock = threading.RLock()
         self.depth = 0
@@ -45,7 +48,7 @@ class ReentrantLock:
         process holds it that long; `take` goes to `_take`."""
         deadline = time.monotonic() + timeout
         if not self.thread_lock.acquire(timeout=max(timeout, 0.0)):
-            raise WriteLockTimeout(busy)
+            raise self.busy_error(busy)
         try:
             if self.depth == 0:
                 self.handle = self._take(deadline, timeout, **take)
@@ -57,11 +60,13 @@ class ReentrantLock:
     def release(self) -> bool:
         """Let go (the outermost holder lets the outer lock go); whether it was still held."""
         held = True
-        self.depth -= 1
-        if self.depth == 0 and self.handle is not None:
-            handle, self.handle = self.handle, None
-            held = self._drop(handle)
-        self.thread_lock.release()
+        try:
+            self.depth -= 1
+            if self.depth == 0 and self.handle is not None:
+                handle, self.handle = self.handle, None
+                held = self._drop(handle)
+        finally:  # whatever letting the outer lock go raised, the thread lock is let go
+            self.thread_lock.release()
         return held
 
     def _take(self, deadline: float, timeout: float, **take: Any) -> Any:

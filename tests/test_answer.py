@@ -8,7 +8,7 @@ import pytest
 
 from cli import main as kb_main
 from retrieval.knowledge_base import KnowledgeBase
-from serve.chain import AnswerChain
+from serve.chain import Answer, AnswerChain, public
 from serve.compliance import SIMILARITY_KIND
 
 
@@ -147,3 +147,22 @@ def test_kb_ask_cli_on_sample_documents(settings, tmp_path, capsys, monkeypatch)
     bad = ask("Were weapons delivered with the bottles of water?")
     assert bad["fallback"] and "sensitive" in bad["reason"]
     assert kb_main(["ask", "  ", "--kb", "samples", "--config", str(cfg)]) == 2
+
+
+@pytest.mark.parametrize("raw", [
+    {"answer": "Five days [1].", "sources": [{"source": "refunds.md", "text": "t"}], "fallback": False,
+     "reason": None, "standalone_question": "q", "confidence": 0.8, "approved_match": None, "mode": "scripted",
+     "internal": {"draft": "Five days [1]."}, "seconds": 0.1},
+    {"answer": "A", "sources": [], "fallback": False, "reason": None, "approved_match": {"text": "A"},
+     "standalone_question": "q", "confidence": 0.9, "mode": "faq", "faq": {"id": "f", "question": "q", "score": 0.9},
+     "internal": {"draft": "A"}, "seconds": 0.1},
+    {"answer": "Sorry.", "sources": [], "fallback": True, "reason": "sensitive", "approved_match": None,
+     "standalone_question": "q", "confidence": 0.9, "mode": "faq", "faq": {"id": "f", "score": 0.9, "withheld": True},
+     "internal": {"draft": "SECRET DRAFT"}, "seconds": 0.1},
+])
+def test_the_answer_json_is_the_public_result_and_never_holds_the_draft(raw):
+    """Answer.to_json() is what public() makes of the chain's result, on the grounded, FAQ and
+    withheld paths: the same keys and values, never the draft."""
+    a = Answer.from_result(raw)
+    assert a.to_json() == public(raw) and a.draft == raw["internal"]["draft"]
+    assert "internal" not in a.to_json() and "draft" not in a.to_json() and "SECRET" not in repr(a)
