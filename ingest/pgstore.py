@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ingest.store import SCHEMA_VERSION, DocStore, new_store_id, schema_ddl
-from kb.db import PgConnection, advisory_lock, check_lock, pg_pool
+from kb.db import PgConnection, advisory_lock, check_lock, lock_key, pg_pool
 from kb.settings import StoreConfig
 
 REGISTRY = "kb_registry"
@@ -25,30 +26,38 @@ _REGISTRY_DDL = [
     f"CREATE TABLE IF NOT EXISTS {REGISTRY}.kbs (name TEXT PRIMARY KEY, schema_name TEXT NOT NULL UNIQUE, "
     "created_at DOUBLE PRECISION NOT NULL)",
 ]
-_ready: set[int] = set()
+_ready: set[tuple[int, str]] = set()
+
+
+def set_up_once(pool: Any, part: str, statements: Sequence[tuple[str, tuple]]) -> None:
+    """Run `statements` ((sql, params), idempotent: CREATE … IF NOT EXISTS) in one transaction,
+    once per pool and `part` in this process, under a transaction lock that every process takes
+    for this (CREATE … IF NOT EXISTS is not safe against a concurrent twin in PostgreSQL)."""
+    if (id(pool), part) in _ready:
+        return
+    conn = PgConnection(pool)
+    try:
+        with conn:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (lock_key("kb-ddl"),))
+            for sql, params in statements:
+                conn.execute(sql, params)
+    finally:
+        conn.close()
+    _ready.add((id(pool), part))
 
 
 def pool_for(cfg: StoreConfig):
     """The process's connection pool to the shared store, with the registry set up once."""
     pool = pg_pool(cfg.url, cfg.password_env, cfg.pool_size, cfg.timeout_s)
-    if id(pool) not in _ready:
-        conn = PgConnection(pool)
-        try:
-            with conn:
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (_REGISTRY_LOCK,))
-                for ddl in _REGISTRY_DDL:
-                    conn.execute(ddl)
-                conn.execute(f"INSERT INTO {REGISTRY}.meta VALUES ('data_id', ?) ON CONFLICT (key) DO NOTHING",
-                             (uuid.uuid4().hex,))
-        finally:
-            conn.close()
-        _ready.add(id(pool))
+    set_up_once(pool, "registry", [*((ddl, ()) for ddl in _REGISTRY_DDL),
+                                   (f"INSERT INTO {REGISTRY}.meta VALUES ('data_id', ?) ON CONFLICT (key) DO NOTHING",
+                                    (uuid.uuid4().hex,))])
     return pool
 
 
 _REGISTRY_LOCK = 7_402_118_560_331
-"""The transaction lock taken while the registry or a KB's schema is created (CREATE … IF NOT
-EXISTS is not safe against a concurrent twin in PostgreSQL)."""
+"""The transaction lock taken while a KB is created, copied in or dropped (its registry row and
+schema together)."""
 
 
 def schema_name(kb: str) -> str:

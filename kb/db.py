@@ -195,7 +195,7 @@ def pg_pool(url: str, password_env: str = "", size: int = 8, timeout_s: float = 
                                       "connect_timeout": max(1, int(timeout_s)),
                                       "options": f"-c statement_timeout={int(timeout_s * 1000)}"}
             kwargs.update(connect_kwargs(password_env))
-            url = "postgresql://" + url.split("://", 1)[1]
+            url = pg_url(url)
             pool = ConnectionPool(url, min_size=1, max_size=size, kwargs=kwargs, timeout=timeout_s, open=False,
                                   name="kb-store", check=ConnectionPool.check_connection)
             try:
@@ -214,6 +214,11 @@ def connect_kwargs(password_env: str) -> dict[str, Any]:
     if password_env not in os.environ:
         raise StoreUnavailable(f"store.password_env names {password_env}, which is not set")
     return {"password": os.environ[password_env]}
+
+
+def pg_url(url: str) -> str:
+    """`url` with the scheme libpq takes (`postgres://` is an accepted spelling of `postgresql://`)."""
+    return "postgresql://" + url.split("://", 1)[1]
 
 
 def redact(url: str) -> str:
@@ -250,7 +255,7 @@ class _AdvisoryLock(ReentrantLock):
         import psycopg
 
         try:
-            return psycopg.connect("postgresql://" + self.url.split("://", 1)[1], autocommit=True,
+            return psycopg.connect(pg_url(self.url), autocommit=True,
                                    connect_timeout=max(1, int(self.timeout_s)), keepalives=1, keepalives_idle=10,
                                    **connect_kwargs(self.password_env))
         except psycopg.OperationalError as e:
@@ -312,8 +317,13 @@ def advisory_lock(url: str, password_env: str, timeout_s: float, name: str, time
         raise StoreUnavailable(f"the write lock of {describe} was lost during the write (its connection ended)")
 
 
+def _lock_id(url: str, name: str) -> tuple:
+    """Which lock object of this process stands for advisory lock `name` in the database at `url`."""
+    return pg_url(url), lock_key(name), os.getpid()
+
+
 def _lock_for(url: str, password_env: str, timeout_s: float, name: str) -> _AdvisoryLock:
-    key = ("postgresql://" + url.split("://", 1)[1], lock_key(name), os.getpid())
+    key = _lock_id(url, name)
     with _locks_lock:
         lock = _locks.get(key)
         if lock is None:
@@ -324,7 +334,6 @@ def _lock_for(url: str, password_env: str, timeout_s: float, name: str) -> _Advi
 def check_lock(url: str, name: str) -> None:
     """StoreUnavailable when this thread holds advisory lock `name` but its connection ended (the
     lock with it): a writer checks before the steps that must not overlap another writer's."""
-    key = ("postgresql://" + url.split("://", 1)[1], lock_key(name), os.getpid())
-    lock = _locks.get(key)
+    lock = _locks.get(_lock_id(url, name))
     if lock is not None and lock.conn is not None and lock.depth > 0 and not lock.alive():
         raise StoreUnavailable(f"the write lock {name!r} was lost (its connection ended)")

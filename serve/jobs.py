@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ingest.pgstore import REGISTRY, pool_for
+from ingest.pgstore import REGISTRY, pool_for, set_up_once
 from kb.db import PgConnection
 from kb.errors import NotFound
 from kb.settings import StoreConfig
@@ -35,7 +35,6 @@ _DDL = [
     "ON DELETE CASCADE, ord INTEGER NOT NULL, name TEXT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (job_id, ord))",
 ]
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
-_ready: set[int] = set()
 
 
 class NoSuchJob(NotFound, LookupError):
@@ -54,19 +53,10 @@ class Job:
 
 
 def _conn(cfg: StoreConfig) -> PgConnection:
+    """A connection to the shared store, with the queue's tables set up once."""
     pool = pool_for(cfg)
-    conn = PgConnection(pool)
-    if id(pool) not in _ready:
-        try:
-            with conn:
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (7_402_118_560_332,))
-                for ddl in _DDL:
-                    conn.execute(ddl)
-        except BaseException:
-            conn.close()
-            raise
-        _ready.add(id(pool))
-    return conn
+    set_up_once(pool, "jobs", [(ddl, ()) for ddl in _DDL])
+    return PgConnection(pool)
 
 
 def enqueue(cfg: StoreConfig, kb: str, files: Iterable[tuple[str, bytes]], replace: str | None = None) -> str:
