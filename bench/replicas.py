@@ -32,8 +32,9 @@ from bench.load import KEY, QUESTIONS, run_load, stats
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_milvus(root: Path) -> tuple[subprocess.Popen, str]:
-    """`milvus-lite server` on a free loopback port; the process and its URI once it answers."""
+def start_milvus(root: Path, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`milvus-lite server` on a free loopback port, its data in `root`/milvus; the process and its
+    URI once it answers (RuntimeError, the process killed, when it does not within `timeout_s`)."""
     from pymilvus import MilvusClient
 
     exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
@@ -41,15 +42,16 @@ def start_milvus(root: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([exe, "server", "--data-dir", str(root / "milvus"), "--host", "127.0.0.1", "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while True:
         try:
             MilvusClient(uri=uri, timeout=2).list_collections()
             return proc, uri
         except Exception:  # noqa: BLE001 (not up yet)
             if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
                 raise RuntimeError("milvus-lite server did not start") from None
-            time.sleep(0.5)
+            time.sleep(0.3)
 
 
 def write_configs(root: Path, store_url: str, milvus_uri: str, kb: str) -> dict[str, Path]:
@@ -109,14 +111,10 @@ def probe(config: Path, home: Path, kb: str, n: int = 12) -> dict:
     """Milliseconds per call of the search's steps, one at a time, in this process: the dense and
     the BM25 search of level 1, and the store's part (the KB check, opening the store, reading the
     top hits)."""
-    from kb.settings import load_settings
+    from kb.settings import apply_overrides, load_settings
     from retrieval.knowledge_base import KnowledgeBase
 
-    os.environ["KB_HOME"] = str(home)
-    try:
-        k = KnowledgeBase(load_settings(config), kb)
-    finally:
-        del os.environ["KB_HOME"]
+    k = KnowledgeBase(apply_overrides(load_settings(config), {"home": str(home)}), kb)
     q = QUESTIONS[1]
     k.search(q)
     live, qv = k._index(), k.embedder.encode_queries([q])

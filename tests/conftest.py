@@ -212,3 +212,23 @@ def cmrc_subset(root: Path, articles: int) -> tuple[Path, Path, list[str]]:
     write_docs(squad, root / "docs")
     return squad, root / "docs", [q["question"] for a in data["data"] for p in a["paragraphs"] for q in p["qas"]]
 
+
+
+@pytest.fixture(scope="module")
+def cmrc_docs(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The first 12 CMRC 2018 articles as documents, and their questions."""
+    _, docs, questions = cmrc_subset(tmp_path_factory.mktemp("cmrc_milvus"), 12)
+    return docs, questions
+
+
+@pytest.fixture()
+def milvus_server(tmp_path) -> Iterator[str]:
+    """`milvus-lite server` on a free loopback port; yields its URI."""
+    from bench.replicas import start_milvus
+
+    proc, uri = start_milvus(tmp_path, timeout_s=60)
+    try:
+        yield uri
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import DOCS, cmrc_subset, free_port, write_files
+from tests.conftest import DOCS, write_files
 
 
 def milvus_settings(settings, uri: str, **retrieval):
@@ -25,13 +23,6 @@ def milvus_settings(settings, uri: str, **retrieval):
 def top5(kb, questions: list[str]) -> list[list[tuple]]:
     """(doc_id, chunk_id, level) of the top 5 hits of each question."""
     return [[(h.doc_id, h.chunk_id, h.level) for h in hits] for hits in kb.search_many(questions, 5)]
-
-
-@pytest.fixture(scope="module")
-def cmrc_docs(tmp_path_factory) -> tuple[Path, list[str]]:
-    """The first 12 CMRC 2018 articles as documents, and their questions."""
-    _, docs, questions = cmrc_subset(tmp_path_factory.mktemp("cmrc_milvus"), 12)
-    return docs, questions
 
 
 def test_milvus_level1_answers_as_the_embedded_index_does(settings, tmp_path, cmrc_docs):
@@ -152,31 +143,6 @@ def test_another_embedder_is_refused_until_reindexed(settings, tmp_path, monkeyp
         fresh.search("refund", 3)
     fresh.reindex()
     assert fresh.search("refund within 30 days", 1)[0].source == "refunds.md"
-
-
-@pytest.fixture()
-def milvus_server(tmp_path):
-    """`milvus-lite server` on a free loopback port; yields its URI."""
-    exe = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
-    port = free_port()
-    proc = subprocess.Popen([exe, "server", "--data-dir", str(tmp_path / "milvus-data"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        from pymilvus import MilvusClient
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                MilvusClient(uri=uri, timeout=2).list_collections()
-                break
-            except Exception:  # noqa: BLE001
-                assert proc.poll() is None and time.time() < deadline, "milvus-lite server did not start"
-                time.sleep(0.3)
-        yield uri
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def test_a_milvus_server_is_shared_by_every_process_that_points_at_it(settings, tmp_path, milvus_server):

@@ -20,14 +20,13 @@ import pytest
 import yaml
 
 from tests.conftest import DOCS, free_port, write_files
-from tests.test_milvus import cmrc_docs, milvus_server, top5  # noqa: F401 (fixtures)
+from tests.test_milvus import top5
 from tests.test_pgstore import pg_settings
 
 KEY = "replica-test-key"
 
 
-def test_a_shared_kb_answers_as_the_embedded_one(settings, tmp_path, pg_db_url, milvus_server,  # noqa: F811
-                                                 cmrc_docs):  # noqa: F811
+def test_a_shared_kb_answers_as_the_embedded_one(settings, tmp_path, pg_db_url, milvus_server, cmrc_docs):
     """The same documents ingested into SQLite + FAISS and into PostgreSQL + Milvus: the same top 5
     for at least 95% of the CMRC questions, and the same stored documents and chunks."""
     from kb.settings import apply_overrides
@@ -124,7 +123,7 @@ def wait_job(base: str, job_id: str, timeout: float = 180) -> dict:
 
 
 @pytest.fixture()
-def fleet(tmp_path, settings, pg_db_url, milvus_server):  # noqa: F811
+def fleet(tmp_path, settings, pg_db_url, milvus_server):
     f = Fleet(tmp_path / "fleet", write_config(tmp_path / "shared.yaml", settings, pg_db_url, milvus_server,
                                                upload_wait_s=0.0))
     f.root.mkdir()
@@ -209,7 +208,7 @@ def test_killed_replicas_and_workers_lose_no_acknowledged_upload(fleet):
 
 
 def test_kb_migrate_moves_a_kb_into_the_shared_store_and_back(settings, tmp_path, capsys, pg_db_url,
-                                                             milvus_server):  # noqa: F811
+                                                             milvus_server):
     """`kb migrate`: SQLite + FAISS -> PostgreSQL + Milvus server -> SQLite + FAISS in another data
     folder, each verified; a failed migration into PostgreSQL leaves no KB there; edits and FAQ
     entries travel with the store, and ids continue after the copied ones."""
