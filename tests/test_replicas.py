@@ -283,3 +283,12 @@ def test_an_upload_waits_for_its_job_and_answers_the_ingest_json(settings, tmp_p
         job = c.get(r.headers["location"]).json()["job"]
         assert job["state"] == "queued" and job["result"] is None
         assert c.get("/v1/jobs/" + "0" * 24).status_code == 404
+    from serve import jobs
+
+    waiting = jobs.waiting(s.store)
+    s3 = apply_overrides(s2, {"serve.max_upload_mb": 0.001})  # 1 KiB: an oversize file queues nothing
+    with serving(create_app(s3, keys=KeyRing({KEY: ["*:rw"]}))) as base, api(base) as c:
+        files = [("files", ("ok.md", b"small")), ("files", ("big.md", b"x" * 4096))]
+        r = c.post("/v1/kbs/policies/documents", files=files)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    assert jobs.waiting(s.store) == waiting
