@@ -171,6 +171,77 @@ class Profile:
         return _P()
 
 
+class FirstStepLog:
+    """A TrainerCallback that logs the first step's loss (the sides' objectives are compared there)
+    whatever the logging interval."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _F(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 1:
+                    control.should_log = True
+
+        return _F()
+
+
+class Busy:
+    """A TrainerCallback that records the GPU's kernels and copies over steps [start, start + n)
+    (CUDA activity only, so the CPU side runs nearly unobserved) and puts into `into` the share of
+    that wall time the GPU was busy and the longest idle gaps (ms from the first step's start)."""
+
+    def __new__(cls, into: dict, start: int, n: int = 2, trace: str = "/tmp/bench_busy_trace.json"):
+        import torch
+        from transformers import TrainerCallback
+
+        class _B(TrainerCallback):
+            prof = None
+            t0 = 0.0
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == start:
+                    torch.cuda.synchronize()
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+                    torch.cuda.synchronize()
+                    self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None and state.global_step == start + n:
+                    torch.cuda.synchronize()
+                    wall_us = (time.perf_counter() - self.t0) * 1e6
+                    self.prof.__exit__(None, None, None)
+                    self.prof.export_chrome_trace(trace)
+                    into.update(busy_share(json.loads(Path(trace).read_text()), wall_us))
+                    self.prof = None
+
+        return _B()
+
+
+def busy_share(trace: dict, wall_us: float, gaps: int = 8) -> dict:
+    """GPU busy share of `wall_us` from a chrome trace's kernel, copy and set events (overlaps
+    merged), and the longest idle gaps between them."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not spans:
+        return {"gpu_busy_share": None}
+    busy, idle, (lo, hi) = 0.0, [], spans[0]
+    first = lo
+    for a, b in spans[1:]:
+        if a > hi:
+            busy += hi - lo
+            idle.append((a - hi, hi - first))
+            lo, hi = a, b
+        else:
+            hi = max(hi, b)
+    busy += hi - lo
+    top = sorted(idle, reverse=True)[:gaps]
+    return {"gpu_busy_share": round(busy / wall_us, 4), "gpu_busy_ms": round(busy / 1e3, 1),
+            "wall_ms": round(wall_us / 1e3, 1),
+            "idle_gaps_ms": [[round(g / 1e3, 2), round(at / 1e3, 1)] for g, at in top]}
+
+
 MAX_EVENTS = 500_000
 """Allocator events one memory snapshot records."""
 
@@ -308,7 +379,8 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
     mark = step_mark(args.warmup, lambda: tokens["n"], cuda=True)
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-4,
-                              bf16=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                              bf16=True, logging_steps=args.log_every, logging_nan_inf_filter=False,
+                              save_strategy="no", report_to=[], disable_tqdm=True,
                               remove_unused_columns=False, dataloader_num_workers=0,
                               **checkpointing_args(cfg.gradient_checkpointing))
     model.config.use_cache = False
@@ -332,12 +404,17 @@ def child(args) -> None:
     args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     shape, kind, side = args.shapes, args.lengths, args.child
     big = shape == "7b"
-    cfg = FinetuneConfig(batch_size=4 if big else 8, grad_accum=1, max_length=args.max_length, logging_steps=1,
+    rows = args.batch_rows or (4 if big else 8)
+    cfg = FinetuneConfig(batch_size=rows, grad_accum=1, max_length=args.max_length, logging_steps=args.log_every,
                          gradient_checkpointing=big if args.checkpointing == "auto" else args.checkpointing == "on",
                          save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4, compile=args.compile)
     exs = bench_examples(shape, kind, cfg.batch_size, args.warmup + args.steps, args.max_length)
-    callbacks = [Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2)] \
-        if args.profile else []
+    callbacks = [FirstStepLog()]
+    if args.profile:
+        callbacks.append(Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2))
+    busy: dict = {}
+    if args.gpu_busy:
+        callbacks.append(Busy(busy, args.warmup + 1, 2))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -355,10 +432,12 @@ def child(args) -> None:
     out["tokens_per_s"] = round(out["tokens_per_s"], 1)
     out["peak_mem_gib"] = round(out["peak_mem_gib"], 2)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out.update(busy)
     setting = {"shape": f"Qwen2.5-{shape}", "lengths": kind, "mean_example_tokens": round(mean_len, 1),
                "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
                "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
-               "timed_steps": args.steps, "warmup_steps": args.warmup, "precision": "bf16", "compile": args.compile,
+               "timed_steps": args.steps, "warmup_steps": args.warmup, "logging_steps": args.log_every,
+               "precision": "bf16", "compile": args.compile,
                "model_flops_per_token": model_flops, "labelled_share": round(labelled, 4),
                "attention_length": round(attn_len, 1), "peak_bf16_flops": peak}
     print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
@@ -388,8 +467,9 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
     cmd = [sys.executable, "-m", "bench.finetune", "--child", side, "--shapes", shape, "--lengths", kind,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
            "--r", str(args.r), "--targets", args.targets, "--profile", args.profile,
-           "--checkpointing", args.checkpointing, "--compile", args.compile] \
-        + (["--mem-probe"] if args.mem_probe else [])
+           "--checkpointing", args.checkpointing, "--compile", args.compile, "--batch-rows", str(args.batch_rows),
+           "--log-every", str(args.log_every)] \
+        + (["--mem-probe"] if args.mem_probe else []) + (["--gpu-busy"] if args.gpu_busy else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stderr.splitlines():
         if line.startswith("mem "):
@@ -481,6 +561,11 @@ def main() -> None:
     ap.add_argument("--mem-probe", action="store_true",
                     help="print each side's memory at each step's start, after its forward and its peak, "
                          "and the first timed step's live blocks at its peak")
+    ap.add_argument("--batch-rows", type=int, default=0, help="rows per step (0: 4 for 7b, 8 for 0.5b)")
+    ap.add_argument("--log-every", type=int, default=10,
+                    help="every side's logging interval (finetune.logging_steps' default); step 1 is always logged")
+    ap.add_argument("--gpu-busy", action="store_true",
+                    help="record the GPU's busy share over 2 timed steps (CUDA activity only) and its idle gaps")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")

@@ -144,17 +144,20 @@ class SFTTrainer(Trainer):
         self.tokens = 0
         self._last_tokens, self._last_t = 0, time.perf_counter()
 
-    def training_step(self, *args, **kwargs):
-        """The Trainer's step; with CUDA graphs it first tells the graph trees that a new step
-        begins (the previous step's graph outputs are dead and their memory may be replayed over)."""
+    def training_step(self, model, inputs, *args, **kwargs):
+        """The Trainer's step. It counts the batch's real tokens while they are still on the CPU
+        (read on the GPU, the count would wait for the previous step to finish); with CUDA graphs it
+        first tells the graph trees that a new step begins (the previous step's graph outputs are
+        dead and their memory may be replayed over)."""
+        n_tok = inputs.pop("n_tokens", None)
+        self.tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return super().training_step(*args, **kwargs)
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
-        n_tok = inputs.pop("n_tokens", None)
-        self.tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
+        inputs.pop("n_tokens", None)  # counted in training_step; never a model input
         index, targets = inputs.pop("label_index", None), inputs.pop("label_targets", None)
         if not self.fused_ce:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -345,10 +348,13 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         def __getitem__(self, i):
             return rows[i]
 
+    # warmup_steps takes a float < 1 as a ratio of the updates. logging_nan_inf_filter off: the
+    # Trainer's filter reads every step's loss on the CPU, a device sync per step that idles the
+    # GPU while the next step is launched (a NaN loss then shows as NaN in the log).
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, logging_nan_inf_filter=False,
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
         bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed,
