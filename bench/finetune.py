@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 SIDES = ("project", "baseline", "recipe", "recipe_packed")
+BUSY_STEPS = 2
+"""Steps that --gpu-busy records, after the timed ones (recording slows them)."""
 
 
 def examples(n: int, vocab: int, kind: str, max_length: int, seed: int = 0):
@@ -344,7 +346,8 @@ def run_project(shape, exs, args, cfg, callbacks):
     if args.mem_probe:
         callbacks = [*callbacks, MemProbe(model, args.warmup - 1)]
     res = train(model, Tok(), exs, cfg, "/tmp/bench_ft_project", method="lora", prec="bf16", progress=False,
-                max_steps=args.warmup + args.steps, save=False, timing_from_step=args.warmup, callbacks=callbacks)
+                max_steps=total_steps(args), save=False, timing_from_step=args.warmup,
+                timing_to_step=args.warmup + args.steps, callbacks=callbacks)
     out = {"tokens_per_s": res.tokens_per_s, "peak_mem_gib": res.peak_mem_gib, "first_loss": res.first_loss,
            "kernels": res.kernels}
     return model, out
@@ -376,9 +379,9 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
         data = pack(exs, args.max_length)
         collate = PackedCollator(0, args.max_length)
 
-    mark = step_mark(args.warmup, lambda: tokens["n"], cuda=True)
+    mark = step_mark(args.warmup, lambda: tokens["n"], cuda=True, last=args.warmup + args.steps)
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
-                              gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-4,
+                              gradient_accumulation_steps=1, max_steps=total_steps(args), learning_rate=1e-4,
                               bf16=True, logging_steps=args.log_every, logging_nan_inf_filter=False,
                               save_strategy="no", report_to=[], disable_tqdm=True,
                               remove_unused_columns=False, dataloader_num_workers=0,
@@ -389,8 +392,8 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     torch.cuda.synchronize()
-    # the loader may fetch one batch ahead: at the mark and at the end alike, so the count holds
-    return model, {"tokens_per_s": (tokens["n"] - mark.n) / (time.perf_counter() - mark.t),
+    # the loader may fetch one batch ahead: at both marks alike, so the count holds
+    return model, {"tokens_per_s": (mark.n_end - mark.n) / (mark.end - mark.t),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "first_loss": next(h["loss"] for h in trainer.state.log_history if "loss" in h)}
 
@@ -408,13 +411,13 @@ def child(args) -> None:
     cfg = FinetuneConfig(batch_size=rows, grad_accum=1, max_length=args.max_length, logging_steps=args.log_every,
                          gradient_checkpointing=big if args.checkpointing == "auto" else args.checkpointing == "on",
                          save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4, compile=args.compile)
-    exs = bench_examples(shape, kind, cfg.batch_size, args.warmup + args.steps, args.max_length)
+    exs = bench_examples(shape, kind, cfg.batch_size, total_steps(args), args.max_length)
     callbacks = [FirstStepLog()]
     if args.profile:
         callbacks.append(Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2))
     busy: dict = {}
     if args.gpu_busy:
-        callbacks.append(Busy(busy, args.warmup + 1, 2))
+        callbacks.append(Busy(busy, args.warmup + args.steps, BUSY_STEPS))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -437,10 +440,16 @@ def child(args) -> None:
                "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
                "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
                "timed_steps": args.steps, "warmup_steps": args.warmup, "logging_steps": args.log_every,
+               "busy_steps": total_steps(args) - args.warmup - args.steps,
                "precision": "bf16", "compile": args.compile,
                "model_flops_per_token": model_flops, "labelled_share": round(labelled, 4),
                "attention_length": round(attn_len, 1), "peak_bf16_flops": peak}
     print(json.dumps({"setting": setting, "side": side, "result": out}), flush=True)
+
+
+def total_steps(args) -> int:
+    """Steps each side trains: warm-up, timed, and with --gpu-busy the recorded steps after them."""
+    return args.warmup + args.steps + (BUSY_STEPS if args.gpu_busy else 0)
 
 
 def bench_examples(shape: str, kind: str, batch_rows: int, steps: int, max_length: int) -> list:
@@ -494,8 +503,8 @@ def recount(name: str) -> Path:
         shape = s["shape"].split("-")[-1].lower()
         with torch.device("meta"):
             p = linear_params(build(shape, s["lora_targets"], s["lora_r"], device="meta"))
-        exs = bench_examples(shape, s["lengths"], s["batch_rows"], s["warmup_steps"] + s["timed_steps"],
-                             s["max_length"])
+        steps = s["warmup_steps"] + s["timed_steps"] + s.get("busy_steps", 0)
+        exs = bench_examples(shape, s["lengths"], s["batch_rows"], steps, s["max_length"])
         attn_len, labelled = shares(exs)
         s.update(model_flops_per_token=flops_per_token(p, attn_len, labelled), labelled_share=round(labelled, 4),
                  attention_length=round(attn_len, 1))
@@ -565,7 +574,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10,
                     help="every side's logging interval (finetune.logging_steps' default); step 1 is always logged")
     ap.add_argument("--gpu-busy", action="store_true",
-                    help="record the GPU's busy share over 2 timed steps (CUDA activity only) and its idle gaps")
+                    help="record the GPU's busy share over 2 steps after the timed ones (CUDA activity only) "
+                         "and its idle gaps")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")

@@ -155,6 +155,21 @@ class SFTTrainer(Trainer):
             torch.compiler.cudagraph_mark_step_begin()
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's next micro-batches and their labelled-token count; on one process the count
+        stays on the CPU (the Trainer copies it to the GPU with a blocking copy, which waits for
+        the previous step to finish before the next is launched)."""
+        if self.args.world_size > 1 or self.args.n_gpu > 1:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        return super().get_batch_samples(epoch_iterator, num_batches, torch.device("cpu"))
+
+    def _prepare_input(self, data):
+        """Copies a pinned batch tensor to the GPU without waiting for the GPU (the Trainer's copy
+        blocks until the previous step is done: the GPU then idles while the CPU launches the next)."""
+        if isinstance(data, torch.Tensor) and not self.is_deepspeed_enabled and data.is_pinned():
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
         inputs.pop("n_tokens", None)  # counted in training_step; never a model input
@@ -301,9 +316,11 @@ def fused_layers_wanted(cfg, method: str, on_cuda: bool) -> bool:
 
 def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, method: str = "lora",
           prec: str = "fp32", resume: bool = False, progress: bool = True, max_steps: int | None = None,
-          save: bool = True, timing_from_step: int = 0, callbacks: Sequence = ()) -> TrainResult:
+          save: bool = True, timing_from_step: int = 0, timing_to_step: int | None = None,
+          callbacks: Sequence = ()) -> TrainResult:
     """Fine-tune `model` on tokenised examples with the settings `cfg` (settings.finetune).
-    tokens/s counts real (not padding) tokens from `timing_from_step` on (benchmarks skip warm-up)."""
+    tokens/s counts real (not padding) tokens from the end of step `timing_from_step` (benchmarks skip
+    warm-up) to the end of step `timing_to_step` (default: the end of training, with its wrap-up)."""
     from torch.utils.data import Dataset
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -367,7 +384,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         trainer.add_callback(cb)
     if fused:
         trainer.loss_is_scaled_for_ga = True
-    mark = step_mark(timing_from_step, lambda: trainer.tokens, on_cuda) if timing_from_step else None
+    mark = step_mark(timing_from_step, lambda: trainer.tokens, on_cuda, last=timing_to_step) \
+        if timing_from_step else None
     if mark is not None:
         trainer.add_callback(mark)
     last = get_last_checkpoint(str(out)) if resume else None
@@ -382,7 +400,10 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds = end - t0
-    timed_tokens, timed_s = (trainer.tokens - mark.n, end - mark.t) if mark and mark.t else (trainer.tokens, seconds)
+    timed_tokens, timed_s = (trainer.tokens, seconds)
+    if mark and mark.t:
+        timed_tokens, timed_s = (mark.n_end - mark.n, mark.end - mark.t) if mark.end else \
+            (trainer.tokens - mark.n, end - mark.t)
     world = max(1, args.world_size)  # every rank trains on its own rows: tokens/s counts all of them
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
     main_rank = trainer.is_world_process_zero()
@@ -407,13 +428,15 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
 def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None = None):
     """A TrainerCallback timing throughput past the warm-up: at the end of step `step` it notes
     the time in `.t` (None until then) and `count()` in `.n`; at the end of step `last`, when
-    given, the time in `.end` (None until then). With `cuda` it synchronizes first."""
+    given, the time in `.end` (None until then) and `count()` in `.n_end`. With `cuda` it
+    synchronizes first."""
     from transformers import TrainerCallback
 
     class StepMark(TrainerCallback):
         t: float | None = None
         n: int = 0
         end: float | None = None
+        n_end: int = 0
 
         def on_step_end(self, args, state, control, **kw):
             if cuda and state.global_step in (step, last):
@@ -421,7 +444,7 @@ def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None 
             if state.global_step == step:
                 self.t, self.n = time.perf_counter(), count()
             if state.global_step == last:
-                self.end = time.perf_counter()
+                self.end, self.n_end = time.perf_counter(), count()
 
     return StepMark()
 

@@ -85,7 +85,7 @@ def test_step_mark_notes_time_and_count_at_its_steps(monkeypatch):
     for step in range(1, 5):
         count["n"] += 100
         mark.on_step_end(None, SimpleNamespace(global_step=step), None)
-    assert (mark.t, mark.n, mark.end) == (10.0, 200, 25.0)
+    assert (mark.t, mark.n, mark.end, mark.n_end) == (10.0, 200, 25.0, 400)
     plain = sft.step_mark(9, lambda: 1, cuda=False)
     plain.on_step_end(None, SimpleNamespace(global_step=1), None)
     assert plain.t is None and plain.end is None and plain.n == 0
