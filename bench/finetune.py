@@ -191,9 +191,11 @@ class FirstStepLog:
 class Busy:
     """A TrainerCallback that records the GPU's kernels and copies over steps [start, start + n)
     (CUDA activity only, so the CPU side runs nearly unobserved) and puts into `into` the share of
-    that wall time the GPU was busy and the longest idle gaps (ms from the first step's start)."""
+    that wall time the GPU was busy and the longest idle gaps (ms from the first step's start).
+    With `cpu` it records the CPU side too, Python functions included (which slows it), and names
+    what the CPU ran during the longest gaps (`gap_ops`)."""
 
-    def __new__(cls, into: dict, start: int, n: int = 2, trace: str = "/tmp/bench_busy_trace.json"):
+    def __new__(cls, into: dict, start: int, n: int = 2, cpu: bool = False, trace: str = "/tmp/bench_busy_trace.json"):
         import torch
         from transformers import TrainerCallback
 
@@ -204,7 +206,9 @@ class Busy:
             def on_step_begin(self, args, state, control, **kw):
                 if state.global_step == start:
                     torch.cuda.synchronize()
-                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    kinds = torch.profiler.ProfilerActivity
+                    acts = [kinds.CUDA, kinds.CPU] if cpu else [kinds.CUDA]
+                    self.prof = torch.profiler.profile(activities=acts, with_stack=cpu)
                     self.prof.__enter__()
                     torch.cuda.synchronize()
                     self.t0 = time.perf_counter()
@@ -215,30 +219,58 @@ class Busy:
                     wall_us = (time.perf_counter() - self.t0) * 1e6
                     self.prof.__exit__(None, None, None)
                     self.prof.export_chrome_trace(trace)
-                    into.update(busy_share(json.loads(Path(trace).read_text()), wall_us))
+                    events = json.loads(Path(trace).read_text())
+                    into.update(busy_share(events, wall_us))
+                    if cpu:
+                        into["gap_ops"] = gap_ops(events)
                     self.prof = None
 
         return _B()
 
 
-def busy_share(trace: dict, wall_us: float, gaps: int = 8) -> dict:
-    """GPU busy share of `wall_us` from a chrome trace's kernel, copy and set events (overlaps
-    merged), and the longest idle gaps between them."""
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def idle_gaps(trace: dict) -> tuple[float, float, list[tuple[float, float]]]:
+    """(busy us, first GPU event's start, idle gaps as (length, start) in us) of a chrome trace's
+    kernel, copy and set events, overlaps merged."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
-                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+                   if e.get("ph") == "X" and e.get("cat") in GPU_CATS)
     if not spans:
-        return {"gpu_busy_share": None}
+        return 0.0, 0.0, []
     busy, idle, (lo, hi) = 0.0, [], spans[0]
-    first = lo
     for a, b in spans[1:]:
         if a > hi:
             busy += hi - lo
-            idle.append((a - hi, hi - first))
+            idle.append((a - hi, hi))
             lo, hi = a, b
         else:
             hi = max(hi, b)
-    busy += hi - lo
-    top = sorted(idle, reverse=True)[:gaps]
+    return busy + hi - lo, spans[0][0], idle
+
+
+def gap_ops(trace: dict, gaps: int = 3, ops: int = 10) -> list[dict]:
+    """For the longest GPU idle gaps: the CPU events (operators, runtime calls, Python functions)
+    that overlap each most, with the overlap in ms."""
+    _, first, idle = idle_gaps(trace)
+    cpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") not in GPU_CATS]
+    out = []
+    for length, a in sorted(idle, reverse=True)[:gaps]:
+        b = a + length
+        hits = sorted(((min(b, e["ts"] + e["dur"]) - max(a, e["ts"]), e["name"][:90]) for e in cpu
+                       if e["ts"] < b and e["ts"] + e["dur"] > a), reverse=True)[:ops]
+        out.append({"gap_ms": round(length / 1e3, 2), "at_ms": round((a - first) / 1e3, 1),
+                    "cpu": [[name, round(t / 1e3, 2)] for t, name in hits]})
+    return out
+
+
+def busy_share(trace: dict, wall_us: float, gaps: int = 8) -> dict:
+    """GPU busy share of `wall_us` from a chrome trace's kernel, copy and set events (overlaps
+    merged), and the longest idle gaps (length, ms from the first GPU event)."""
+    busy, first, idle = idle_gaps(trace)
+    if not busy:
+        return {"gpu_busy_share": None}
+    top = [(g, at - first) for g, at in sorted(idle, reverse=True)[:gaps]]
     return {"gpu_busy_share": round(busy / wall_us, 4), "gpu_busy_ms": round(busy / 1e3, 1),
             "wall_ms": round(wall_us / 1e3, 1),
             "idle_gaps_ms": [[round(g / 1e3, 2), round(at / 1e3, 1)] for g, at in top]}
@@ -417,7 +449,7 @@ def child(args) -> None:
         callbacks.append(Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2))
     busy: dict = {}
     if args.gpu_busy:
-        callbacks.append(Busy(busy, args.warmup + args.steps, BUSY_STEPS))
+        callbacks.append(Busy(busy, args.warmup + args.steps, BUSY_STEPS, cpu=args.gap_ops))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -478,7 +510,8 @@ def run_side(args, shape: str, kind: str, side: str) -> dict | None:
            "--r", str(args.r), "--targets", args.targets, "--profile", args.profile,
            "--checkpointing", args.checkpointing, "--compile", args.compile, "--batch-rows", str(args.batch_rows),
            "--log-every", str(args.log_every)] \
-        + (["--mem-probe"] if args.mem_probe else []) + (["--gpu-busy"] if args.gpu_busy else [])
+        + (["--mem-probe"] if args.mem_probe else []) + (["--gpu-busy"] if args.gpu_busy else []) \
+        + (["--gap-ops"] if args.gap_ops else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stderr.splitlines():
         if line.startswith("mem "):
@@ -576,6 +609,8 @@ def main() -> None:
     ap.add_argument("--gpu-busy", action="store_true",
                     help="record the GPU's busy share over 2 steps after the timed ones (CUDA activity only) "
                          "and its idle gaps")
+    ap.add_argument("--gap-ops", action="store_true",
+                    help="with --gpu-busy: record the CPU side too and name what it ran in the longest GPU idle gaps")
     ap.add_argument("--name", default="finetune_gpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")
