@@ -192,7 +192,7 @@ class Busy:
     """A TrainerCallback that records the GPU's kernels and copies over steps [start, start + n)
     (CUDA activity only, so the CPU side runs nearly unobserved) and puts into `into` the share of
     that wall time the GPU was busy and the longest idle gaps (ms from the first step's start).
-    With `cpu` it records the CPU side too, Python functions included (which slows it), and names
+    With `cpu` it records the CPU's operators and runtime calls too (which slows it), and names
     what the CPU ran during the longest gaps (`gap_ops`)."""
 
     def __new__(cls, into: dict, start: int, n: int = 2, cpu: bool = False, trace: str = "/tmp/bench_busy_trace.json"):
@@ -208,7 +208,7 @@ class Busy:
                     torch.cuda.synchronize()
                     kinds = torch.profiler.ProfilerActivity
                     acts = [kinds.CUDA, kinds.CPU] if cpu else [kinds.CUDA]
-                    self.prof = torch.profiler.profile(activities=acts, with_stack=cpu)
+                    self.prof = torch.profiler.profile(activities=acts)
                     self.prof.__enter__()
                     torch.cuda.synchronize()
                     self.t0 = time.perf_counter()
@@ -249,18 +249,24 @@ def idle_gaps(trace: dict) -> tuple[float, float, list[tuple[float, float]]]:
     return busy + hi - lo, spans[0][0], idle
 
 
-def gap_ops(trace: dict, gaps: int = 3, ops: int = 10) -> list[dict]:
-    """For the longest GPU idle gaps: the CPU events (operators, runtime calls, Python functions)
-    that overlap each most, with the overlap in ms."""
+def gap_ops(trace: dict, gaps: int = 3, ops: int = 12) -> list[dict]:
+    """For the longest GPU idle gaps: the innermost CPU events (operators, runtime calls) running
+    during each, in order (name, ms from the gap's start, own ms), and the last device sync that
+    returned before the gap began (a sync there is why the CPU was not ahead of the GPU)."""
     _, first, idle = idle_gaps(trace)
     cpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") not in GPU_CATS]
+    syncs = [e for e in cpu if "Synchronize" in e["name"] or e["name"] in ("cudaMemcpy", "aten::_local_scalar_dense")]
     out = []
     for length, a in sorted(idle, reverse=True)[:gaps]:
         b = a + length
-        hits = sorted(((min(b, e["ts"] + e["dur"]) - max(a, e["ts"]), e["name"][:90]) for e in cpu
-                       if e["ts"] < b and e["ts"] + e["dur"] > a), reverse=True)[:ops]
+        inner = sorted((e["ts"], e["name"][:80], e["dur"]) for e in cpu
+                       if e["ts"] < b and e["ts"] + e["dur"] > a and e["dur"] < 2 * length)
+        before = [e for e in syncs if e["ts"] + e["dur"] <= b]
+        last = max(before, key=lambda e: e["ts"] + e["dur"], default=None)
         out.append({"gap_ms": round(length / 1e3, 2), "at_ms": round((a - first) / 1e3, 1),
-                    "cpu": [[name, round(t / 1e3, 2)] for t, name in hits]})
+                    "cpu": [[name, round((t - a) / 1e3, 2), round(d / 1e3, 2)] for t, name, d in inner[:ops]],
+                    "last_sync": None if last is None else
+                    [last["name"], round((last["ts"] + last["dur"] - a) / 1e3, 2), round(last["dur"] / 1e3, 2)]})
     return out
 
 
