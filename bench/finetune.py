@@ -421,6 +421,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=total_steps(args), learning_rate=1e-4,
                               bf16=True, logging_steps=args.log_every, logging_nan_inf_filter=False,
+                              accelerator_config={"non_blocking": True},
                               save_strategy="no", report_to=[], disable_tqdm=True,
                               remove_unused_columns=False, dataloader_num_workers=0,
                               **checkpointing_args(cfg.gradient_checkpointing))

@@ -97,7 +97,8 @@ def pack(examples: Sequence[Example], width: int) -> list[list[Example]]:
 
 class PackedCollator:
     """Rows of packed examples -> input_ids, labels, position_ids (restarting per example), no
-    attention mask; rows padded to `width` with a padding "example" of their own."""
+    attention mask; rows padded to `width` with a padding "example" of their own. `n_tokens`, the
+    real tokens, is a Python int: the loader moves tensors to the GPU, and reading one back syncs."""
 
     def __init__(self, pad_id: int, width: int) -> None:
         self.pad_id, self.width = pad_id, width
@@ -115,7 +116,7 @@ class PackedCollator:
             pos.append(r_pos + list(range(pad)))
         labels_t = torch.tensor(labels)
         return {"input_ids": torch.tensor(ids), "labels": labels_t, "position_ids": torch.tensor(pos),
-                "n_tokens": torch.tensor(n), **label_positions(labels_t)}
+                "n_tokens": n, **label_positions(labels_t)}
 
 
 class PaddedCollator:
@@ -130,7 +131,7 @@ class PaddedCollator:
         labels = torch.tensor(pad([r.labels for r in rows], IGNORE))
         return {"input_ids": torch.tensor(pad([r.input_ids for r in rows], self.pad_id)), "labels": labels,
                 "attention_mask": torch.tensor(pad([[1] * len(r) for r in rows], 0)),
-                "n_tokens": torch.tensor(sum(len(r) for r in rows)), **label_positions(labels)}
+                "n_tokens": sum(len(r) for r in rows), **label_positions(labels)}
 
 
 # trainer ----------------------------------------------------------------------------------------
@@ -145,30 +146,15 @@ class SFTTrainer(Trainer):
         self._last_tokens, self._last_t = 0, time.perf_counter()
 
     def training_step(self, model, inputs, *args, **kwargs):
-        """The Trainer's step. It counts the batch's real tokens while they are still on the CPU
-        (read on the GPU, the count would wait for the previous step to finish); with CUDA graphs it
+        """The Trainer's step. It counts the batch's real tokens from the collator's int (a count
+        read back from the GPU would wait for the previous step to finish); with CUDA graphs it
         first tells the graph trees that a new step begins (the previous step's graph outputs are
         dead and their memory may be replayed over)."""
         n_tok = inputs.pop("n_tokens", None)
-        self.tokens += int(n_tok) if n_tok is not None else int(inputs["input_ids"].numel())
+        self.tokens += n_tok if n_tok is not None else int(inputs["input_ids"].numel())
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return super().training_step(model, inputs, *args, **kwargs)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The Trainer's next micro-batches and their labelled-token count; on one process the count
-        stays on the CPU (the Trainer copies it to the GPU with a blocking copy, which waits for
-        the previous step to finish before the next is launched)."""
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        return super().get_batch_samples(epoch_iterator, num_batches, torch.device("cpu"))
-
-    def _prepare_input(self, data):
-        """Copies a pinned batch tensor to the GPU without waiting for the GPU (the Trainer's copy
-        blocks until the previous step is done: the GPU then idles while the CPU launches the next)."""
-        if isinstance(data, torch.Tensor) and not self.is_deepspeed_enabled and data.is_pinned():
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
@@ -365,9 +351,10 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         def __getitem__(self, i):
             return rows[i]
 
-    # warmup_steps takes a float < 1 as a ratio of the updates. logging_nan_inf_filter off: the
-    # Trainer's filter reads every step's loss on the CPU, a device sync per step that idles the
-    # GPU while the next step is launched (a NaN loss then shows as NaN in the log).
+    # warmup_steps takes a float < 1 as a ratio of the updates. No device sync in a step, so the
+    # CPU launches the next step while the GPU still runs this one: batches go to the GPU from
+    # pinned memory without waiting (accelerate's non_blocking), and the Trainer's NaN filter,
+    # which reads every step's loss on the CPU, is off (a NaN loss then shows as NaN in the log).
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
@@ -375,6 +362,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
         bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed,
+        accelerator_config={"non_blocking": on_cuda},
         **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
         remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda,
         seed=cfg.seed, save_strategy="steps" if save else "no", use_cpu=not on_cuda)

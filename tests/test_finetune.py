@@ -67,7 +67,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llm_dir):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
     torch.testing.assert_close(packed[:13], _logits(model, a), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[13:22], _logits(model, b), atol=1e-5, rtol=1e-4)
-    assert int(batch["n_tokens"]) == 22 and (batch["labels"][0, 22:] == IGNORE).all()
+    assert batch["n_tokens"] == 22 and type(batch["n_tokens"]) is int and (batch["labels"][0, 22:] == IGNORE).all()
 
 
 def test_fused_cross_entropy_equals_torch():
@@ -293,6 +293,36 @@ def test_fused_loss_in_the_trainer_equals_the_models_own_loss(tiny_chat_llm_dir,
         res = train(model, tok, exs, cfg, tmp_path / str(fused), method="full", max_steps=1, save=False, progress=False)
         losses.append(res.first_loss)
     assert losses[0] > 1.0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_the_step_reads_nothing_back_from_the_device(tiny_chat_llm_dir, tmp_path, monkeypatch):
+    """What keeps a step free of device syncs reaches the Trainer: its NaN filter (which reads each
+    step's loss) is off, batches move without blocking where there is a GPU, and the token count the
+    trainer reports comes from the collator's ints (no tensor read back)."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from finetune.sft import train
+    from kb.settings import FinetuneConfig
+
+    seen = {}
+
+    class Args(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen["args"] = args
+
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t) or t.item())
+    tok = _tok(tiny_chat_llm_dir)
+    exs = [tokenize(tok, [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}], 64)
+           for i in range(4)]
+    cfg = FinetuneConfig(batch_size=2, grad_accum=1, max_length=64, logging_steps=5, learning_rate=0.0, compile="off")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_llm_dir))
+    res = train(model, tok, exs, cfg, tmp_path, method="full", max_steps=2, save=False, progress=False,
+                callbacks=[Args()])
+    args = seen["args"]
+    assert args.logging_nan_inf_filter is False
+    assert args.accelerator_config.non_blocking is torch.cuda.is_available()
+    assert res.tokens == sum(len(e) for e in exs) and not reads
 
 
 def _citation(reply: str) -> tuple[int, str]:
