@@ -583,7 +583,8 @@ def plot(names: list[str], out: Path) -> Path:
                     ax.annotate(f"{r[side]['peak_mem_gib']:.1f}", (bar.get_x() + 0.1, bar.get_height()), ha="center",
                                 va="bottom", fontsize=7)
         ax.set_xticks(range(len(rows)), [f"{r['setting']['lengths']} rows" for r in rows])
-        ax.set_title(f"{rows[0]['setting']['shape']} (GiB over bars)")
+        ckpt = ", checkpointing" if rows[0]["setting"]["gradient_checkpointing"] else ""
+        ax.set_title(f"{rows[0]['setting']['shape']}{ckpt} (GiB over bars)")
         ax.set_ylabel("tokens/s")
         ax.grid(axis="y", alpha=0.3)
     (axes[0] if len(runs) > 1 else axes).legend(fontsize=8)

@@ -211,23 +211,46 @@ def generate_gpu_table() -> str:
 @table("finetune_gpu")
 def finetune_gpu_table() -> str:
     """Fine-tuning speed and memory: the project's trainer, plain Trainer + peft, Liger + flattening,
-    Liger on packed rows, one run per file (finetune_gpu_*.json; the 0.5B full rows twice)."""
+    Liger on packed rows, one run per file (finetune_gpu_*.json; the 0.5B full rows several times).
+    `log every`: the logging interval of every side (files without it logged every step)."""
     rows = []
     sides = ("project", "baseline", "recipe", "recipe_packed")
     names = ("finetune_gpu_0.5b", "finetune_gpu_0.5b_run2", "finetune_gpu_0.5b_graphs", "finetune_gpu_0.5b_graphs_run2",
-             "finetune_gpu_7b", "finetune_gpu_7b_graphs", "finetune_gpu_7b_nockpt")
+             "finetune_gpu_0.5b_nosync", "finetune_gpu_0.5b_nosync_run2", "finetune_gpu_0.5b_nosync_30steps",
+             "finetune_gpu_7b", "finetune_gpu_7b_graphs", "finetune_gpu_7b_nosync", "finetune_gpu_7b_nockpt",
+             "finetune_gpu_7b_nockpt_nosync")
     for name in names:
         for r in load(name)["runs"]:
             s, p = r["setting"], r["project"]
             width = f"{s['batch_rows']} x {s['max_length']}" + (", ckpt" if s["gradient_checkpointing"] else "")
             shape = s["shape"][:-1] + s["shape"][-1].upper()
-            rows.append([shape, s["lengths"], width, name.removeprefix("finetune_gpu_"),
+            rows.append([shape, s["lengths"], width, name.removeprefix("finetune_gpu_"), s.get("logging_steps", 1),
+                         s["timed_steps"],
                          *(f"{num(r[x]['tokens_per_s'], 0)} ({num(r[x]['peak_mem_gib'], 1)})" if r.get(x) else "–"
                            for x in sides),
                          f"{_ratio(r, 'speedup_vs_recipe')} / {_ratio(r, 'speedup_vs_recipe_packed')}",
                          f"{pct(p['mfu'])} / {pct(p['hfu'])}"])
-    return md(rows, ["shape", "lengths", "rows x width", "file", "project tokens/s (GiB)", "Trainer + peft",
+    return md(rows, ["shape", "lengths", "rows x width", "file", "log every", "timed steps", "project tokens/s (GiB)",
+                     "Trainer + peft",
                      "Liger + flattening", "Liger, packed rows", "project vs flattening / packed", "project MFU / HFU"])
+
+
+@table("finetune_gpu_syncs")
+def finetune_gpu_syncs_table() -> str:
+    """The 7B step without checkpointing (4 x 1024, project side) before and after the device syncs
+    were taken out of the step, with the GPU's busy share where it was recorded."""
+    rows = []
+    names = {"finetune_gpu_7b_nockpt": "before (previous session; timed to the end of training)",
+             "finetune_gpu_7b_nockpt_syncs_ablation": "the syncs put back (timed between step marks)",
+             "finetune_gpu_7b_nockpt_busy": "after, with --gpu-busy --gap-ops",
+             "finetune_gpu_7b_nockpt_nosync": "after, all four sides"}
+    for name, what in names.items():
+        p = load(name)["runs"][0]["project"]
+        busy = p.get("gpu_busy_share")
+        gaps = p.get("idle_gaps_ms") or []
+        rows.append([name.removeprefix("finetune_gpu_"), what, num(p["tokens_per_s"], 0), pct(p["mfu"]),
+                     pct(busy) if busy is not None else "–", num(gaps[0][0], 1) if gaps else "–"])
+    return md(rows, ["file", "step", "tokens/s", "MFU", "GPU busy (2 steps)", "longest idle gap ms"])
 
 
 def _ratio(run: dict, key: str) -> str:
