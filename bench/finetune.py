@@ -173,29 +173,16 @@ class Profile:
         return _P()
 
 
-class FirstStepLog:
-    """A TrainerCallback that logs the first step's loss (the sides' objectives are compared there)
-    whatever the logging interval."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class _F(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step == 1:
-                    control.should_log = True
-
-        return _F()
-
-
 class Busy:
     """A TrainerCallback that records the GPU's kernels and copies over steps [start, start + n)
     (CUDA activity only, so the CPU side runs nearly unobserved) and puts into `into` the share of
-    that wall time the GPU was busy and the longest idle gaps (ms from the first step's start).
+    that wall time the GPU was busy and the longest idle gaps (ms from the first GPU event).
     With `cpu` it records the CPU's operators and runtime calls too (which slows it), and names
     what the CPU ran during the longest gaps (`gap_ops`)."""
 
-    def __new__(cls, into: dict, start: int, n: int = 2, cpu: bool = False, trace: str = "/tmp/bench_busy_trace.json"):
+    def __new__(cls, into: dict, start: int, n: int = 2, cpu: bool = False):
+        import tempfile
+
         import torch
         from transformers import TrainerCallback
 
@@ -218,8 +205,10 @@ class Busy:
                     torch.cuda.synchronize()
                     wall_us = (time.perf_counter() - self.t0) * 1e6
                     self.prof.__exit__(None, None, None)
-                    self.prof.export_chrome_trace(trace)
-                    events = json.loads(Path(trace).read_text())
+                    with tempfile.TemporaryDirectory() as tmp:
+                        trace = Path(tmp) / "trace.json"
+                        self.prof.export_chrome_trace(str(trace))
+                        events = json.loads(trace.read_text())
                     into.update(busy_share(events, wall_us))
                     if cpu:
                         into["gap_ops"] = gap_ops(events)
@@ -365,14 +354,16 @@ def peak_breakdown(trace: list, top: int = 14) -> list[str]:
     return lines
 
 
-def counting(collate, tokens: dict):
-    """Wrap a collator: real tokens counted into tokens['n'] (no n_tokens key reaches the model)."""
+def counting(collate, counts: list):
+    """Wrap a collator: each batch's real tokens appended to `counts` in the order the batches are
+    made, which is the order the steps take them (the loader only fetches ahead); no n_tokens key
+    reaches the model."""
     def call(rows):
         batch = collate(rows)
         batch.pop("label_index", None)
         batch.pop("label_targets", None)
         n = batch.pop("n_tokens", None)
-        tokens["n"] += int(n) if n is not None else int((batch["labels"] != -100).sum())
+        counts.append(int(n) if n is not None else int((batch["labels"] != -100).sum()))
         return batch
     return call
 
@@ -396,7 +387,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
     import torch
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from finetune.sft import PackedCollator, PaddedCollator, checkpointing_args, pack, step_mark
+    from finetune.sft import PackedCollator, PaddedCollator, checkpointing_args, loop_args, pack, step_mark
 
     if side != "baseline":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
@@ -405,7 +396,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
     model = build(shape, args.targets, args.r)
     if args.mem_probe:
         callbacks = [*callbacks, MemProbe(model, args.warmup - 1)]
-    tokens = {"n": 0}
+    counts: list[int] = []
     data: list = exs
     if side == "baseline":
         collate = PaddedCollator(0)
@@ -417,22 +408,22 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
         data = pack(exs, args.max_length)
         collate = PackedCollator(0, args.max_length)
 
-    mark = step_mark(args.warmup, lambda: tokens["n"], cuda=True, last=args.warmup + args.steps)
+    mark = step_mark(args.warmup, lambda: sum(counts), cuda=True, last=args.warmup + args.steps)
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=total_steps(args), learning_rate=1e-4,
-                              bf16=True, logging_steps=args.log_every, logging_nan_inf_filter=False,
-                              accelerator_config={"non_blocking": True},
-                              save_strategy="no", report_to=[], disable_tqdm=True,
-                              remove_unused_columns=False, dataloader_num_workers=0,
-                              **checkpointing_args(cfg.gradient_checkpointing))
+                              bf16=True, logging_steps=args.log_every, save_strategy="no", report_to=[],
+                              disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                              **checkpointing_args(cfg.gradient_checkpointing), **loop_args(on_cuda=True))
     model.config.use_cache = False
-    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=counting(collate, tokens),
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=counting(collate, counts),
                       callbacks=[mark, *callbacks])
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     torch.cuda.synchronize()
-    # the loader may fetch one batch ahead: at both marks alike, so the count holds
-    return model, {"tokens_per_s": (mark.n_end - mark.n) / (mark.end - mark.t),
+    if mark.t is None or mark.end is None:
+        raise RuntimeError(f"{side}: training stopped before step {args.warmup + args.steps}")
+    timed = sum(counts[args.warmup:args.warmup + args.steps])  # the batches of the timed steps
+    return model, {"tokens_per_s": timed / (mark.end - mark.t),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "first_loss": next(h["loss"] for h in trainer.state.log_history if "loss" in h)}
 
@@ -450,8 +441,8 @@ def child(args) -> None:
     cfg = FinetuneConfig(batch_size=rows, grad_accum=1, max_length=args.max_length, logging_steps=args.log_every,
                          gradient_checkpointing=big if args.checkpointing == "auto" else args.checkpointing == "on",
                          save_steps=10**9, warmup_ratio=0.0, learning_rate=1e-4, compile=args.compile)
-    exs = bench_examples(shape, kind, cfg.batch_size, total_steps(args), args.max_length)
-    callbacks = [FirstStepLog()]
+    exs = bench_examples(shape, kind, cfg.batch_size, example_steps(args), args.max_length)
+    callbacks = []
     if args.profile:
         callbacks.append(Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2))
     busy: dict = {}
@@ -479,7 +470,7 @@ def child(args) -> None:
                "batch_rows": cfg.batch_size, "max_length": args.max_length, "lora_r": args.r,
                "lora_targets": args.targets, "gradient_checkpointing": cfg.gradient_checkpointing,
                "timed_steps": args.steps, "warmup_steps": args.warmup, "logging_steps": args.log_every,
-               "busy_steps": total_steps(args) - args.warmup - args.steps,
+               "busy_steps": total_steps(args) - args.warmup - args.steps, "example_steps": example_steps(args),
                "precision": "bf16", "compile": args.compile,
                "model_flops_per_token": model_flops, "labelled_share": round(labelled, 4),
                "attention_length": round(attn_len, 1), "peak_bf16_flops": peak}
@@ -489,6 +480,12 @@ def child(args) -> None:
 def total_steps(args) -> int:
     """Steps each side trains: warm-up, timed, and with --gpu-busy the recorded steps after them."""
     return args.warmup + args.steps + (BUSY_STEPS if args.gpu_busy else 0)
+
+
+def example_steps(args) -> int:
+    """Steps the examples are made for: always room for the --gpu-busy steps, so that recording
+    them does not change the examples or the order the steps take them in."""
+    return args.warmup + args.steps + BUSY_STEPS
 
 
 def bench_examples(shape: str, kind: str, batch_rows: int, steps: int, max_length: int) -> list:
@@ -543,7 +540,7 @@ def recount(name: str) -> Path:
         shape = s["shape"].split("-")[-1].lower()
         with torch.device("meta"):
             p = linear_params(build(shape, s["lora_targets"], s["lora_r"], device="meta"))
-        steps = s["warmup_steps"] + s["timed_steps"] + s.get("busy_steps", 0)
+        steps = s.get("example_steps", s["warmup_steps"] + s["timed_steps"] + s.get("busy_steps", 0))
         exs = bench_examples(shape, s["lengths"], s["batch_rows"], steps, s["max_length"])
         attn_len, labelled = shares(exs)
         s.update(model_flops_per_token=flops_per_token(p, attn_len, labelled), labelled_share=round(labelled, 4),
@@ -624,6 +621,8 @@ def main() -> None:
     ap.add_argument("--plot", default="", help="result names (comma-separated): draw bench/results/finetune_gpu.png")
     ap.add_argument("--recount", default="", help="result names (comma-separated): recompute MFU/HFU in place")
     args = ap.parse_args()
+    if args.gap_ops and not args.gpu_busy:
+        ap.error("--gap-ops needs --gpu-busy")
     if args.recount:
         for name in args.recount.split(","):
             print(recount(name))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -151,14 +152,14 @@ class SFTTrainer(Trainer):
         first tells the graph trees that a new step begins (the previous step's graph outputs are
         dead and their memory may be replayed over)."""
         n_tok = inputs.pop("n_tokens", None)
-        self.tokens += n_tok if n_tok is not None else int(inputs["input_ids"].numel())
+        self.tokens += n_tok if n_tok is not None else inputs["input_ids"].numel()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The summed loss over labelled positions from the fused head, scaled as the Trainer scales it."""
-        inputs.pop("n_tokens", None)  # counted in training_step; never a model input
+        inputs.pop("n_tokens", None)  # counted in training_step; a prediction step still brings it
         index, targets = inputs.pop("label_index", None), inputs.pop("label_targets", None)
         if not self.fused_ce:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -188,7 +189,7 @@ class SFTTrainer(Trainer):
 class TrainResult:
     out: str
     steps: int
-    train_loss: float
+    train_loss: float | None
     tokens_per_s: float
     peak_mem_gib: float
     tokens: int
@@ -306,9 +307,9 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
           callbacks: Sequence = ()) -> TrainResult:
     """Fine-tune `model` on tokenised examples with the settings `cfg` (settings.finetune).
     tokens/s counts real (not padding) tokens from the end of step `timing_from_step` (benchmarks skip
-    warm-up) to the end of step `timing_to_step` (default: the end of training, with its wrap-up)."""
+    warm-up) to the end of step `timing_to_step` (default: the end of training, with its wrap-up;
+    without `timing_from_step`, the whole run)."""
     from torch.utils.data import Dataset
-    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(out)
@@ -351,21 +352,8 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         def __getitem__(self, i):
             return rows[i]
 
-    # warmup_steps takes a float < 1 as a ratio of the updates. No device sync in a step, so the
-    # CPU launches the next step while the GPU still runs this one: batches go to the GPU from
-    # pinned memory without waiting (accelerate's non_blocking), and the Trainer's NaN filter,
-    # which reads every step's loss on the CPU, is off (a NaN loss then shows as NaN in the log).
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, logging_nan_inf_filter=False,
-        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec),
-        bf16=prec == "bf16", fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed,
-        accelerator_config={"non_blocking": on_cuda},
-        **checkpointing_args(cfg.gradient_checkpointing and not fused_layers),
-        remove_unused_columns=False, report_to=[], disable_tqdm=not progress, dataloader_pin_memory=on_cuda,
-        seed=cfg.seed, save_strategy="steps" if save else "no", use_cpu=not on_cuda)
+    args = training_args(cfg, out, prec=prec, on_cuda=on_cuda, max_steps=max_steps, save=save, progress=progress,
+                         hf_checkpointing=cfg.gradient_checkpointing and not fused_layers)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, fused_ce=fused,
                            cuda_graphs=graphs)
     for cb in callbacks:
@@ -388,10 +376,7 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         torch.cuda.synchronize()
     end = time.perf_counter()
     seconds = end - t0
-    timed_tokens, timed_s = (trainer.tokens, seconds)
-    if mark and mark.t:
-        timed_tokens, timed_s = (mark.n_end - mark.n, mark.end - mark.t) if mark.end else \
-            (trainer.tokens - mark.n, end - mark.t)
+    timed_tokens, timed_s = timed_window(mark, trainer.tokens, t0, end)
     world = max(1, args.world_size)  # every rank trains on its own rows: tokens/s counts all of them
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _rss_gib()
     main_rank = trainer.is_world_process_zero()
@@ -400,10 +385,10 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         if main_rank:
             tok.save_pretrained(str(out))
             plot_loss(trainer.state.log_history, out / "loss.png")
-    res = TrainResult(str(out), int(result.global_step), round(float(result.training_loss), 4),
+    res = TrainResult(str(out), int(result.global_step), finite(result.training_loss, 4),
                       round(world * timed_tokens / timed_s, 1), round(peak, 3), world * trainer.tokens,
                       round(seconds, 2),
-                      next((h["loss"] for h in trainer.state.log_history if "loss" in h), None), world,
+                      finite(next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)), world,
                       {"fused_layers": fused_layers, "fused_layer_calls": fused_calls(model) if fused_layers else 0,
                        "fused_ce": fused, "compiled": compiled, "cuda_graphs": graphs,
                        "cudagraph_skips": _cudagraph_skips(), "packing": packing})
@@ -411,6 +396,53 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         (out / "train_result.json").write_text(json.dumps({**res.to_json(), "method": method, "precision": prec,
                                                            "packing": packing, "fused_ce": fused}, indent=2))
     return res
+
+
+def loop_args(on_cuda: bool) -> dict:
+    """TrainingArguments of the Trainer's loop that every SFT run shares (the benchmark's Hugging
+    Face sides too). No device sync in a step, so the CPU launches the next step while the GPU
+    still runs this one: batches go to the GPU from pinned memory without waiting (accelerate's
+    non_blocking), and the NaN filter, which reads every step's loss on the CPU, is off (a NaN
+    loss then shows as NaN in the log). The first step's loss is logged (`first_loss`)."""
+    return {"logging_nan_inf_filter": False, "logging_first_step": True, "dataloader_pin_memory": on_cuda,
+            "accelerator_config": {"non_blocking": on_cuda}}
+
+
+def training_args(cfg, out: Path, *, prec: str, on_cuda: bool, max_steps: int | None, save: bool, progress: bool,
+                  hf_checkpointing: bool):
+    """The Trainer's arguments for settings `cfg` (settings.finetune). warmup_steps takes a float
+    < 1 as a ratio of the updates; `hf_checkpointing`: transformers' own activation checkpointing
+    (the fused layers checkpoint inside their compiled graph instead)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=max_steps if max_steps is not None else cfg.max_steps,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler, adam_epsilon=adam_epsilon(cfg, prec), bf16=prec == "bf16",
+        fp16=prec == "fp16", logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, deepspeed=cfg.deepspeed, **checkpointing_args(hf_checkpointing),
+        remove_unused_columns=False, report_to=[], disable_tqdm=not progress, seed=cfg.seed,
+        save_strategy="steps" if save else "no", use_cpu=not on_cuda, **loop_args(on_cuda))
+
+
+def timed_window(mark, tokens: int, start: float, end: float) -> tuple[int, float]:
+    """(tokens, seconds) that tokens/s is taken over: between the step marks of `mark` (a
+    `step_mark`) where both were reached, from its first mark to `end` where only that one was,
+    else the whole run (`tokens` trained from `start` to `end`)."""
+    if mark is None or mark.t is None:
+        return tokens, end - start
+    if mark.end is not None:
+        return mark.n_end - mark.n, mark.end - mark.t
+    return tokens - mark.n, end - mark.t
+
+
+def finite(x: float | None, digits: int | None = None) -> float | None:
+    """`x` (rounded to `digits` when given), or None when it is missing, NaN or infinite (JSON has
+    no NaN: `train_result.json` would not parse)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), digits) if digits is not None else float(x)
 
 
 def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None = None):

@@ -12,7 +12,7 @@ import torch
 from cli import main as kb_main
 from finetune.formats import load_conversations, load_pairs, to_messages
 from finetune.fused_loss import IGNORE, FusedLinearCrossEntropy, fused_ce_sum
-from finetune.sft import PackedCollator, tokenize
+from finetune.sft import PackedCollator, PaddedCollator, tokenize
 
 CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "refund time?"},
         {"role": "assistant", "content": "five days"}, {"role": "user", "content": "and shipping?"},
@@ -68,6 +68,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llm_dir):
     torch.testing.assert_close(packed[:13], _logits(model, a), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[13:22], _logits(model, b), atol=1e-5, rtol=1e-4)
     assert batch["n_tokens"] == 22 and type(batch["n_tokens"]) is int and (batch["labels"][0, 22:] == IGNORE).all()
+    padded = PaddedCollator(pad_id=0)([Example(a, a), Example(b, b)])
+    assert padded["n_tokens"] == 22 and type(padded["n_tokens"]) is int
 
 
 def test_fused_cross_entropy_equals_torch():
@@ -295,34 +297,74 @@ def test_fused_loss_in_the_trainer_equals_the_models_own_loss(tiny_chat_llm_dir,
     assert losses[0] > 1.0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_the_step_reads_nothing_back_from_the_device(tiny_chat_llm_dir, tmp_path, monkeypatch):
-    """What keeps a step free of device syncs reaches the Trainer: its NaN filter (which reads each
-    step's loss) is off, batches move without blocking where there is a GPU, and the token count the
-    trainer reports comes from the collator's ints (no tensor read back)."""
+def test_the_loop_reads_nothing_back_from_the_device(tiny_chat_llm_dir, tmp_path, monkeypatch):
+    """Between a step's begin and end, neither the Trainer's loop nor the project's code reads a
+    tensor back (each read is a device sync on a GPU: the CPU could not launch the next step while
+    the GPU runs this one); the token count is the collators' ints. transformers' model code is
+    not ours and is left out (its packed-row check reads a tensor once per forward)."""
+    import sys
+
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from finetune.sft import train
     from kb.settings import FinetuneConfig
 
-    seen = {}
+    ours = ("/transformers/trainer.py", "/accelerate/", "/finetune/")
+    state = {"in_step": False, "args": None}
+    reads: list[str] = []
 
-    class Args(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            seen["args"] = args
+    def watch(name):
+        real = getattr(torch.Tensor, name)
 
-    reads = []
-    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t) or t.item())
+        def read(t, *a):
+            where = sys._getframe(1).f_code.co_filename
+            if state["in_step"] and any(part in where for part in ours):
+                reads.append(f"{name} in {where}:{sys._getframe(1).f_lineno}")
+            return real(t, *a)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "__int__", "__float__", "__bool__", "tolist"):
+        watch(name)
+
+    class Steps(TrainerCallback):
+        def on_train_begin(self, args, state_, control, **kw):
+            state["args"] = args
+
+        def on_step_begin(self, args, state_, control, **kw):
+            state["in_step"] = True
+
+        def on_step_end(self, args, state_, control, **kw):
+            state["in_step"] = False
+
     tok = _tok(tiny_chat_llm_dir)
     exs = [tokenize(tok, [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}], 64)
            for i in range(4)]
-    cfg = FinetuneConfig(batch_size=2, grad_accum=1, max_length=64, logging_steps=5, learning_rate=0.0, compile="off")
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_llm_dir))
-    res = train(model, tok, exs, cfg, tmp_path, method="full", max_steps=2, save=False, progress=False,
-                callbacks=[Args()])
-    args = seen["args"]
-    assert args.logging_nan_inf_filter is False
-    assert args.accelerator_config.non_blocking is torch.cuda.is_available()
-    assert res.tokens == sum(len(e) for e in exs) and not reads
+    for packing in (True, False):
+        cfg = FinetuneConfig(batch_size=2, grad_accum=1, max_length=64, logging_steps=5, learning_rate=1e-3,
+                             compile="off", packing=packing)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_llm_dir))
+        res = train(model, tok, exs, cfg, tmp_path / str(packing), method="full", max_steps=2, save=False,
+                    progress=False, callbacks=[Steps()])
+        assert not reads, reads
+        assert type(res.tokens) is int and res.tokens == sum(len(e) for e in exs)
+    args = state["args"]
+    assert args.logging_nan_inf_filter is False and args.logging_first_step is True
+
+
+def test_the_loop_settings_reach_the_trainer_arguments_on_a_gpu(tmp_path):
+    """On CUDA the batches go to the GPU from pinned memory without blocking (accelerate's
+    non_blocking); on the CPU neither is set."""
+    from finetune.sft import training_args
+    from kb.settings import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    kw = {"prec": "fp32", "max_steps": 1, "save": False, "progress": False, "hf_checkpointing": False}
+    gpu = training_args(cfg, tmp_path, on_cuda=True, **kw)
+    cpu = training_args(cfg, tmp_path, on_cuda=False, **kw)
+    assert gpu.accelerator_config.non_blocking is True and gpu.dataloader_pin_memory is True
+    assert cpu.accelerator_config.non_blocking is False and cpu.dataloader_pin_memory is False
+    assert gpu.logging_nan_inf_filter is False and gpu.logging_first_step is True
+    assert gpu.logging_steps == cfg.logging_steps and gpu.per_device_train_batch_size == cfg.batch_size
 
 
 def _citation(reply: str) -> tuple[int, str]:

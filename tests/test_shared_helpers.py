@@ -91,6 +91,25 @@ def test_step_mark_notes_time_and_count_at_its_steps(monkeypatch):
     assert plain.t is None and plain.end is None and plain.n == 0
 
 
+def test_timed_window_takes_the_marks_it_has_and_results_hold_no_nan():
+    """tokens/s is taken between both step marks, from the first mark to the end when the last
+    was not reached, else over the whole run; a NaN or infinite loss is reported as None."""
+    import json
+    import math
+
+    from finetune.sft import finite, timed_window
+
+    both = SimpleNamespace(t=10.0, n=200, end=25.0, n_end=500)
+    first = SimpleNamespace(t=10.0, n=200, end=None, n_end=0)
+    none = SimpleNamespace(t=None, n=0, end=None, n_end=0)
+    assert timed_window(both, 900, 0.0, 40.0) == (300, 15.0)
+    assert timed_window(first, 900, 0.0, 40.0) == (700, 30.0)
+    assert timed_window(none, 900, 0.0, 40.0) == (900, 40.0) == timed_window(None, 900, 0.0, 40.0)
+    assert finite(math.nan) is None and finite(math.inf) is None and finite(None) is None
+    assert finite(1.234567, 4) == 1.2346 and finite(2) == 2.0
+    json.loads(json.dumps({"loss": finite(math.nan)}, allow_nan=False))
+
+
 def test_building_dir_sweeps_what_a_killed_build_left(tmp_path):
     """A hard kill skips the cleanup: the next build of the same folder removes the leftover, and
     leaves other folders' builds alone; modes follow the umask as mkdir would."""

@@ -52,7 +52,7 @@ def cmd_finetune_llm(args: argparse.Namespace, settings: Settings) -> int:
                            progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun/deepspeed: one report, from the main process
         return 0
-    emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {r['train_loss']:.4f}, "
+    emit(args, out, lambda r: (f"{r['method']}: {r['steps']} steps, loss {_loss(r['train_loss'])}, "
                                f"{r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mem_gib']:.2f} GiB -> {r['out']} "
                                f"(loss plot {r['loss_plot']})"))
     return 0
@@ -152,3 +152,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--out", required=True)
     s.add_argument("--base", help="base model (default: models.llm)")
     s.set_defaults(func=cmd_finetune_merge)
+
+
+def _loss(x: float | None) -> str:
+    """A training loss for the report line (None: it was NaN or infinite)."""
+    return f"{x:.4f}" if x is not None else "not finite (NaN or inf)"
