@@ -217,6 +217,7 @@ def finetune_gpu_table() -> str:
     sides = ("project", "baseline", "recipe", "recipe_packed")
     names = ("finetune_gpu_0.5b", "finetune_gpu_0.5b_run2", "finetune_gpu_0.5b_graphs", "finetune_gpu_0.5b_graphs_run2",
              "finetune_gpu_0.5b_nosync", "finetune_gpu_0.5b_nosync_run2", "finetune_gpu_0.5b_nosync_30steps",
+             "finetune_gpu_0.5b_nosync_30steps_run2", "finetune_gpu_0.5b_nosync_30steps_run3",
              "finetune_gpu_7b", "finetune_gpu_7b_graphs", "finetune_gpu_7b_nosync", "finetune_gpu_7b_nockpt",
              "finetune_gpu_7b_nockpt_nosync")
     for name in names:
@@ -240,7 +241,8 @@ def finetune_gpu_syncs_table() -> str:
     """The 7B step without checkpointing (4 x 1024, project side) before and after the device syncs
     were taken out of the step, with the GPU's busy share where it was recorded."""
     rows = []
-    names = {"finetune_gpu_7b_nockpt": "before (previous session; timed to the end of training)",
+    names = {"finetune_gpu_7b_nockpt": "before (previous session: no CUDA graphs, logged every step, "
+                                       "timed to the end of training)",
              "finetune_gpu_7b_nockpt_syncs_ablation": "the syncs put back (timed between step marks)",
              "finetune_gpu_7b_nockpt_busy": "after, with --gpu-busy --gap-ops",
              "finetune_gpu_7b_nockpt_nosync": "after, all four sides"}
