@@ -4,6 +4,8 @@ plain torch), and the model's last hidden state without every layer's."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 IGNORE = -100
@@ -71,6 +73,20 @@ def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     # accelerate returns the forward's outputs in fp32 under mixed precision: back to the head's dtype
     h = hidden[:, :-1].reshape(-1, d).index_select(0, index).to(weight.dtype)
     return FusedLinearCrossEntropy.apply(h, weight, targets, ce_chunk_rows(weight.shape[0])), n
+
+
+def gathered(weight: torch.nn.Parameter):
+    """A context in which `weight` is whole: under ZeRO-3 a parameter is partitioned (an empty
+    tensor) outside its module's forward, so a frozen head read by the fused loss is gathered for
+    it (read-only: `modifier_rank=None`, each rank drops its copy on exit); nothing otherwise. A
+    trainable head is refused: its gradient, computed here, would bypass ZeRO-3's reduce-scatter."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    if weight.requires_grad:
+        raise ValueError("the fused loss under ZeRO-3 needs a frozen LM head (LoRA); set fused_ce off")
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
 
 
 def forward_final_hidden(model, inner, inputs: dict):

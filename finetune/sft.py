@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer
 
 from finetune.formats import Messages
-from finetune.fused_loss import IGNORE, forward_final_hidden, fused_ce_sum, label_positions
+from finetune.fused_loss import IGNORE, forward_final_hidden, fused_ce_sum, gathered, label_positions
 from serve.llm import render_chat
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class SFTTrainer(Trainer):
         # through the wrapped model (DDP/DeepSpeed see a forward), keeping one position's logits
         out, hidden = forward_final_hidden(model, self.accelerator.unwrap_model(model), inputs)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        loss_sum, n = fused_ce_sum(hidden, head.weight, labels, index, targets)
+        with gathered(head.weight):  # ZeRO-3: the frozen head, whole for the chunks (no-op otherwise)
+            loss_sum, n = fused_ce_sum(hidden, head.weight, labels, index, targets)
         if num_items_in_batch is not None:
             loss = loss_sum / num_items_in_batch  # the count over all ranks and accumulation steps
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -221,6 +222,12 @@ def adam_epsilon(cfg, prec: str) -> float:
         log.info("fp16: adam_epsilon %.0e -> 1e-6", cfg.adam_epsilon)
         return 1e-6
     return cfg.adam_epsilon
+
+
+def head_frozen(model) -> bool:
+    """Whether the LM head of `model` (maybe a peft model) takes no gradient."""
+    head = model.get_output_embeddings()
+    return head is not None and not any(p.requires_grad for p in head.parameters())
 
 
 def zero_stage(path: str | None) -> int:
@@ -320,7 +327,9 @@ def train(model, tok, examples: Sequence[Example], cfg, out: str | Path, *, meth
         except ImportError as e:
             raise ValueError("finetune.deepspeed is set but DeepSpeed is not installed (pip install deepspeed)") from e
     packing = cfg.packing and method != "ptuning"  # prefix tuning's virtual tokens do not pack
-    fused = cfg.fused_ce and method != "ptuning" and zero_stage(cfg.deepspeed) < 3
+    # under ZeRO-3 the head is partitioned outside its module's forward: the fused loss gathers it
+    # when it is frozen (LoRA), and stays off for a trainable head (full fine-tuning)
+    fused = cfg.fused_ce and method != "ptuning" and (zero_stage(cfg.deepspeed) < 3 or head_frozen(model))
     on_cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
     from finetune.fused_layers import calls as fused_calls
     from finetune.fused_layers import install, keep_grads
