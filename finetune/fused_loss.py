@@ -78,14 +78,19 @@ def fused_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 def gathered(weight: torch.nn.Parameter):
     """A context in which `weight` is whole: under ZeRO-3 a parameter is partitioned (an empty
     tensor) outside its module's forward, so a frozen head read by the fused loss is gathered for
-    it (read-only: `modifier_rank=None`, each rank drops its copy on exit); nothing otherwise. A
-    trainable head is refused: its gradient, computed here, would bypass ZeRO-3's reduce-scatter."""
+    it (read-only: `modifier_rank=None`, each rank drops its copy on exit); nothing otherwise, nor
+    when ZeRO-3 holds it whole already (a head tied to the embeddings, kept for reuse: dropping it
+    here would make the backward gather it again). A trainable head is refused: its gradient,
+    computed here, would bypass ZeRO-3's reduce-scatter."""
     if not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
     if weight.requires_grad:
         raise ValueError("the fused loss under ZeRO-3 needs a frozen LM head (LoRA); set fused_ce off")
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
 
 

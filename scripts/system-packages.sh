@@ -2,15 +2,15 @@
 # Debian packages the document readers use: OCR (tesseract with Chinese and English), pandoc
 # (EPUB/ODT/RTF), LibreOffice headless (DOC/PPT/XLS) and a CJK font (the OCR tests and
 # bench/ocr.py render pages with it); and postgresql, the server binaries the tests start a
-# throwaway PostgreSQL on loopback with (tests/pg.py; store.url: postgresql://...); a C++ compiler
-# and Python's headers, which DeepSpeed builds its CPU ops with (tests/test_deepspeed.py). Installs what
+# throwaway PostgreSQL on loopback with (tests/pg.py; store.url: postgresql://...); a C++ compiler,
+# which DeepSpeed builds its CPU ops with (tests/test_deepspeed.py). Installs what
 # is missing when it can (root or sudo without a password); otherwise it names the packages and
 # goes on: the readers that need them then fail per file with the package to install (and the
 # PostgreSQL tests fail naming it).
 set -euo pipefail
 PACKAGES=(tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-chi-tra tesseract-ocr-eng pandoc
           libreoffice-writer-nogui libreoffice-calc-nogui libreoffice-impress-nogui fonts-wqy-microhei
-          postgresql g++ python3-dev)
+          postgresql g++)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,6 +5,7 @@ output, merge equal to the adapter at run time, resume, training data from a KB,
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -168,16 +169,14 @@ def test_resume_continues_from_the_last_checkpoint(sft_file, ft_config, tmp_path
     assert again["tokens"] <= first["tokens"] * 1.5  # only steps 3-4 ran
 
 
-def test_bad_methods_and_missing_packages_are_clear_errors(sft_file, ft_config, tmp_path, capsys):
+def test_bad_methods_and_missing_packages_are_clear_errors(sft_file, ft_config, tmp_path, capsys, monkeypatch):
     assert kb_main(["finetune", "llm", "--data", str(sft_file), "--out", str(tmp_path / "q"), "--method", "qlora",
                     "--config", str(ft_config)]) == 2
     assert "bitsandbytes" in capsys.readouterr().err
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        assert kb_main(["finetune", "llm", "--data", str(sft_file), "--out", str(tmp_path / "d"), "--deepspeed",
-                        "configs/deepspeed/zero2.json", "--config", str(ft_config)]) == 2
-        assert "DeepSpeed" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed (the test extra has it)
+    assert kb_main(["finetune", "llm", "--data", str(sft_file), "--out", str(tmp_path / "d"), "--deepspeed",
+                    "configs/deepspeed/zero2.json", "--config", str(ft_config)]) == 2
+    assert "DeepSpeed" in capsys.readouterr().err
     assert kb_main(["finetune", "llm", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
                     "--config", str(ft_config)]) == 2
 
@@ -299,9 +298,11 @@ def test_fused_loss_in_the_trainer_equals_the_models_own_loss(tiny_chat_llm_dir,
 
 def test_the_loop_reads_nothing_back_from_the_device(tiny_chat_llm_dir, tmp_path, monkeypatch):
     """Between a step's begin and end, neither the Trainer's loop nor the project's code reads a
-    tensor back (each read is a device sync on a GPU: the CPU could not launch the next step while
-    the GPU runs this one); the token count is the collators' ints. transformers' model code is
-    not ours and is left out (its packed-row check reads a tensor once per forward)."""
+    tensor back through Python (each read is a device sync on a GPU: the CPU could not launch the
+    next step while the GPU runs this one); the token count is the collators' ints. A check at the
+    Python level, on the CPU, of the direct caller: syncs inside C++ operators (nonzero, masks) are
+    not seen. transformers' model code is not ours and is left out (its packed-row check reads a
+    tensor once per forward)."""
     import sys
 
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -323,7 +324,7 @@ def test_the_loop_reads_nothing_back_from_the_device(tiny_chat_llm_dir, tmp_path
             return real(t, *a)
         monkeypatch.setattr(torch.Tensor, name, read)
 
-    for name in ("item", "__int__", "__float__", "__bool__", "tolist"):
+    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "__format__", "tolist", "cpu", "numpy"):
         watch(name)
 
     class Steps(TrainerCallback):
