@@ -34,6 +34,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import table, write_result
@@ -145,76 +146,62 @@ class Tok:
     eos_token = pad_token = "<pad>"
 
 
-class Profile:
-    """A TrainerCallback that profiles steps [start, start + n) into `path` (top kernels by CUDA time)."""
+def profiled_steps(start: int, n: int, cpu: bool, done: Callable):
+    """A TrainerCallback that runs torch's profiler over steps [start, start + n) (the GPU's
+    activity, and the CPU's with `cpu`), synchronizing the GPU at both ends, then calls
+    `done(profiler, wall seconds of the window)`."""
+    import torch
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: str, start: int, n: int = 3):
-        import torch
-        from transformers import TrainerCallback
+    class _P(TrainerCallback):
+        prof = None
+        t0 = 0.0
 
-        class _P(TrainerCallback):
-            prof = None
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start:
+                torch.cuda.synchronize()
+                kinds = torch.profiler.ProfilerActivity
+                self.prof = torch.profiler.profile(activities=[kinds.CUDA, kinds.CPU] if cpu else [kinds.CUDA])
+                self.prof.__enter__()
+                torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == start:
-                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA])
-                    self.prof.__enter__()
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == start + n:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                prof, self.prof = self.prof, None
+                done(prof, wall)
 
-            def on_step_end(self, args, state, control, **kw):
-                if self.prof is not None and state.global_step == start + n:
-                    torch.cuda.synchronize()
-                    self.prof.__exit__(None, None, None)
-                    text = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
-                                                          max_name_column_width=70)
-                    Path(path).write_text(text)
-                    self.prof = None
-
-        return _P()
+    return _P()
 
 
-class Busy:
-    """A TrainerCallback that records the GPU's kernels and copies over steps [start, start + n)
-    (CUDA activity only, so the CPU side runs nearly unobserved) and puts into `into` the share of
-    that wall time the GPU was busy and the longest idle gaps (ms from the first GPU event).
-    With `cpu` it records the CPU's operators and runtime calls too (which slows it), and names
-    what the CPU ran during the longest gaps (`gap_ops`)."""
+def kernel_table(path: str, start: int, n: int = 3):
+    """`profiled_steps` (CPU and GPU) writing the top kernels by CUDA time into `path`."""
+    def done(prof, _wall: float) -> None:
+        Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
+                                                        max_name_column_width=70))
+    return profiled_steps(start, n, True, done)
 
-    def __new__(cls, into: dict, start: int, n: int = 2, cpu: bool = False):
-        import tempfile
 
-        import torch
-        from transformers import TrainerCallback
+def gpu_busy(into: dict, start: int, n: int = 2, cpu: bool = False):
+    """`profiled_steps` putting into `into` the share of the window's wall time the GPU was busy
+    and its longest idle gaps (`busy_share`; with the GPU's activity only, the CPU side runs nearly
+    unobserved). With `cpu` it records the CPU's operators and runtime calls too (which slows it),
+    and names what the CPU ran during the longest gaps (`gap_ops`)."""
+    import tempfile
 
-        class _B(TrainerCallback):
-            prof = None
-            t0 = 0.0
-
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == start:
-                    torch.cuda.synchronize()
-                    kinds = torch.profiler.ProfilerActivity
-                    acts = [kinds.CUDA, kinds.CPU] if cpu else [kinds.CUDA]
-                    self.prof = torch.profiler.profile(activities=acts)
-                    self.prof.__enter__()
-                    torch.cuda.synchronize()
-                    self.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                if self.prof is not None and state.global_step == start + n:
-                    torch.cuda.synchronize()
-                    wall_us = (time.perf_counter() - self.t0) * 1e6
-                    self.prof.__exit__(None, None, None)
-                    with tempfile.TemporaryDirectory() as tmp:
-                        trace = Path(tmp) / "trace.json"
-                        self.prof.export_chrome_trace(str(trace))
-                        events = json.loads(trace.read_text())
-                    into.update(busy_share(events, wall_us))
-                    if cpu:
-                        into["gap_ops"] = gap_ops(events)
-                    self.prof = None
-
-        return _B()
+    def done(prof, wall: float) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())
+        found = idle_gaps(events)
+        into.update(busy_share(found, wall * 1e6))
+        if cpu:
+            into["gap_ops"] = gap_ops(events, found)
+    return profiled_steps(start, n, cpu, done)
 
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -238,11 +225,12 @@ def idle_gaps(trace: dict) -> tuple[float, float, list[tuple[float, float]]]:
     return busy + hi - lo, spans[0][0], idle
 
 
-def gap_ops(trace: dict, gaps: int = 3, ops: int = 12) -> list[dict]:
-    """For the longest GPU idle gaps: the innermost CPU events (operators, runtime calls) running
-    during each, in order (name, ms from the gap's start, own ms), and the last device sync that
-    returned before the gap began (a sync there is why the CPU was not ahead of the GPU)."""
-    _, first, idle = idle_gaps(trace)
+def gap_ops(trace: dict, found: tuple, gaps: int = 3, ops: int = 12) -> list[dict]:
+    """For the longest GPU idle gaps (`found`: `idle_gaps` of `trace`): the innermost CPU events
+    (operators, runtime calls) running during each, in order (name, ms from the gap's start, own
+    ms), and the last device sync that returned before the gap began (a sync there is why the CPU
+    was not ahead of the GPU)."""
+    _, first, idle = found
     cpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") not in GPU_CATS]
     syncs = [e for e in cpu if "Synchronize" in e["name"] or e["name"] in ("cudaMemcpy", "aten::_local_scalar_dense")]
     out = []
@@ -259,10 +247,10 @@ def gap_ops(trace: dict, gaps: int = 3, ops: int = 12) -> list[dict]:
     return out
 
 
-def busy_share(trace: dict, wall_us: float, gaps: int = 8) -> dict:
-    """GPU busy share of `wall_us` from a chrome trace's kernel, copy and set events (overlaps
-    merged), and the longest idle gaps (length, ms from the first GPU event)."""
-    busy, first, idle = idle_gaps(trace)
+def busy_share(found: tuple, wall_us: float, gaps: int = 8) -> dict:
+    """GPU busy share of `wall_us` (`found`: `idle_gaps` of a trace of that window), and the longest
+    idle gaps (length, ms from the first GPU event)."""
+    busy, first, idle = found
     if not busy:
         return {"gpu_busy_share": None}
     top = [(g, at - first) for g, at in sorted(idle, reverse=True)[:gaps]]
@@ -408,7 +396,7 @@ def hf_side(side: str, shape, exs, args, cfg, callbacks):
         data = pack(exs, args.max_length)
         collate = PackedCollator(0, args.max_length)
 
-    mark = step_mark(args.warmup, lambda: sum(counts), cuda=True, last=args.warmup + args.steps)
+    mark = step_mark(args.warmup, None, cuda=True, last=args.warmup + args.steps)  # times only; tokens from `counts`
     targs = TrainingArguments(output_dir=f"/tmp/bench_ft_{side}", per_device_train_batch_size=cfg.batch_size,
                               gradient_accumulation_steps=1, max_steps=total_steps(args), learning_rate=1e-4,
                               bf16=True, logging_steps=args.log_every, save_strategy="no", report_to=[],
@@ -444,10 +432,11 @@ def child(args) -> None:
     exs = bench_examples(shape, kind, cfg.batch_size, example_steps(args), args.max_length)
     callbacks = []
     if args.profile:
-        callbacks.append(Profile(os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt"), args.warmup + 1, 2))
+        path = os.path.join(args.profile, f"prof_{shape}_{kind}_{side}.txt")
+        callbacks.append(kernel_table(path, args.warmup + 1, 2))
     busy: dict = {}
     if args.gpu_busy:
-        callbacks.append(Busy(busy, args.warmup + args.steps, BUSY_STEPS, cpu=args.gap_ops))
+        callbacks.append(gpu_busy(busy, args.warmup + args.steps, BUSY_STEPS, cpu=args.gap_ops))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

@@ -454,11 +454,11 @@ def finite(x: float | None, digits: int | None = None) -> float | None:
     return round(float(x), digits) if digits is not None else float(x)
 
 
-def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None = None):
+def step_mark(step: int, count: Callable[[], int] | None, cuda: bool, last: int | None = None):
     """A TrainerCallback timing throughput past the warm-up: at the end of step `step` it notes
     the time in `.t` (None until then) and `count()` in `.n`; at the end of step `last`, when
-    given, the time in `.end` (None until then) and `count()` in `.n_end`. With `cuda` it
-    synchronizes first."""
+    given, the time in `.end` (None until then) and `count()` in `.n_end` (the counts stay 0
+    without `count`). With `cuda` it synchronizes first."""
     from transformers import TrainerCallback
 
     class StepMark(TrainerCallback):
@@ -471,9 +471,9 @@ def step_mark(step: int, count: Callable[[], int], cuda: bool, last: int | None 
             if cuda and state.global_step in (step, last):
                 torch.cuda.synchronize()
             if state.global_step == step:
-                self.t, self.n = time.perf_counter(), count()
+                self.t, self.n = time.perf_counter(), count() if count else 0
             if state.global_step == last:
-                self.end, self.n_end = time.perf_counter(), count()
+                self.end, self.n_end = time.perf_counter(), count() if count else 0
 
     return StepMark()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.finetune import build, flops_per_token, shares
+from bench.finetune import build, busy_share, flops_per_token, gap_ops, idle_gaps, shares
 from finetune.sft import IGNORE, Example
 
 
@@ -33,3 +33,26 @@ def test_the_bench_model_loss_depends_on_the_labelled_positions():
     assert on_replies > torch.log(torch.tensor(512.0)).item() + 2  # spread logits: far from ln(vocab)
     # a side that took the loss elsewhere would differ by far more than the 0.1% that agreeing sides show
     assert abs(on_all - on_replies) / on_replies > 0.005 and abs(shifted - on_replies) / on_replies > 0.005
+
+
+def test_gpu_busy_share_merges_overlaps_and_finds_the_gaps():
+    """The busy share counts overlapping kernels and copies once; the gaps are the idle time between
+    them, longest first, placed from the first GPU event; CPU events are not GPU time, and the gap's
+    report names the CPU operators in it and the last sync before it. Here: busy 100-115 (two
+    overlapping kernels), a 5 us gap, a copy, a 2,000 us gap, a kernel."""
+    ev = [{"ph": "X", "cat": "kernel", "name": "k", "ts": 100, "dur": 10},
+          {"ph": "X", "cat": "kernel", "name": "k", "ts": 105, "dur": 10},
+          {"ph": "X", "cat": "gpu_memcpy", "name": "c", "ts": 120, "dur": 5},
+          {"ph": "X", "cat": "kernel", "name": "k", "ts": 2125, "dur": 75},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 90, "dur": 30},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 110, "dur": 14},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 500, "dur": 30}]
+    found = idle_gaps({"traceEvents": ev})
+    assert found == (15 + 5 + 75, 100, [(5, 115), (2000, 125)])
+    share = busy_share(found, wall_us=4000)
+    assert share["gpu_busy_share"] == pytest.approx(95 / 4000, abs=1e-4) and share["wall_ms"] == 4.0
+    assert share["idle_gaps_ms"] == [[2.0, 0.0], [0.01, 0.0]]
+    longest = gap_ops({"traceEvents": ev}, found)[0]
+    assert longest["gap_ms"] == 2.0 and [c[0] for c in longest["cpu"]] == ["aten::copy_"]
+    assert longest["last_sync"][0] == "cudaStreamSynchronize"
+    assert busy_share((0.0, 0.0, []), 10.0) == {"gpu_busy_share": None}

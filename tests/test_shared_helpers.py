@@ -86,6 +86,11 @@ def test_step_mark_notes_time_and_count_at_its_steps(monkeypatch):
         count["n"] += 100
         mark.on_step_end(None, SimpleNamespace(global_step=step), None)
     assert (mark.t, mark.n, mark.end, mark.n_end) == (10.0, 200, 25.0, 400)
+    clock = iter([30.0, 31.0])
+    uncounted = sft.step_mark(1, None, cuda=False, last=2)
+    for step in (1, 2):
+        uncounted.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert (uncounted.t, uncounted.end, uncounted.n, uncounted.n_end) == (30.0, 31.0, 0, 0)
     plain = sft.step_mark(9, lambda: 1, cuda=False)
     plain.on_step_end(None, SimpleNamespace(global_step=1), None)
     assert plain.t is None and plain.end is None and plain.n == 0
