@@ -384,3 +384,20 @@ def _passages(prompt: str) -> dict[int, dict]:
     for m in re.finditer(r"(?:^|\n\n)\[(\d+)\] \(([^)]*)\) (.*?)(?=\n\n\[\d+\] \(|$)", body, re.S):
         out[int(m.group(1))] = {"source": m.group(2), "text": m.group(3)}
     return out
+
+
+def test_a_loss_that_is_not_finite_is_reported_not_crashed_on(monkeypatch, tmp_path, capsys):
+    """A run whose loss went NaN reports it as such on the command line (JSON: null), exit 0: the
+    weights it saved are still there to inspect."""
+    import finetune.sft
+
+    def fake(s, data, out, **kw):
+        return {"method": "lora", "steps": 3, "train_loss": None, "tokens_per_s": 10.0, "peak_mem_gib": 1.0,
+                "out": str(out), "loss_plot": "loss.png"}
+
+    monkeypatch.setattr(finetune.sft, "finetune_llm", fake)
+    args = ["finetune", "llm", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    assert kb_main(args) == 0
+    assert "loss not finite (NaN or inf)" in capsys.readouterr().out
+    assert kb_main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_loss"] is None
